@@ -1,0 +1,97 @@
+"""Where data enters training: device-resident arrays or a host stream, chosen once.
+
+Data that fits in accelerator memory is decoded once and kept on the devices (uint8),
+and the step samples and augments it there; anything larger streams through tf.data
+(`input_pipeline`), which is imported only on that path so the resident path runs
+without TensorFlow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+
+from byol_jax import datasets, demo_data
+
+
+@dataclasses.dataclass
+class Split:
+  """Decoded images (uint8 [N, S, S, 3]) and int32 labels of one split, in host memory."""
+  images: np.ndarray
+  labels: np.ndarray
+
+
+@dataclasses.dataclass
+class TrainData:
+  """What the host loop needs to know about its training data."""
+  mode: str  # 'device' | 'stream'
+  num_examples: int
+  num_classes: int
+  train: Split | None  # resident mode: the training split
+  stream: Iterator[dict[str, np.ndarray]] | None = None  # stream mode: host batches
+
+
+def device_memory_bytes() -> int:
+  """Memory of one local accelerator; a generous host-RAM stand-in on CPU."""
+  stats = jax.local_devices()[0].memory_stats() or {}
+  return int(stats.get('bytes_limit', 8 * 2**30))
+
+
+def load_split(cfg: Any, split: str) -> Split:
+  """Decodes a whole split into host memory (demo, image folder or small TFDS dataset)."""
+  spec = datasets.parse_dataset(cfg.dataset)
+  if spec.kind == 'demo':
+    count = cfg.demo.train_examples if split == 'train' else cfg.demo.test_examples
+    images, labels = demo_data.make_demo_dataset(split, count or 5000, cfg.image_size, cfg.seed)
+    return Split(images, labels.astype(np.int32))
+  images, labels, info = datasets.load_arrays(
+    spec, split, data_dir=cfg.data_dir or None, image_size=cfg.image_size,
+    strict=cfg.strict_data, seed=cfg.seed)
+  if info.get('skipped'):
+    logging.warning('%s/%s: skipped %d unreadable files', cfg.dataset, split, info['skipped'])
+  return Split(images, labels.astype(np.int32))
+
+
+def num_classes_of(cfg: Any) -> int:
+  spec = datasets.parse_dataset(cfg.dataset)
+  if spec.kind == 'demo':
+    return demo_data.NUM_CLASSES
+  return int(datasets.num_classes(spec, cfg.data_dir or None))
+
+
+def _train_size(cfg: Any, spec: datasets.DatasetSpec) -> int:
+  if spec.kind == 'demo':
+    return cfg.demo.train_examples or 5000
+  return int(datasets.dataset_size(spec, 'train', cfg.data_dir or None))
+
+
+def choose_mode(cfg: Any) -> tuple[str, str]:
+  """'device' or 'stream' for this config, with the reason (logged by the caller)."""
+  spec = datasets.parse_dataset(cfg.dataset)
+  if spec.kind == 'demo':
+    return 'device', 'the demo data is generated in memory'
+  return datasets.choose_input_mode(_train_size(cfg, spec), cfg.image_size,
+                                    device_memory_bytes(), cfg.input_mode)
+
+
+def make_train_data(cfg: Any, start_step: int = 0) -> TrainData:
+  """Loads or opens the training data in the mode `choose_mode` picks."""
+  mode, reason = choose_mode(cfg)
+  logging.info('input mode: %s (%s)', mode, reason)
+  num_classes = num_classes_of(cfg)
+  if mode == 'device':
+    train = load_split(cfg, 'train')
+    return TrainData('device', len(train.labels), num_classes, train)
+  from byol_jax import input_pipeline  # TensorFlow only on this path
+  spec = datasets.parse_dataset(cfg.dataset)
+  per_process = cfg.batch_size // jax.process_count()
+  stream = input_pipeline.train_stream(
+    spec, batch_size_per_process=per_process, image_size=cfg.image_size, aug_cfg=cfg.augment,
+    data_dir=cfg.data_dir or None, seed=cfg.seed, process_index=jax.process_index(),
+    process_count=jax.process_count(), start_step=start_step, strict=cfg.strict_data)
+  return TrainData('stream', _train_size(cfg, spec), num_classes, None, stream)

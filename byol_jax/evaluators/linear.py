@@ -1,0 +1,185 @@
+"""Linear evaluation of frozen features with a learning-rate sweep chosen on validation.
+
+The paper's protocol (see reference/byol_facts.md): a linear classifier on frozen encoder
+features, SGD with Nesterov momentum 0.9, no weight decay, cosine LR decay to zero over a
+fixed number of epochs, the LR picked on a validation split held out from the training
+set, and the result reported on the test set at that LR only. Picking the LR on the test
+set would inflate the number; this module never looks at test accuracy to choose.
+
+Why a vmapped sweep: a linear head is tiny next to the features it reads, so training all
+candidate LRs at once (one head per LR, sharing every minibatch) costs about as much as
+training one, and the whole run is a single compiled XLA program (scan over epochs and
+steps). Heads are zero-initialised, so two heads differ only by their LR and a head trained
+in the sweep equals the same head trained alone.
+
+The trainer works on feature arrays (e.g. cached features of centre crops). The paper
+also augments (random crop + flip) during linear training; that needs the encoder in the
+loop and is out of scope here. Features are used raw, as in the paper; `normalize=True`
+optionally standardises them with training-split statistics.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+DEFAULT_LEARNING_RATES = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
+MOMENTUM = 0.9
+Params = dict[str, jax.Array]
+
+
+def split_validation(num_examples: int, val_size: float | int,
+                     seed: int) -> tuple[np.ndarray, np.ndarray]:
+  """Deterministic random (train_idx, val_idx), both sorted, for LR selection.
+
+  val_size is a fraction if it is a float in (0, 1), else a count (ImageNet's is 10,009).
+  """
+  if isinstance(val_size, float) and 0.0 < val_size < 1.0:
+    num_val = int(np.floor(val_size * num_examples + 0.5))
+  else:
+    num_val = int(val_size)
+  if not 0 < num_val < num_examples:
+    raise ValueError(f"need 0 < validation size < {num_examples}, got {num_val}")
+  perm = np.random.default_rng(seed).permutation(num_examples)
+  return np.sort(perm[num_val:]), np.sort(perm[:num_val])
+
+
+def _cross_entropy(params: Params, x: jax.Array, y: jax.Array) -> jax.Array:
+  """Mean softmax cross-entropy of one head on one minibatch."""
+  logits = x @ params["w"] + params["b"]
+  return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
+
+
+def _sweep_loss(params: Params, x: jax.Array, y: jax.Array) -> jax.Array:
+  """Sum of per-head losses: heads share no weights, so each gets its own gradient."""
+  return jnp.sum(jax.vmap(_cross_entropy, in_axes=(0, None, None))(params, x, y))
+
+
+def _cosine(step: jax.Array, total_steps: int) -> jax.Array:
+  """Cosine decay factor from 1 at step 0 towards 0 at total_steps."""
+  return 0.5 * (1.0 + jnp.cos(jnp.pi * step / total_steps))
+
+
+@functools.partial(jax.jit, static_argnames=("num_classes", "epochs", "batch_size"))
+def _train(x: jax.Array, y: jax.Array, lrs: jax.Array, key: jax.Array, num_classes: int,
+           epochs: int, batch_size: int) -> Params:
+  """The whole sweep as one program: scan over epochs, then over minibatches."""
+  steps_per_epoch = x.shape[0] // batch_size
+  total = epochs * steps_per_epoch
+  num_heads = lrs.shape[0]
+  params = {"w": jnp.zeros((num_heads, x.shape[1], num_classes), jnp.float32),
+            "b": jnp.zeros((num_heads, num_classes), jnp.float32)}
+  # Nesterov momentum without the LR; the per-head LR x cosine is applied after, which
+  # is exactly optax.sgd(lr_h * cosine, momentum=0.9, nesterov=True) for every head h.
+  momentum = optax.trace(decay=MOMENTUM, nesterov=True)
+
+  def step(carry, idx):
+    params, opt_state, t = carry
+    grads = jax.grad(_sweep_loss)(params, x[idx], y[idx])
+    updates, opt_state = momentum.update(grads, opt_state)
+    scale = -lrs * _cosine(t, total)
+    params = jax.tree.map(lambda p, u: p + scale.reshape((-1,) + (1,) * (u.ndim - 1)) * u,
+                          params, updates)
+    return (params, opt_state, t + 1), None
+
+  def epoch(carry, epoch_key):
+    perm = jax.random.permutation(epoch_key, x.shape[0])[:steps_per_epoch * batch_size]
+    return jax.lax.scan(step, carry, perm.reshape(steps_per_epoch, batch_size))[0], None
+
+  init = (params, momentum.init(params), jnp.zeros((), jnp.int32))
+  return jax.lax.scan(epoch, init, jax.random.split(key, epochs))[0][0]
+
+
+def train_linear_heads(train_x: np.ndarray, train_y: np.ndarray, num_classes: int,
+                       learning_rates: tuple[float, ...] = DEFAULT_LEARNING_RATES,
+                       epochs: int = 80, batch_size: int = 1024, seed: int = 0) -> Params:
+  """Trains one zero-initialised linear head per LR; returns {'w': [H,D,C], 'b': [H,C]}.
+
+  Every epoch reshuffles the training set (driven by `seed`) and drops the incomplete last
+  minibatch; batch_size is clipped to the training-set size. All heads see the same
+  minibatches, so the batch order does not depend on how many LRs are swept.
+  """
+  train_y = np.asarray(train_y)
+  if epochs < 1 or not learning_rates or train_y.size == 0:
+    raise ValueError("need epochs >= 1, at least one LR and a non-empty training set")
+  if train_y.min() < 0 or train_y.max() >= num_classes:
+    raise ValueError(f"train labels must lie in [0, {num_classes})")
+  x = jnp.asarray(train_x, jnp.float32)
+  batch_size = min(batch_size, x.shape[0])
+  lrs = jnp.asarray(learning_rates, jnp.float32)
+  return _train(x, jnp.asarray(train_y, jnp.int32), lrs, jax.random.PRNGKey(seed),
+                num_classes, epochs, batch_size)
+
+
+@jax.jit
+def _correct(params: Params, x: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Per-head counts of top-1 and top-5 hits (top-5 clipped to the number of classes)."""
+  logits = jnp.einsum("nd,hdc->hnc", x, params["w"], precision=jax.lax.Precision.HIGHEST)
+  logits = logits + params["b"][:, None, :]
+  _, top = jax.lax.top_k(logits, min(5, logits.shape[-1]))
+  hits = top == y[None, :, None]
+  return jnp.sum(hits[..., 0], axis=1), jnp.sum(jnp.any(hits, axis=-1), axis=1)
+
+
+def evaluate_heads(params: Params, x: np.ndarray, y: np.ndarray,
+                   chunk_size: int = 4096) -> dict[str, np.ndarray]:
+  """Top-1 and top-5 accuracy of every head, float arrays [H]; chunked to bound memory.
+
+  Ties between logits go to the lower class index (jax.lax.top_k's rule).
+  """
+  x, y = np.asarray(x, np.float32), np.asarray(y, np.int32)
+  if x.shape[0] == 0:
+    raise ValueError("cannot evaluate on an empty set")
+  chunk = min(chunk_size, x.shape[0])
+  pad = -x.shape[0] % chunk
+  # Padded rows get label -1, which no head can predict, so they never count as hits.
+  x = np.concatenate([x, np.zeros((pad, x.shape[1]), np.float32)])
+  y = np.concatenate([y, np.full((pad,), -1, np.int32)])
+  counts = [_correct(params, x[i:i + chunk], y[i:i + chunk]) for i in range(0, len(x), chunk)]
+  top1, top5 = (np.sum([np.asarray(c[j]) for c in counts], axis=0) for j in (0, 1))
+  n = x.shape[0] - pad
+  return {"top1": top1 / n, "top5": top5 / n}
+
+
+def _standardizer(train_x: np.ndarray):
+  """Per-dimension standardisation fitted on the training split only."""
+  mean = np.mean(train_x, axis=0, dtype=np.float64)
+  std = np.std(train_x, axis=0, dtype=np.float64) + 1e-6
+  return lambda x: ((np.asarray(x, np.float64) - mean) / std).astype(np.float32)
+
+
+def select_by_validation(val_top1: np.ndarray) -> int:
+  """Index of the head with the best validation top-1; ties go to the smaller index."""
+  return int(np.argmax(np.asarray(val_top1)))
+
+
+def linear_eval(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray,
+                val_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, num_classes: int,
+                learning_rates: tuple[float, ...] = DEFAULT_LEARNING_RATES, epochs: int = 80,
+                batch_size: int = 1024, seed: int = 0,
+                normalize: bool = False) -> dict[str, Any]:
+  """Sweeps LRs, picks one by validation top-1, reports test accuracy at that LR.
+
+  Returns best_lr, best_index, val_top1, test_top1, test_top5 and per_lr (a list of
+  {lr, val_top1, val_top5, test_top1, test_top5}; the test columns are for inspection only
+  and take no part in the choice). Values are Python floats, ready for JSON.
+  """
+  if normalize:
+    transform = _standardizer(train_x)
+    train_x, val_x, test_x = transform(train_x), transform(val_x), transform(test_x)
+  params = train_linear_heads(train_x, train_y, num_classes, learning_rates, epochs,
+                              batch_size, seed)
+  val = evaluate_heads(params, val_x, val_y)
+  test = evaluate_heads(params, test_x, test_y)
+  best = select_by_validation(val["top1"])
+  per_lr = [{"lr": float(lr), "val_top1": float(val["top1"][i]),
+             "val_top5": float(val["top5"][i]), "test_top1": float(test["top1"][i]),
+             "test_top5": float(test["top5"][i])} for i, lr in enumerate(learning_rates)]
+  return {"best_lr": float(learning_rates[best]), "best_index": best,
+          "val_top1": per_lr[best]["val_top1"], "test_top1": per_lr[best]["test_top1"],
+          "test_top5": per_lr[best]["test_top5"], "per_lr": per_lr}

@@ -1,0 +1,234 @@
+"""Haiku networks for BYOL: ResNet v1 encoders, projector/predictor MLPs, the online probe.
+
+Everything here is a pure function once wrapped by `hk.transform_with_state`; the only
+state is BatchNorm's moving averages. BatchNorm statistics are averaged across devices
+through `axis_name` (the training step's named mesh axis), as the paper's cross-replica BN.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Blocks per stage and whether the stage uses bottleneck blocks, per ResNet depth.
+# depth 10 is a tiny variant used only by the CPU demo.
+RESNET_LAYOUTS: Mapping[int, tuple[Sequence[int], bool]] = {
+  10: ((1, 1, 1, 1), False),
+  18: ((2, 2, 2, 2), False),
+  34: ((3, 4, 6, 3), False),
+  50: ((3, 4, 6, 3), True),
+  101: ((3, 4, 23, 3), True),
+  152: ((3, 8, 36, 3), True),
+  200: ((3, 24, 36, 3), True),
+}
+NORM_KINDS = ('batchnorm', 'layernorm', 'none')
+# Parameter names of BatchNorm and LayerNorm; they stay float32 and are excluded from LARS.
+NORM_PARAM_NAMES = ('scale', 'offset')
+
+
+def _batch_norm(
+  x: jax.Array, is_training: bool, axis_name: str | None, decay: float, eps: float,
+  scale_init: hk.initializers.Initializer | None = None, name: str | None = None,
+) -> jax.Array:
+  """BatchNorm computed in float32 whatever the compute dtype, so bf16 keeps exact stats."""
+  bn = hk.BatchNorm(
+    create_scale=True, create_offset=True, decay_rate=decay, eps=eps,
+    scale_init=scale_init, cross_replica_axis=axis_name if is_training else None, name=name)
+  return bn(x.astype(jnp.float32), is_training=is_training).astype(x.dtype)
+
+
+def _norm(kind: str, x: jax.Array, is_training: bool, axis_name: str | None, bn_decay: float,
+          bn_eps: float) -> jax.Array:
+  if kind == 'batchnorm':
+    return _batch_norm(x, is_training, axis_name, bn_decay, bn_eps)
+  if kind == 'layernorm':
+    ln = hk.LayerNorm(axis=-1, create_scale=True, create_offset=True)
+    return ln(x.astype(jnp.float32)).astype(x.dtype)
+  if kind == 'none':
+    return x
+  raise ValueError(f'unknown norm {kind!r}; valid: {", ".join(NORM_KINDS)}')
+
+
+def _conv(channels: int, kernel: int, stride: int, name: str) -> hk.Conv2D:
+  init = hk.initializers.VarianceScaling(2.0, 'fan_out', 'truncated_normal')
+  return hk.Conv2D(channels, kernel, stride=stride, with_bias=False, padding='SAME',
+                   w_init=init, name=name)
+
+
+class ResNet(hk.Module):
+  """ResNet v1 with a width multiplier on the stem and every stage.
+
+  `cifar_stem` swaps the 7x7/2 conv + max-pool for a single 3x3/1 conv, the usual variant
+  for 32 px images. `zero_init_last_bn` zero-initialises each block's last BN scale, which
+  the original release did for stability (the paper's runs did not).
+  """
+
+  def __init__(self, depth: int, width: float = 1.0, cifar_stem: bool = False,
+               zero_init_last_bn: bool = True, bn_decay: float = 0.9, bn_eps: float = 1e-5,
+               axis_name: str | None = None, name: str = 'encoder'):
+    super().__init__(name=name)
+    if depth not in RESNET_LAYOUTS:
+      raise ValueError(f'unknown ResNet depth {depth}; valid: {sorted(RESNET_LAYOUTS)}')
+    self.blocks, self.bottleneck = RESNET_LAYOUTS[depth]
+    self.width = width
+    self.cifar_stem = cifar_stem
+    self.zero_init_last_bn = zero_init_last_bn
+    self.bn = dict(decay=bn_decay, eps=bn_eps, axis_name=axis_name)
+
+  @property
+  def output_dim(self) -> int:
+    return resnet_output_dim(self.bottleneck, self.width)
+
+  def _bn(self, x, is_training, name, last=False):
+    scale_init = jnp.zeros if (last and self.zero_init_last_bn) else None
+    return _batch_norm(x, is_training, self.bn['axis_name'], self.bn['decay'], self.bn['eps'],
+                       scale_init=scale_init, name=name)
+
+  def _block(self, x, channels, stride, is_training, project, name):
+    shortcut = x
+    out_channels = channels * 4 if self.bottleneck else channels
+    if project:
+      shortcut = _conv(out_channels, 1, stride, f'{name}_shortcut_conv')(x)
+      shortcut = self._bn(shortcut, is_training, f'{name}_shortcut_bn')
+    if self.bottleneck:
+      specs = ((channels, 1, 1), (channels, 3, stride), (out_channels, 1, 1))
+    else:
+      specs = ((channels, 3, stride), (out_channels, 3, 1))
+    for i, (ch, k, s) in enumerate(specs):
+      last = i == len(specs) - 1
+      x = _conv(ch, k, s, f'{name}_conv_{i}')(x)
+      x = self._bn(x, is_training, f'{name}_bn_{i}', last=last)
+      if not last:
+        x = jax.nn.relu(x)
+    return jax.nn.relu(x + shortcut)
+
+  def __call__(self, x: jax.Array, is_training: bool) -> jax.Array:
+    stem = _scaled(64, self.width)
+    if self.cifar_stem:
+      x = _conv(stem, 3, 1, 'stem_conv')(x)
+      x = jax.nn.relu(self._bn(x, is_training, 'stem_bn'))
+    else:
+      x = _conv(stem, 7, 2, 'stem_conv')(x)
+      x = jax.nn.relu(self._bn(x, is_training, 'stem_bn'))
+      x = hk.max_pool(x, window_shape=(1, 3, 3, 1), strides=(1, 2, 2, 1), padding='SAME')
+    for stage, num_blocks in enumerate(self.blocks):
+      channels = _scaled(64 * 2**stage, self.width)
+      for b in range(num_blocks):
+        stride = 2 if (stage > 0 and b == 0) else 1
+        project = b == 0 and (stage > 0 or self.bottleneck or stem != channels)
+        x = self._block(x, channels, stride, is_training, project, f'stage_{stage}_block_{b}')
+    return jnp.mean(x, axis=(1, 2))
+
+
+def _scaled(channels: int, width: float) -> int:
+  return max(1, int(round(channels * width)))
+
+
+def resnet_output_dim(bottleneck: bool, width: float) -> int:
+  """The pooled feature size: 512*w for basic blocks, 2048*w for bottlenecks."""
+  return _scaled(512, width) * (4 if bottleneck else 1)
+
+
+class MLP(hk.Module):
+  """Linear -> norm -> ReLU -> Linear, the projector and predictor of BYOL."""
+
+  def __init__(self, hidden: int, output: int, norm: str, bn_decay: float = 0.9,
+               bn_eps: float = 1e-5, axis_name: str | None = None, name: str | None = None):
+    super().__init__(name=name)
+    if norm not in NORM_KINDS:
+      raise ValueError(f'unknown norm {norm!r}; valid: {", ".join(NORM_KINDS)}')
+    self.hidden, self.output, self.norm = hidden, output, norm
+    self.bn = (bn_decay, bn_eps, axis_name)
+
+  def __call__(self, x: jax.Array, is_training: bool) -> jax.Array:
+    bn_decay, bn_eps, axis_name = self.bn
+    x = hk.Linear(self.hidden, name='linear_0')(x)
+    x = _norm(self.norm, x, is_training, axis_name, bn_decay, bn_eps)
+    x = jax.nn.relu(x)
+    return hk.Linear(self.output, name='linear_1')(x)
+
+
+def _cast_getter(dtype: jnp.dtype) -> Callable[..., Any]:
+  """Casts conv and linear weights to the compute dtype; norm parameters stay float32."""
+
+  def getter(next_getter, value, context):
+    if context.name in NORM_PARAM_NAMES:
+      return next_getter(value)
+    return next_getter(value.astype(dtype) if value.dtype == jnp.float32 else value)
+
+  return getter
+
+
+@contextlib.contextmanager
+def _mixed_precision(dtype: jnp.dtype):
+  """Params are created and stored in float32 and cast to `dtype` where they are used."""
+
+  def creator(next_creator, shape, _, init, context):
+    del context
+    return next_creator(shape, jnp.float32, init)
+
+  with hk.custom_creator(creator), hk.custom_getter(_cast_getter(dtype)):
+    yield
+
+
+def build_network(model_cfg: Any, num_classes: int, axis_name: str | None = None,
+                  dtype: jnp.dtype = jnp.float32) -> hk.TransformedWithState:
+  """The BYOL network as one transformed function.
+
+  `apply(params, state, rng, images, is_training)` returns a dict with the encoder's pooled
+  `embedding`, the projector's `projection`, the predictor's `prediction` and the online
+  probe's `logits`. The probe sees stop_gradient(embedding) so it never shapes the encoder.
+  Online and target share this structure; the target simply ignores prediction and logits.
+  `images` are normalised float images (see `augment.normalize`).
+  """
+  cfg = model_cfg
+
+  def forward(images: jax.Array, is_training: bool) -> dict[str, jax.Array]:
+    cast = dtype != jnp.float32
+    with (_mixed_precision(dtype) if cast else contextlib.nullcontext()):
+      encoder = ResNet(cfg.depth, cfg.width, cfg.cifar_stem, cfg.zero_init_last_bn,
+                       cfg.bn_decay, cfg.bn_eps, axis_name)
+      embedding = encoder(images.astype(dtype), is_training)
+      projector = MLP(cfg.projector_hidden, cfg.projection_dim, cfg.projector_norm,
+                      cfg.bn_decay, cfg.bn_eps, axis_name, name='projector')
+      predictor = MLP(cfg.predictor_hidden, cfg.projection_dim, cfg.predictor_norm,
+                      cfg.bn_decay, cfg.bn_eps, axis_name, name='predictor')
+      projection = projector(embedding, is_training)
+      prediction = predictor(projection, is_training)
+    logits = hk.Linear(num_classes, name='probe')(jax.lax.stop_gradient(embedding)
+                                                  .astype(jnp.float32))
+    return dict(embedding=embedding.astype(jnp.float32),
+                projection=projection.astype(jnp.float32),
+                prediction=prediction.astype(jnp.float32), logits=logits)
+
+  return hk.transform_with_state(forward)
+
+
+def build_encoder(model_cfg: Any) -> hk.TransformedWithState:
+  """The encoder alone, in inference mode, for evaluation and export.
+
+  Its parameter names match `build_network`'s `encoder/...` subtree, so the params of a
+  trained network can be passed in after `encoder_subtree`.
+  """
+
+  def forward(images: jax.Array) -> jax.Array:
+    cfg = model_cfg
+    return ResNet(cfg.depth, cfg.width, cfg.cifar_stem, cfg.zero_init_last_bn,
+                  cfg.bn_decay, cfg.bn_eps)(images, is_training=False)
+
+  return hk.transform_with_state(forward)
+
+
+def encoder_subtree(tree: Mapping[str, Any]) -> dict[str, Any]:
+  """The encoder's modules of a network params or state dict."""
+  return {k: v for k, v in tree.items() if k.startswith('encoder')}
+
+
+def count_params(params: Any) -> int:
+  return int(sum(np.prod(p.shape) for p in jax.tree_util.tree_leaves(params)))

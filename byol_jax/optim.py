@@ -1,0 +1,96 @@
+"""LARS with BYOL's exclusion masks, the learning-rate schedule and the EMA (tau) schedule.
+
+All schedules are functions of the integer step so that a resumed run recomputes them
+exactly rather than carrying them in state.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from byol_jax.networks import NORM_PARAM_NAMES
+
+
+def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+  """Whole steps per pass over the training set (the last partial batch is dropped)."""
+  return max(1, num_examples // batch_size)
+
+
+def total_steps(cfg: Any, num_examples: int) -> int:
+  """Training length: `cfg.steps` when positive, else epochs * steps_per_epoch."""
+  if cfg.get('steps', 0):
+    return int(cfg.steps)
+  return int(round(cfg.epochs * steps_per_epoch(num_examples, cfg.batch_size)))
+
+
+def scaled_lr(base_lr: float, batch_size: int) -> float:
+  """The paper's linear scaling rule: LR = base * batch / 256."""
+  return base_lr * batch_size / 256.0
+
+
+def learning_rate_schedule(peak_lr: float, warmup_steps: int, num_steps: int) -> optax.Schedule:
+  """Linear warmup from 0 to `peak_lr`, then cosine decay to 0 at `num_steps`."""
+
+  def schedule(step):
+    step = jnp.asarray(step, jnp.float32)
+    warm = peak_lr * step / max(warmup_steps, 1)
+    progress = (step - warmup_steps) / max(num_steps - warmup_steps, 1)
+    cosine = 0.5 * peak_lr * (1.0 + jnp.cos(jnp.pi * jnp.clip(progress, 0.0, 1.0)))
+    return jnp.where(step < warmup_steps, warm, cosine)
+
+  return schedule
+
+
+def tau_schedule(tau_base: float, num_steps: int) -> optax.Schedule:
+  """tau_k = 1 - (1 - tau_base) * (cos(pi k / K) + 1) / 2: from tau_base up to 1."""
+
+  def schedule(step):
+    progress = jnp.clip(jnp.asarray(step, jnp.float32) / max(num_steps, 1), 0.0, 1.0)
+    return 1.0 - (1.0 - tau_base) * (jnp.cos(jnp.pi * progress) + 1.0) / 2.0
+
+  return schedule
+
+
+def is_excluded(path: tuple[Any, ...]) -> bool:
+  """Biases and every norm parameter are exempt from weight decay and the trust ratio."""
+  name = str(getattr(path[-1], 'key', path[-1]))
+  return name == 'b' or name in NORM_PARAM_NAMES
+
+
+def lars_mask(params: Any) -> Any:
+  """True where LARS applies (weights), False for biases and norm parameters."""
+  return jax.tree_util.tree_map_with_path(lambda p, _: not is_excluded(p), params)
+
+
+def make_optimizer(opt_cfg: Any, learning_rate: optax.Schedule) -> optax.GradientTransformation:
+  """LARS as in the release: g + wd * w, then the trust ratio, then LR, then momentum.
+
+  optax.lars composes exactly these transforms in this order (decay before the trust ratio,
+  momentum on the LR-scaled update), so the masks are all that BYOL adds.
+  """
+  if opt_cfg.name != 'lars':
+    raise ValueError(f'unknown optimizer {opt_cfg.name!r}; valid: lars')
+  return optax.lars(
+    learning_rate=learning_rate, weight_decay=opt_cfg.weight_decay, weight_decay_mask=lars_mask,
+    trust_coefficient=opt_cfg.trust_coefficient, eps=0.0, trust_ratio_mask=lars_mask,
+    momentum=opt_cfg.momentum, nesterov=False)
+
+
+def ema_update(tau: jax.Array, target: Any, online: Any) -> Any:
+  """target <- tau * target + (1 - tau) * online, leaf by leaf."""
+  return jax.tree_util.tree_map(lambda t, o: tau * t + (1.0 - tau) * o, target, online)
+
+
+def describe_mask(params: Any) -> dict[str, int]:
+  """Counts of parameters inside and outside LARS, logged at start-up to show the mask."""
+  mask = lars_mask(params)
+  sizes = jax.tree_util.tree_map(lambda p: int(np.prod(p.shape)), params)
+  inside = sum(s for s, m in zip(jax.tree_util.tree_leaves(sizes),
+                                 jax.tree_util.tree_leaves(mask), strict=True) if m)
+  total = sum(jax.tree_util.tree_leaves(sizes))
+  return dict(lars_params=inside, excluded_params=total - inside)

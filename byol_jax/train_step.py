@@ -1,0 +1,217 @@
+"""The BYOL training state and the data-parallel update step.
+
+The step is written for one device with a named axis (`AXIS`): gradients and metrics are
+averaged with `pmean`, BatchNorm statistics are synchronised inside the network, and
+`jax.shard_map` over a 1-D mesh maps it over every device under `jax.jit`. The same code
+runs on one device and on many; the batch is sharded on its leading axis and the state is
+replicated and donated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from byol_jax import augment, losses, networks, optim
+
+AXIS = 'data'
+
+
+class TrainState(NamedTuple):
+  """Everything that defines a run at a step; checkpointing saves exactly this."""
+  step: jax.Array
+  rng: jax.Array
+  online_params: hk.Params
+  online_state: hk.State
+  target_params: hk.Params
+  target_state: hk.State
+  opt_state: optax.OptState
+
+
+class StepFns(NamedTuple):
+  """The pieces of one experiment that the step closes over (all pure)."""
+  network: hk.TransformedWithState
+  optimizer: optax.GradientTransformation
+  lr_fn: optax.Schedule
+  tau_fn: optax.Schedule
+  loss: str
+  infonce_temperature: float
+
+
+def precision_dtype(name: str) -> jnp.dtype:
+  """Compute dtype of a `precision` config value."""
+  valid = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+  if name not in valid:
+    raise ValueError(f'unknown precision {name!r}; valid: {", ".join(valid)}')
+  return valid[name]
+
+
+def make_step_fns(cfg: Any, num_classes: int, num_steps: int, steps_per_epoch: int,
+                  axis_name: str | None = AXIS) -> StepFns:
+  """Builds network, optimiser and schedules from the config."""
+  dtype = precision_dtype(cfg.precision)
+  network = networks.build_network(cfg.model, num_classes, axis_name=axis_name, dtype=dtype)
+  warmup = min(int(round(cfg.optimizer.warmup_epochs * steps_per_epoch)), num_steps)
+  peak = optim.scaled_lr(cfg.optimizer.base_lr, cfg.batch_size)
+  lr_fn = optim.learning_rate_schedule(peak, warmup, num_steps)
+  tau_fn = optim.tau_schedule(cfg.tau_base, num_steps)
+  optimizer = optim.make_optimizer(cfg.optimizer, lr_fn)
+  if cfg.loss not in ('byol', 'infonce'):
+    raise ValueError(f'unknown loss {cfg.loss!r}; valid: byol, infonce')
+  return StepFns(network, optimizer, lr_fn, tau_fn, cfg.loss, cfg.infonce_temperature)
+
+
+def init_state(fns: StepFns, rng: jax.Array, image_shape: tuple[int, int, int]) -> TrainState:
+  """Fresh state. The target gets its own random init, as in the original release."""
+  online_rng, target_rng, state_rng = jax.random.split(rng, 3)
+  dummy = jnp.zeros((2, *image_shape), jnp.float32)
+  online_params, online_state = fns.network.init(online_rng, dummy, is_training=True)
+  target_params, target_state = fns.network.init(target_rng, dummy, is_training=True)
+  return TrainState(step=jnp.zeros((), jnp.int32), rng=state_rng,
+                    online_params=online_params, online_state=online_state,
+                    target_params=target_params, target_state=target_state,
+                    opt_state=fns.optimizer.init(online_params))
+
+
+def _loss_fn(online_params, online_state, target_params, target_state, view1, view2, labels,
+             fns: StepFns, axis_name):
+  """Online forward on both views, target forward on both views, BYOL loss + probe loss."""
+  apply = fns.network.apply
+  on1, online_state = apply(online_params, online_state, None, view1, is_training=True)
+  on2, online_state = apply(online_params, online_state, None, view2, is_training=True)
+  tg1, target_state = apply(target_params, target_state, None, view1, is_training=True)
+  tg2, target_state = apply(target_params, target_state, None, view2, is_training=True)
+  tg1, tg2 = jax.lax.stop_gradient(tg1), jax.lax.stop_gradient(tg2)
+  if fns.loss == 'byol':
+    byol = losses.byol_loss(on1['prediction'], on2['prediction'],
+                            tg1['projection'], tg2['projection'])
+  else:
+    byol = losses.infonce_loss(on1['prediction'], on2['prediction'], tg1['projection'],
+                               tg2['projection'], fns.infonce_temperature, axis_name)
+  probe_loss, probe_acc = losses.probe_loss_and_accuracy(on1['logits'], labels)
+  aux = dict(online_state=online_state, target_state=target_state, byol_loss=byol,
+             probe_loss=probe_loss, probe_top1=probe_acc, projection=on1['projection'])
+  return byol + probe_loss, aux
+
+
+def _all_finite(tree) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]
+  return jnp.all(jnp.stack(leaves))
+
+
+def byol_update(state: TrainState, view1: jax.Array, view2: jax.Array, labels: jax.Array,
+                fns: StepFns, axis_name: str | None = AXIS) -> tuple[TrainState, dict]:
+  """One BYOL update on this device's share of the batch.
+
+  The EMA target moves towards the online weights AFTER the optimiser step. A step whose
+  loss or gradients are not finite changes nothing but the step counter (and reports it),
+  so one bad batch cannot poison params, optimiser state, target or BN statistics.
+  """
+  pmean = (lambda x: jax.lax.pmean(x, axis_name)) if axis_name else (lambda x: x)
+  grad_fn = jax.grad(_loss_fn, has_aux=True)
+  grads, aux = grad_fn(state.online_params, state.online_state, state.target_params,
+                       state.target_state, view1, view2, labels, fns, axis_name)
+  grads = pmean(grads)
+  updates, opt_state = fns.optimizer.update(grads, state.opt_state, state.online_params)
+  online_params = optax.apply_updates(state.online_params, updates)
+  tau = fns.tau_fn(state.step)
+  target_params = optim.ema_update(tau, state.target_params, online_params)
+  metrics = dict(loss=aux['byol_loss'], probe_loss=aux['probe_loss'],
+                 probe_top1=aux['probe_top1'])
+  metrics = pmean(metrics)
+  finite = _all_finite(grads) & jnp.isfinite(metrics['loss'])
+  new = TrainState(state.step + 1, state.rng, online_params, aux['online_state'],
+                   target_params, aux['target_state'], opt_state)
+  keep_old = lambda n, o: jnp.where(finite, n, o)
+  new = new._replace(**{f: jax.tree_util.tree_map(keep_old, getattr(new, f), getattr(state, f))
+                        for f in TrainState._fields if f not in ('step', 'rng')})
+  metrics.update(losses.collapse_signals(aux['projection'], axis_name))
+  metrics.update(lr=fns.lr_fn(state.step), tau=tau, nonfinite=1.0 - finite.astype(jnp.float32),
+                 grad_norm=optax.global_norm(grads),
+                 param_norm=optax.global_norm(state.online_params))
+  return new, metrics
+
+
+def make_mesh(devices: list | None = None) -> Mesh:
+  """A 1-D data-parallel mesh over all (or the given) devices."""
+  devices = jax.devices() if devices is None else devices
+  return Mesh(np.asarray(devices), (AXIS,))
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+  """Places a pytree fully replicated on the mesh."""
+  return jax.device_put(tree, NamedSharding(mesh, P()))
+
+
+def shard_batch(tree: Any, mesh: Mesh) -> Any:
+  """Places host arrays on the mesh, split along their leading axis."""
+  return jax.device_put(tree, NamedSharding(mesh, P(AXIS)))
+
+
+def _shard_map(fn: Callable, mesh: Mesh, in_specs, out_specs) -> Callable:
+  return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+
+
+def make_views_step(fns: StepFns, mesh: Mesh) -> Callable:
+  """step(state, view1, view2, labels) on ready-made normalised views (tests, benchmarks)."""
+
+  def per_device(state, view1, view2, labels):
+    return byol_update(state, view1, view2, labels, fns, AXIS)
+
+  mapped = _shard_map(per_device, mesh, (P(), P(AXIS), P(AXIS), P(AXIS)), (P(), P()))
+  return jax.jit(mapped, donate_argnums=0)
+
+
+def _device_key(state: TrainState, salt: int) -> jax.Array:
+  """One RNG per (step, device, purpose): derived, never stored, so resume is exact."""
+  key = jax.random.fold_in(jax.random.fold_in(state.rng, salt), state.step)
+  return jax.random.fold_in(key, jax.lax.axis_index(AXIS))
+
+
+def _sample_indices(state: TrainState, num_local: int, batch_local: int) -> jax.Array:
+  """This device's batch: a slice of a fresh permutation of its shard each epoch."""
+  per_epoch = max(num_local // batch_local, 1)
+  epoch, offset = state.step // per_epoch, state.step % per_epoch
+  key = jax.random.fold_in(jax.random.fold_in(state.rng, 1), epoch)
+  key = jax.random.fold_in(key, jax.lax.axis_index(AXIS))
+  perm = jax.random.permutation(key, num_local)
+  return jax.lax.dynamic_slice_in_dim(perm, offset * batch_local, batch_local)
+
+
+def make_resident_step(fns: StepFns, mesh: Mesh, aug_cfg: Any, batch_size: int,
+                       image_size: int) -> Callable:
+  """step(state, images, labels) with the dataset resident on the devices.
+
+  `images` (uint8 [N, H, W, 3]) and `labels` are sharded over the mesh once; each step
+  every device samples its share of the batch from its shard and makes both views with the
+  BYOL augmentations, so no host work sits on the critical path.
+  """
+  batch_local = batch_size // mesh.size
+
+  def per_device(state, images, labels):
+    idx = _sample_indices(state, images.shape[0], batch_local)
+    batch, batch_labels = jnp.take(images, idx, axis=0), jnp.take(labels, idx, axis=0)
+    view1, view2 = augment.make_views(_device_key(state, 2), batch, aug_cfg, image_size)
+    return byol_update(state, view1, view2, batch_labels, fns, AXIS)
+
+  mapped = _shard_map(per_device, mesh, (P(), P(AXIS), P(AXIS)), (P(), P()))
+  return jax.jit(mapped, donate_argnums=0)
+
+
+def make_stream_step(fns: StepFns, mesh: Mesh, aug_cfg: Any) -> Callable:
+  """step(state, crops, labels) for host-cropped uint8 pairs [B, 2, S, S, 3] (streaming)."""
+
+  def per_device(state, crops, labels):
+    view1, view2 = augment.finish_views(_device_key(state, 2), crops, aug_cfg)
+    return byol_update(state, view1, view2, labels, fns, AXIS)
+
+  mapped = _shard_map(per_device, mesh, (P(), P(AXIS), P(AXIS)), (P(), P()))
+  return jax.jit(mapped, donate_argnums=0)

@@ -1,0 +1,85 @@
+"""Tests of the weighted kNN evaluator against a float64 NumPy brute-force reference."""
+
+import numpy as np
+
+from byol_jax.evaluators import knn
+
+
+def _reference_scores(train_f, train_y, test_f, num_classes, k, temperature):
+  """Brute force in float64: cosine sims, stable top-k, exp(sim/T) votes summed per class."""
+  unit = lambda f: f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-6)
+  sims = unit(test_f.astype(np.float64)) @ unit(train_f.astype(np.float64)).T
+  k = min(k, len(train_y))
+  idx = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+  scores = np.zeros((len(test_f), num_classes))
+  for i in range(len(test_f)):
+    np.add.at(scores[i], train_y[idx[i]], np.exp(sims[i, idx[i]] / temperature))
+  return scores
+
+
+def _random_problem(seed, num_train=600, num_test=300, dim=32, num_classes=10):
+  rng = np.random.default_rng(seed)
+  return (rng.normal(size=(num_train, dim)).astype(np.float32),
+          rng.integers(0, num_classes, num_train),
+          rng.normal(size=(num_test, dim)).astype(np.float32),
+          rng.integers(0, num_classes, num_test))
+
+
+def test_matches_float64_reference():
+  """Breaks on a wrong normalisation, weighting, temperature or neighbour count."""
+  tr_f, tr_y, te_f, _ = _random_problem(0)
+  got = knn.knn_classify(tr_f, tr_y, te_f, 10, k=50, temperature=0.1, chunk_size=128)
+  want = _reference_scores(tr_f, tr_y, te_f, 10, 50, 0.1)
+  np.testing.assert_array_equal(got.argmax(1), want.argmax(1))
+  np.testing.assert_allclose(got, want, rtol=2e-4, atol=1e-3)
+
+
+def test_accuracy_matches_reference_top1_top5():
+  """Breaks if top-1/top-5 are computed from the wrong ranking or labels."""
+  tr_f, tr_y, te_f, te_y = _random_problem(1)
+  want = _reference_scores(tr_f, tr_y, te_f, 10, 200, 0.1)
+  ranked = np.argsort(-want, axis=1, kind="stable")[:, :5]
+  ref_top5 = np.mean(np.any(ranked == te_y[:, None], axis=1))
+  got = knn.knn_accuracy(tr_f, tr_y, te_f, te_y, 10)
+  assert got["top1"] == np.mean(want.argmax(1) == te_y)
+  assert got["top5"] == ref_top5
+
+
+def test_separable_clusters_are_perfect():
+  """Breaks if neighbours vote for the wrong classes: tight clusters must give top-1 = 1."""
+  rng = np.random.default_rng(2)
+  centres = np.eye(16)[:8] * 10.0
+  tr_y, te_y = np.repeat(np.arange(8), 30), np.repeat(np.arange(8), 10)
+  tr_f = centres[tr_y] + rng.normal(scale=0.5, size=(240, 16))
+  te_f = centres[te_y] + rng.normal(scale=0.5, size=(80, 16))
+  assert knn.knn_accuracy(tr_f, tr_y, te_f, te_y, 8, k=20) == {"top1": 1.0, "top5": 1.0}
+
+
+def test_k_is_clipped_to_train_size():
+  """Breaks if k > N_train crashes top_k instead of using every training example."""
+  tr_f, tr_y, te_f, _ = _random_problem(3, num_train=40, num_test=7)
+  got = knn.knn_classify(tr_f, tr_y, te_f, 10, k=200)
+  np.testing.assert_allclose(got, _reference_scores(tr_f, tr_y, te_f, 10, 40, 0.1), rtol=2e-4)
+
+
+def test_last_chunk_padding_does_not_change_results():
+  """Breaks if padded rows leak into real rows or the tail of the test set is dropped."""
+  tr_f, tr_y, te_f, _ = _random_problem(4, num_test=101)
+  one_chunk = knn.knn_classify(tr_f, tr_y, te_f, 10, chunk_size=1024)
+  ragged = knn.knn_classify(tr_f, tr_y, te_f, 10, chunk_size=32)
+  assert ragged.shape == (101, 10)
+  np.testing.assert_allclose(ragged, one_chunk, rtol=1e-6)
+
+
+def test_top5_clipped_for_few_classes():
+  """Breaks if top-5 on a 3-class task indexes past the class axis instead of being 1.0."""
+  tr_f, tr_y, te_f, te_y = _random_problem(5, num_classes=3)
+  assert knn.knn_accuracy(tr_f, tr_y, te_f, te_y, 3)["top5"] == 1.0
+
+
+def test_chunks_share_one_compilation():
+  """Breaks if a ragged last chunk triggers a recompile (one per distinct chunk shape)."""
+  tr_f, tr_y, te_f, _ = _random_problem(6, num_test=70, dim=24)
+  before = knn._chunk_scores._cache_size()
+  knn.knn_classify(tr_f, tr_y, te_f, 10, k=30, chunk_size=16)  # 5 chunks, last one ragged.
+  assert knn._chunk_scores._cache_size() == before + 1

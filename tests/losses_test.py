@@ -1,0 +1,80 @@
+"""Tests of the BYOL objective and collapse signals against float64 NumPy formulas."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from byol_jax import losses
+
+
+def _np_byol(p1, p2, z1, z2):
+  def norm(x):
+    return x / np.sqrt(np.maximum(np.sum(x * x, -1, keepdims=True), 1e-12))
+
+  def term(p, z):
+    return 2.0 - 2.0 * np.sum(norm(p) * norm(z), -1)
+
+  return np.mean(term(p1, z2) + term(p2, z1))
+
+
+def test_byol_loss_matches_float64_formula():
+  """A wrong normalisation, averaged (not summed) terms or swapped targets would break this."""
+  rng = np.random.default_rng(0)
+  p1, p2, z1, z2 = (rng.normal(size=(16, 8)) for _ in range(4))
+  got = losses.byol_loss(*(jnp.asarray(x, jnp.float32) for x in (p1, p2, z1, z2)))
+  np.testing.assert_allclose(float(got), _np_byol(p1, p2, z1, z2), rtol=1e-5)
+
+
+def test_byol_loss_bounds_and_stop_gradient():
+  """Identical vectors give 0, opposite give 4 (sum of two terms); no gradient to targets."""
+  x = jnp.ones((4, 3))
+  assert float(losses.byol_loss(x, x, x, x)) == 0.0
+  np.testing.assert_allclose(float(losses.byol_loss(x, x, -x, -x)), 8.0, rtol=1e-6)
+  grad_t = jax.grad(lambda t: losses.byol_loss(x, x * 2, t, t + 1))(x + 0.5)
+  assert float(jnp.abs(grad_t).sum()) == 0.0
+
+
+def test_l2_normalize_guards_zero_vector():
+  """rsqrt(max(., 1e-12)) must keep a zero vector finite (zero), not NaN."""
+  out = losses.l2_normalize(jnp.zeros((2, 3)))
+  assert np.all(np.isfinite(out)) and float(jnp.abs(out).sum()) == 0.0
+
+
+def test_collapse_signals_healthy_and_collapsed():
+  """std ~ 1/sqrt(d) and rank near d for random projections; both ~0/1 when collapsed."""
+  rng = np.random.default_rng(1)
+  z = jnp.asarray(rng.normal(size=(4096, 64)), jnp.float32)
+  healthy = losses.collapse_signals(z)
+  np.testing.assert_allclose(float(healthy['proj_std']), 1 / np.sqrt(64), rtol=0.05)
+  assert float(healthy['proj_rank']) > 55
+  collapsed = losses.collapse_signals(jnp.ones((256, 64)) + 1e-7 * z[:256])
+  assert float(collapsed['proj_std']) < 1e-4
+  assert float(collapsed['proj_rank']) < 1.5
+
+
+def test_effective_rank_sees_partial_collapse():
+  """Projections on a 4-dim subspace: rank ~4 although std stays far from 0."""
+  rng = np.random.default_rng(2)
+  z = rng.normal(size=(2048, 4)) @ rng.normal(size=(4, 64))
+  sig = losses.collapse_signals(jnp.asarray(z, jnp.float32))
+  s = np.linalg.svd(z / np.linalg.norm(z, axis=1, keepdims=True), compute_uv=False)
+  p = s / s.sum()
+  np.testing.assert_allclose(float(sig['proj_rank']), np.exp(-(p * np.log(p)).sum()), rtol=1e-3)
+  assert float(sig['proj_rank']) < 4.5 and float(sig['proj_std']) > 0.02
+
+
+def test_infonce_matches_float64_cross_entropy():
+  """The contrastive ablation's loss is the summed two-way in-batch cross-entropy."""
+  rng = np.random.default_rng(3)
+  p1, p2, z1, z2 = (rng.normal(size=(8, 5)) for _ in range(4))
+  t = 0.1
+
+  def one(p, z):
+    p = p / np.linalg.norm(p, axis=1, keepdims=True)
+    z = z / np.linalg.norm(z, axis=1, keepdims=True)
+    logits = p @ z.T / t
+    logp = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+    return -np.mean(np.diag(logp))
+
+  got = losses.infonce_loss(*(jnp.asarray(x, jnp.float32) for x in (p1, p2, z1, z2)), t)
+  np.testing.assert_allclose(float(got), one(p1, z2) + one(p2, z1), rtol=1e-4)

@@ -1,0 +1,104 @@
+"""Tests of schedules, LARS with its exclusion masks, and the EMA update (float64 references)."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from byol_jax import optim
+
+
+def test_learning_rate_schedule_endpoints_and_midpoints():
+  """Warmup must start at 0 and be linear; cosine must hit peak/2 halfway and 0 at the end."""
+  fn = optim.learning_rate_schedule(peak_lr=4.0, warmup_steps=10, num_steps=110)
+  assert float(fn(0)) == 0.0
+  np.testing.assert_allclose(float(fn(5)), 2.0, rtol=1e-6)
+  np.testing.assert_allclose(float(fn(10)), 4.0, rtol=1e-6)
+  np.testing.assert_allclose(float(fn(60)), 2.0, rtol=1e-6)
+  np.testing.assert_allclose(float(fn(85)), 2.0 * (1 + math.cos(math.pi * 0.75)), rtol=1e-5)
+  np.testing.assert_allclose(float(fn(110)), 0.0, atol=1e-7)
+
+
+def test_scaled_lr_rule():
+  """LR = base * batch / 256: the paper's 0.2 at batch 4096 is 3.2."""
+  assert optim.scaled_lr(0.2, 4096) == 0.2 * 16
+
+
+def test_tau_schedule_formula():
+  """tau goes from tau_base to 1 along 1 - (1 - tau_base)(cos(pi k/K) + 1)/2."""
+  fn = optim.tau_schedule(0.996, 1000)
+  np.testing.assert_allclose(float(fn(0)), 0.996, rtol=1e-7)
+  np.testing.assert_allclose(float(fn(500)), 1 - 0.004 * 0.5, rtol=1e-7)
+  np.testing.assert_allclose(float(fn(1000)), 1.0, rtol=1e-7)
+  k = 250
+  np.testing.assert_allclose(float(fn(k)), 1 - 0.004 * (math.cos(math.pi * k / 1000) + 1) / 2,
+                             rtol=1e-7)
+
+
+def _opt_cfg(wd=0.1):
+  return ml_collections.ConfigDict(dict(name='lars', weight_decay=wd, momentum=0.9,
+                                        trust_coefficient=1e-3))
+
+
+def _lars_reference(params, grads, lr, wd, tc, excluded):
+  """Hand-written float64 LARS step from zero momentum: update = -lr * trust * (g + wd w)."""
+  out = {}
+  for key, w in params.items():
+    g = np.asarray(grads[key], np.float64)
+    w = np.asarray(w, np.float64)
+    if excluded[key]:
+      out[key] = w - lr * g
+      continue
+    g = g + wd * w
+    trust = tc * np.linalg.norm(w) / np.linalg.norm(g)
+    out[key] = w - lr * trust * g
+  return out
+
+
+def test_lars_one_update_with_exclusion_masks():
+  """Weights get decay + trust ratio; biases and norm scale/offset get plain SGD-momentum."""
+  rng = np.random.default_rng(0)
+  params = {'conv': {'w': rng.normal(size=(3, 3, 2, 4))}, 'linear': {'w': rng.normal(size=(5, 3)),
+            'b': rng.normal(size=(3,))}, 'bn': {'scale': rng.normal(size=(4,)),
+            'offset': rng.normal(size=(4,))}}
+  grads = jax.tree_util.tree_map(lambda p: rng.normal(size=p.shape), params)
+  to32 = lambda t: jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), t)
+  opt = optim.make_optimizer(_opt_cfg(0.1), lambda step: 0.5)
+  state = opt.init(to32(params))
+  updates, state = opt.update(to32(grads), state, to32(params))
+  new = jax.tree_util.tree_map(lambda p, u: p + u, to32(params), updates)
+  flat = lambda t: {'/'.join(str(k.key) for k in path): v for path, v in
+                    jax.tree_util.tree_flatten_with_path(t)[0]}
+  excluded = {k: k.endswith(('/b', '/scale', '/offset')) for k in flat(params)}
+  want = _lars_reference(flat(params), flat(grads), 0.5, 0.1, 1e-3, excluded)
+  for key, value in flat(new).items():
+    np.testing.assert_allclose(np.asarray(value), want[key], rtol=2e-5, atol=1e-6, err_msg=key)
+
+
+def test_lars_momentum_accumulates_scaled_updates():
+  """Second step: v = 0.9 v + lr * trust * g (momentum after LR, as in the release)."""
+  w = {'lin': {'b': jnp.asarray([1.0, -2.0])}}
+  g = {'lin': {'b': jnp.asarray([0.5, 0.5])}}
+  opt = optim.make_optimizer(_opt_cfg(0.0), lambda step: 0.1)
+  state = opt.init(w)
+  u1, state = opt.update(g, state, w)
+  u2, state = opt.update(g, state, w)
+  np.testing.assert_allclose(np.asarray(u1['lin']['b']), [-0.05, -0.05], rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(u2['lin']['b']), [-0.095, -0.095], rtol=1e-6)
+
+
+def test_ema_update():
+  """target <- tau target + (1 - tau) online."""
+  t = {'a': jnp.asarray([1.0, 2.0])}
+  o = {'a': jnp.asarray([3.0, -2.0])}
+  np.testing.assert_allclose(np.asarray(optim.ema_update(0.75, t, o)['a']), [1.5, 1.0])
+
+
+def test_total_steps_and_steps_per_epoch():
+  """epochs * floor(N / B), or an explicit step count."""
+  cfg = ml_collections.ConfigDict(dict(steps=0, epochs=3, batch_size=100))
+  assert optim.total_steps(cfg, 1050) == 30
+  cfg.steps = 7
+  assert optim.total_steps(cfg, 1050) == 7
