@@ -39,6 +39,7 @@ class TrainState(NamedTuple):
 class StepFns(NamedTuple):
   """The pieces of one experiment that the step closes over (all pure)."""
   network: hk.TransformedWithState
+  init_network: hk.TransformedWithState  # same params, no mesh axis: init runs outside it
   optimizer: optax.GradientTransformation
   lr_fn: optax.Schedule
   tau_fn: optax.Schedule
@@ -59,6 +60,7 @@ def make_step_fns(cfg: Any, num_classes: int, num_steps: int, steps_per_epoch: i
   """Builds network, optimiser and schedules from the config."""
   dtype = precision_dtype(cfg.precision)
   network = networks.build_network(cfg.model, num_classes, axis_name=axis_name, dtype=dtype)
+  init_network = networks.build_network(cfg.model, num_classes, axis_name=None, dtype=dtype)
   warmup = min(int(round(cfg.optimizer.warmup_epochs * steps_per_epoch)), num_steps)
   peak = optim.scaled_lr(cfg.optimizer.base_lr, cfg.batch_size)
   lr_fn = optim.learning_rate_schedule(peak, warmup, num_steps)
@@ -66,15 +68,15 @@ def make_step_fns(cfg: Any, num_classes: int, num_steps: int, steps_per_epoch: i
   optimizer = optim.make_optimizer(cfg.optimizer, lr_fn)
   if cfg.loss not in ('byol', 'infonce'):
     raise ValueError(f'unknown loss {cfg.loss!r}; valid: byol, infonce')
-  return StepFns(network, optimizer, lr_fn, tau_fn, cfg.loss, cfg.infonce_temperature)
+  return StepFns(network, init_network, optimizer, lr_fn, tau_fn, cfg.loss, cfg.infonce_temperature)
 
 
 def init_state(fns: StepFns, rng: jax.Array, image_shape: tuple[int, int, int]) -> TrainState:
   """Fresh state. The target gets its own random init, as in the original release."""
   online_rng, target_rng, state_rng = jax.random.split(rng, 3)
   dummy = jnp.zeros((2, *image_shape), jnp.float32)
-  online_params, online_state = fns.network.init(online_rng, dummy, is_training=True)
-  target_params, target_state = fns.network.init(target_rng, dummy, is_training=True)
+  online_params, online_state = fns.init_network.init(online_rng, dummy, is_training=True)
+  target_params, target_state = fns.init_network.init(target_rng, dummy, is_training=True)
   return TrainState(step=jnp.zeros((), jnp.int32), rng=state_rng,
                     online_params=online_params, online_state=online_state,
                     target_params=target_params, target_state=target_state,

@@ -1,0 +1,42 @@
+"""Shared test fixtures: tiny configs that compile in seconds on a 2-core CPU."""
+
+import os
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # so `configs` imports in tests as it does from the repo root
+
+# XLA's CPU backend optimisations cost seconds per program and buy nothing for tiny test
+# models; subprocess tests pass the same flag on.
+FAST_COMPILE = '--xla_backend_optimization_level=0'
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + FAST_COMPILE).strip()
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+
+def tiny_config(**overrides):
+  """The demo preset shrunk to a model and data that train a step in about a second."""
+  from configs import byol
+  cfg = byol.get_config('demo')
+  cfg.model.depth, cfg.model.width = 10, 0.125
+  cfg.model.projector_hidden = cfg.model.predictor_hidden = 32
+  cfg.model.projection_dim = 16
+  cfg.image_size = 16
+  cfg.batch_size = 16
+  cfg.demo.train_examples, cfg.demo.test_examples = 64, 32
+  cfg.steps = 4
+  cfg.log_every_steps = 2
+  cfg.knn.k = 10
+  for key, value in overrides.items():
+    target = cfg
+    *path, leaf = key.split('.')
+    for p in path:
+      target = target[p]
+    target[leaf] = value
+  return cfg
+
+
+@pytest.fixture
+def tiny_cfg():
+  return tiny_config()

@@ -1,0 +1,283 @@
+"""Tests of dataset names, splits, folder scanning and whole-dataset decoding."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from byol_jax import datasets
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COLOUR = (200, 100, 30)
+SIZE = (20, 16)  # Pillow (width, height).
+
+
+def _shared_cifar10() -> str:
+  shared = os.environ.get('BYOL_SHARED') or os.path.join(os.path.dirname(REPO), 'shared')
+  return os.path.join(shared, 'datasets', 'cifar10', 'cifar10_jpeg_bytes.npz')
+
+
+def write_mixed_images(class_dir) -> dict[str, tuple[int, int, int]]:
+  """Writes one solid-colour image per awkward format; returns file name -> expected RGB."""
+  os.makedirs(class_dir, exist_ok=True)
+  rgb = Image.new('RGB', SIZE, COLOUR)
+  rgb.save(os.path.join(class_dir, 'a_rgb.jpg'), quality=95)
+  rgb.convert('L').save(os.path.join(class_dir, 'b_grey.JPG'), quality=95)
+  rgb.convert('RGBA').save(os.path.join(class_dir, 'c_rgba.png'))
+  rgb.convert('CMYK').save(os.path.join(class_dir, 'd_cmyk.jpeg'), quality=95)
+  Image.fromarray(np.full(SIZE[::-1], 40000, np.uint16)).save(os.path.join(class_dir,
+                                                                           'e_grey16.PNG'))
+  rgb.convert('P').save(os.path.join(class_dir, 'f_palette.png'))
+  grey = round(0.299 * COLOUR[0] + 0.587 * COLOUR[1] + 0.114 * COLOUR[2])
+  return {'a_rgb.jpg': COLOUR, 'b_grey.JPG': (grey,) * 3, 'c_rgba.png': COLOUR,
+          'd_cmyk.jpeg': COLOUR, 'e_grey16.PNG': (156,) * 3, 'f_palette.png': None}
+
+
+def write_corrupt_images(class_dir) -> None:
+  """A truncated JPEG, a text file named .jpg, and a non-image extension (ignored)."""
+  good = os.path.join(class_dir, 'z_trunc.jpg')
+  Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)).save(good)
+  with open(good, 'rb') as f:
+    data = f.read()
+  with open(good, 'wb') as f:
+    f.write(data[:len(data) // 2])
+  with open(os.path.join(class_dir, 'z_text.jpg'), 'w') as f:
+    f.write('not an image')
+  with open(os.path.join(class_dir, 'notes.txt'), 'w') as f:
+    f.write('ignored')
+
+
+def make_folder(root, classes=('cat', 'dog'), per_class=3, splits=('train', 'test')) -> str:
+  """root/<split>/<class>/<i>.jpg|png, solid colours, the label in the red channel."""
+  for split in splits:
+    for label, name in enumerate(classes):
+      class_dir = os.path.join(root, split, name)
+      os.makedirs(class_dir, exist_ok=True)
+      for i in range(per_class):
+        img = Image.new('RGB', SIZE, (40 * label + 20, 10 * i, 128))
+        img.save(os.path.join(class_dir, f'{i:03d}.' + ('png' if i % 2 else 'jpg')), quality=95)
+  return str(root)
+
+
+def test_modules_import_without_tensorflow():
+  """The device-resident path runs on GPU machines that have no TensorFlow."""
+  code = ('import sys; import byol_jax.datasets, byol_jax.input_pipeline, byol_jax.preview; '
+          'assert "tensorflow" not in sys.modules, "tensorflow imported"')
+  subprocess.run([sys.executable, '-c', code], check=True, cwd=REPO, timeout=120)
+
+
+def test_parse_dataset_forms(tmp_path):
+  """Misparsed names would train on the wrong data or reject valid ones."""
+  assert datasets.parse_dataset('demo') == datasets.DatasetSpec('demo', 'demo')
+  spec = datasets.parse_dataset(f'folder:{tmp_path}')
+  assert (spec.kind, spec.root) == ('folder', str(tmp_path))
+  for name in ('cifar10', 'imagenet2012', 'oxford_iiit_pet', 'imagenet2012/subset:5.1.0'):
+    assert datasets.parse_dataset(name).kind == 'tfds'
+
+
+@pytest.mark.parametrize('name', ['', '   ', 'Foo Bar', 'folder:', 'hf:foo', '../data', '9x'])
+def test_parse_dataset_rejects_garbage(name):
+  """Garbage must fail early with a message naming the valid forms."""
+  with pytest.raises(datasets.DataError, match="valid forms: 'demo'"):
+    datasets.parse_dataset(name)
+
+
+def test_tfds_split_table():
+  """The split table decides what every reported number is measured on."""
+  imagenet = datasets.tfds_split_table('imagenet2012')
+  assert imagenet == dict(train='train[10009:]', valid='train[:10009]', trainval='train',
+                          test='validation')
+  assert datasets.tfds_split_table('cifar10:3.0.2')['valid'] == 'train[:10%]'
+  assert datasets.tfds_split_table('cifar10')['train'] == 'train[10%:]'
+  assert datasets.tfds_split_table('food101')['test'] == 'validation'
+  assert datasets.tfds_split_table('dtd')['valid'] == 'validation'
+  assert datasets.tfds_split_table('some_new', ['train', 'validation'])['test'] == 'validation'
+  assert datasets.tfds_split_table('other', ['train', 'test'])['valid'] == 'train[:10%]'
+
+
+def _missing_root(tmp_path):
+  return str(tmp_path / 'nope'), 'train', 'nope'
+
+
+def _missing_train(tmp_path):
+  os.makedirs(tmp_path / 'test' / 'a')
+  return str(tmp_path), 'train', 'train is missing'
+
+
+def _missing_test(tmp_path):
+  return make_folder(tmp_path, splits=('train',)), 'test', 'test is missing'
+
+
+def _empty_class(tmp_path):
+  root = make_folder(tmp_path)
+  os.makedirs(tmp_path / 'train' / 'empty')
+  os.makedirs(tmp_path / 'test' / 'empty')
+  return root, 'train', os.path.join('train', 'empty')
+
+
+def _class_mismatch(tmp_path):
+  root = make_folder(tmp_path)
+  os.rename(tmp_path / 'test' / 'dog', tmp_path / 'test' / 'wolf')
+  return root, 'test', 'differ from train'
+
+
+@pytest.mark.parametrize('setup', [_missing_root, _missing_train, _missing_test, _empty_class,
+                                   _class_mismatch])
+def test_folder_errors_name_the_path(tmp_path, setup):
+  """Users must learn from one line which folder is wrong and what to do."""
+  root, split, fragment = setup(tmp_path)
+  with pytest.raises(datasets.DataError) as info:
+    datasets.load_arrays(datasets.parse_dataset(f'folder:{root}'), split)
+  message = str(info.value)
+  assert str(tmp_path) in message and fragment in message
+  assert '\n' not in message
+
+
+def test_load_arrays_mixed_formats_and_corrupt_files(tmp_path):
+  """Grey, RGBA, CMYK, 16-bit and palette images must decode to the right RGB colours."""
+  root = make_folder(tmp_path, per_class=2)
+  expected = write_mixed_images(tmp_path / 'train' / 'zebra')
+  write_corrupt_images(tmp_path / 'train' / 'zebra')
+  os.makedirs(tmp_path / 'test' / 'zebra')
+  write_mixed_images(tmp_path / 'test' / 'zebra')
+  images, labels, info = datasets.load_arrays(datasets.parse_dataset(f'folder:{root}'),
+                                              'trainval')
+  assert info == dict(num_classes=3, class_names=['cat', 'dog', 'zebra'], skipped=2)
+  assert images.shape == (4 + len(expected), 16, 20, 3) and images.dtype == np.uint8
+  assert labels.dtype == np.int32 and labels.tolist() == [0, 0, 1, 1] + [2] * len(expected)
+  for image, colour in zip(images[4:], expected.values(), strict=True):
+    if colour is not None:
+      np.testing.assert_allclose(image.reshape(-1, 3).mean(0), colour, atol=3)
+
+
+def test_strict_mode_rejects_corrupt_files(tmp_path):
+  """strict=True promises that no file is silently dropped."""
+  root = make_folder(tmp_path)
+  write_corrupt_images(tmp_path / 'train' / 'cat')
+  with pytest.raises(datasets.DataError, match='z_t'):
+    datasets.load_arrays(datasets.parse_dataset(f'folder:{root}'), 'trainval', strict=True)
+  with pytest.raises(datasets.DataError, match='z_t'):
+    datasets.scan_folder(root, 'trainval', validate=True, strict=True)
+  assert datasets.scan_folder(root, 'trainval', validate=True).skipped == 2
+
+
+def test_resize_short_side_then_centre_crop(tmp_path):
+  """Images of other sizes must be resized and centre-cropped, not squashed or padded."""
+  stripes = np.zeros((20, 40, 3), np.uint8)
+  stripes[:, :10] = (255, 0, 0)
+  stripes[:, 10:30] = (0, 255, 0)
+  stripes[:, 30:] = (0, 0, 255)
+  class_dir = tmp_path / 'train' / 'a'
+  os.makedirs(class_dir)
+  Image.fromarray(stripes).save(class_dir / 'wide.png')
+  Image.fromarray(stripes.transpose(1, 0, 2)).save(class_dir / 'tall.png')
+  spec = datasets.parse_dataset(f'folder:{tmp_path}')
+  with pytest.raises(datasets.DataError, match='image_size'):
+    datasets.load_arrays(spec, 'trainval')
+  images, _, _ = datasets.load_arrays(spec, 'trainval', image_size=10)
+  assert images.shape == (2, 10, 10, 3)
+  np.testing.assert_allclose(images[:, 2:8, 2:8].reshape(-1, 3).mean(0), (0, 255, 0), atol=2)
+
+
+def test_valid_is_held_out_of_train(tmp_path):
+  """Hyperparameters chosen on 'valid' must not be chosen on training images."""
+  root = make_folder(tmp_path, per_class=25)
+  scans = {s: datasets.scan_folder(root, s) for s in ('train', 'valid', 'trainval')}
+  assert not set(scans['train'].paths) & set(scans['valid'].paths)
+  assert sorted(scans['train'].paths + scans['valid'].paths) == sorted(scans['trainval'].paths)
+  assert len(scans['valid'].paths) == 2 * 3  # Files 0, 10, 20 of each class.
+  make_folder(tmp_path, per_class=2, splits=('val',))
+  spec = datasets.parse_dataset(f'folder:{root}')
+  assert datasets.dataset_size(spec, 'valid') == 4
+  assert datasets.dataset_size(spec, 'train') == 50
+  assert datasets.dataset_size(spec, 'trainval') == 54
+
+
+def test_load_arrays_process_shards_are_disjoint_and_cover(tmp_path):
+  """Each process must load its own examples, together all of them once."""
+  root = make_folder(tmp_path, classes=tuple('abcdefg'), per_class=1)
+  spec = datasets.parse_dataset(f'folder:{root}')
+  for count in (2, 3):
+    parts = [datasets.load_arrays(spec, 'trainval', process_index=i, process_count=count)[1]
+             for i in range(count)]
+    assert sorted(np.concatenate(parts).tolist()) == list(range(7))
+  with pytest.raises(datasets.DataError, match='process_index'):
+    datasets.load_arrays(spec, 'trainval', process_index=2, process_count=2)
+
+
+def test_demo_dataset_through_load_arrays():
+  """The demo dataset must load like any other (no files, no TensorFlow)."""
+  spec = datasets.parse_dataset('demo')
+  images, labels, info = datasets.load_arrays(spec, 'test', image_size=16, process_count=2)
+  assert images.shape == (datasets.DEMO_SIZES['test'] // 2, 16, 16, 3)
+  assert labels.dtype == np.int32 and info['num_classes'] == 10
+  valid, _, _ = datasets.load_arrays(spec, 'valid', image_size=16)
+  train, _, _ = datasets.load_arrays(spec, 'train', image_size=16)
+  assert not np.array_equal(valid[:10], train[:10])
+  assert datasets.num_classes(spec) == 10
+
+
+def test_choose_input_mode():
+  """Datasets that fit must stay on the device; overrides must win."""
+  assert datasets.decoded_size_bytes(10, 4) == 480
+  gib = 2**30
+  assert datasets.choose_input_mode(50_000, 32, 16 * gib)[0] == 'device'
+  mode, reason = datasets.choose_input_mode(1_281_167, 224, 80 * gib)
+  assert mode == 'stream' and 'GiB' in reason
+  assert datasets.choose_input_mode(50_000, 32, 16 * gib, 'stream')[0] == 'stream'
+  assert datasets.choose_input_mode(1_281_167, 224, 80 * gib, 'device')[0] == 'device'
+  with pytest.raises(datasets.DataError, match='input_mode'):
+    datasets.choose_input_mode(1, 1, 1, 'gpu')
+
+
+def test_unprepared_tfds_dataset_is_a_one_line_error(tmp_path, monkeypatch):
+  """A missing TFDS dataset must explain itself and never start a download."""
+  tfds = pytest.importorskip('tensorflow_datasets')
+
+  def no_download(*args, **kwargs):
+    raise AssertionError('download_and_prepare must not be called')
+
+  monkeypatch.setattr(tfds.core.DatasetBuilder, 'download_and_prepare', no_download)
+  data_dir = str(tmp_path / 'tfds')
+  with pytest.raises(datasets.DataError) as info:
+    datasets.load_arrays(datasets.parse_dataset('cifar10'), 'train', data_dir=data_dir)
+  assert data_dir in str(info.value) and 'tfds build cifar10' in str(info.value)
+  with pytest.raises(datasets.DataError) as info:
+    datasets.dataset_size(datasets.parse_dataset('imagenet2012'), 'train', data_dir)
+  message = str(info.value)
+  assert 'ILSVRC2012_img_train.tar' in message and f'{data_dir}/downloads/manual' in message
+  assert '\n' not in message
+  with pytest.raises(datasets.DataError, match='no dataset'):
+    datasets.dataset_size(datasets.parse_dataset('no_such_dataset_xyz'), 'train', data_dir)
+
+
+@pytest.mark.slow
+def test_cifar10_folder_round_trip(tmp_path):
+  """The unpacking script and folder loader must reproduce all of CIFAR-10's training set."""
+  src = _shared_cifar10()
+  if not os.path.isfile(src):
+    pytest.skip(f'{src} not found (set BYOL_SHARED)')
+  out = tmp_path / 'cifar10'
+  subprocess.run([sys.executable, os.path.join(REPO, 'experiments', 'cifar10_to_folder.py'),
+                  '--src', src, '--out', str(out)], check=True, timeout=600,
+                 stdout=subprocess.DEVNULL)
+  spec = datasets.parse_dataset(f'folder:{out}')
+  sizes = {s: datasets.dataset_size(spec, s) for s in datasets.LOGICAL_SPLITS}
+  assert sizes == dict(train=45_000, valid=5_000, trainval=50_000, test=10_000)
+  images, labels, info = datasets.load_arrays(spec, 'trainval')
+  assert images.shape == (50_000, 32, 32, 3) and info['num_classes'] == 10
+  assert info['skipped'] == 0 and np.bincount(labels).tolist() == [5000] * 10
+  assert info['class_names'][0] == 'airplane'
+
+
+def test_cifar10_to_folder_refuses_repo(tmp_path):
+  """Decoded CIFAR-10 must never land in the git work tree."""
+  script = os.path.join(REPO, 'experiments', 'cifar10_to_folder.py')
+  result = subprocess.run([sys.executable, script, '--src', str(tmp_path / 'x.npz'),
+                           '--out', os.path.join(REPO, 'runs', 'cifar10')],
+                          capture_output=True, text=True, timeout=60)
+  assert result.returncode == 2 and 'git work tree' in result.stderr
+  assert not os.path.exists(os.path.join(REPO, 'runs', 'cifar10'))

@@ -1,0 +1,64 @@
+"""Runs two BYOL steps on 1 device and on all devices with the same global views.
+
+Run in a subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=8; prints the
+largest differences as JSON so the test can assert on them.
+"""
+
+import json
+import os
+import sys
+
+import jax
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from conftest import tiny_config  # noqa: E402
+
+from byol_jax import train_step  # noqa: E402
+
+
+def run(devices, cfg, views, loss):
+  cfg.loss = loss
+  mesh = train_step.make_mesh(devices)
+  fns = train_step.make_step_fns(cfg, 10, num_steps=10, steps_per_epoch=5)
+  state = train_step.init_state(fns, jax.random.PRNGKey(0), (16, 16, 3))
+  state = train_step.replicate(state, mesh)
+  step = train_step.make_views_step(fns, mesh)
+  history = []
+  for v1, v2, labels in views:
+    state, metrics = step(state, *train_step.shard_batch((v1, v2, labels), mesh))
+    history.append(jax.device_get(metrics))
+  return jax.device_get(state), history
+
+
+def max_diff(a, b):
+  diffs = jax.tree_util.tree_map(lambda x, y: float(np.max(np.abs(np.asarray(x, np.float64)
+                                                                 - np.asarray(y)))), a, b)
+  return max(jax.tree_util.tree_leaves(diffs))
+
+
+def main():
+  cfg = tiny_config()
+  rng = np.random.default_rng(0)
+  views = [(rng.normal(size=(16, 16, 16, 3)).astype(np.float32),
+            rng.normal(size=(16, 16, 16, 3)).astype(np.float32),
+            rng.integers(0, 10, size=16).astype(np.int32)) for _ in range(2)]
+  out = {'num_devices': jax.device_count()}
+  for loss in ('byol', 'infonce'):
+    s1, m1 = run(jax.devices()[:1], cfg, views, loss)
+    sn, mn = run(jax.devices(), cfg, views, loss)
+    out[loss] = dict(
+      params=max_diff(s1.online_params, sn.online_params),
+      target=max_diff(s1.target_params, sn.target_params),
+      bn_state=max_diff(s1.online_state, sn.online_state),
+      opt=max_diff(s1.opt_state, sn.opt_state),
+      metrics=max_diff(m1, mn),
+      moved=max_diff(s1.online_params, train_step.init_state(
+        train_step.make_step_fns(cfg, 10, 10, 5), jax.random.PRNGKey(0),
+        (16, 16, 3)).online_params),
+      metric_names=sorted(m1[0]))
+  print(json.dumps(out))
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,115 @@
+"""Tests of the training state and the data-parallel step."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from conftest import FAST_COMPILE, REPO, tiny_config
+
+from byol_jax import optim, train_step
+
+
+def _setup(cfg, devices=None):
+  mesh = train_step.make_mesh(devices or jax.devices()[:1])
+  fns = train_step.make_step_fns(cfg, 10, num_steps=10, steps_per_epoch=5)
+  state = train_step.replicate(
+    train_step.init_state(fns, jax.random.PRNGKey(0), (16, 16, 3)), mesh)
+  return mesh, fns, state
+
+
+def _views(seed=0, n=16):
+  rng = np.random.default_rng(seed)
+  return (rng.normal(size=(n, 16, 16, 3)).astype(np.float32),
+          rng.normal(size=(n, 16, 16, 3)).astype(np.float32),
+          rng.integers(0, 10, size=n).astype(np.int32))
+
+
+def test_eight_devices_match_one_device():
+  """Sharding the same global batch over 8 devices must not change params, BN stats or metrics.
+
+  Breaks if gradients or metrics are not pmean-ed, BN statistics are per-device, or the
+  collapse signals / InfoNCE negatives only see the local shard.
+  """
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8 '
+             + FAST_COMPILE,
+             JAX_PLATFORMS='cpu')
+  out = subprocess.run([sys.executable, os.path.join(REPO, 'tests', 'scripts',
+                                                     'step_equivalence.py')],
+                       env=env, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  assert result['num_devices'] == 8
+  for loss in ('byol', 'infonce'):
+    r = result[loss]
+    assert r['moved'] > 1e-4, 'the step did not change the params at all'
+    for key in ('params', 'target', 'bn_state', 'opt', 'metrics'):
+      assert r[key] < 2e-4, (loss, key, r[key])
+    assert {'loss', 'lr', 'tau', 'probe_top1', 'proj_std', 'proj_rank'} <= set(r['metric_names'])
+
+
+def test_target_ema_uses_online_params_after_the_update():
+  """target_new = tau * target + (1 - tau) * online_new (not the pre-update online params)."""
+  cfg = tiny_config(**{'optimizer.warmup_epochs': 0})  # a non-zero LR at step 0
+  mesh, fns, state = _setup(cfg)
+  before = jax.device_get(state)
+  step = train_step.make_views_step(fns, mesh)
+  new, metrics = step(state, *train_step.shard_batch(_views(), mesh))
+  new = jax.device_get(new)
+  tau = float(fns.tau_fn(0))
+  want = optim.ema_update(tau, before.target_params, new.online_params)
+  stale = optim.ema_update(tau, before.target_params, before.online_params)
+  diff = lambda a, b: max(jax.tree_util.tree_leaves(jax.tree_util.tree_map(
+    lambda x, y: float(np.abs(np.asarray(x) - np.asarray(y)).max()), a, b)))
+  assert diff(new.target_params, want) < 1e-6
+  assert diff(new.target_params, stale) > 1e-6
+  assert int(new.step) == 1 and float(metrics['tau']) == tau
+
+
+def test_nonfinite_batch_leaves_state_unchanged():
+  """A NaN in the batch must skip the update: params, opt state, target and BN stats unchanged."""
+  cfg = tiny_config()
+  mesh, fns, state = _setup(cfg)
+  before = jax.device_get(state)
+  v1, v2, labels = _views()
+  v1[3, 2, 2, 1] = np.nan
+  step = train_step.make_views_step(fns, mesh)
+  new, metrics = step(state, *train_step.shard_batch((v1, v2, labels), mesh))
+  new = jax.device_get(new)
+  assert float(metrics['nonfinite']) == 1.0
+  for field in ('online_params', 'online_state', 'target_params', 'target_state', 'opt_state'):
+    same = jax.tree_util.tree_map(lambda a, b: bool(np.array_equal(a, b)),
+                                  getattr(before, field), getattr(new, field))
+    assert all(jax.tree_util.tree_leaves(same)), field
+  assert int(new.step) == 1
+
+
+def test_steps_do_not_recompile():
+  """Repeated steps reuse one executable (a retrace per step would be a silent slowdown)."""
+  cfg = tiny_config()
+  mesh, fns, state = _setup(cfg)
+  step = train_step.make_views_step(fns, mesh)
+  for seed in range(3):
+    state, _ = step(state, *train_step.shard_batch(_views(seed), mesh))
+  assert step._cache_size() == 1
+
+
+def test_resident_step_trains_from_device_data():
+  """The device-resident step samples, augments and updates; loss is finite and params move."""
+  cfg = tiny_config()
+  mesh, fns, state = _setup(cfg)
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 255, size=(64, 16, 16, 3), dtype=np.uint8)
+  labels = rng.integers(0, 10, size=64).astype(np.int32)
+  data = train_step.shard_batch((images, labels), mesh)
+  step = train_step.make_resident_step(fns, mesh, cfg.augment, cfg.batch_size, cfg.image_size)
+  p0 = jax.device_get(state.online_params)
+  state, metrics = step(state, *data)
+  state, metrics = step(state, *data)
+  assert np.isfinite(float(metrics['loss'])) and float(metrics['nonfinite']) == 0.0
+  moved = jax.tree_util.tree_map(lambda a, b: float(jnp.abs(a - b).max()), p0,
+                                 jax.device_get(state.online_params))
+  assert max(jax.tree_util.tree_leaves(moved)) > 0
