@@ -19,6 +19,11 @@ from absl import logging
 from byol_jax import datasets, demo_data
 
 
+# Pretraining uses every training image (labels unused); the 'valid' hold-out inside it only
+# matters for choosing the linear-evaluation LR, which never sees pretraining.
+PRETRAIN_SPLIT = 'trainval'
+
+
 @dataclasses.dataclass
 class Split:
   """Decoded images (uint8 [N, S, S, 3]) and int32 labels of one split, in host memory."""
@@ -46,6 +51,7 @@ def load_split(cfg: Any, split: str) -> Split:
   """Decodes a whole split into host memory (demo, image folder or small TFDS dataset)."""
   spec = datasets.parse_dataset(cfg.dataset)
   if spec.kind == 'demo':
+    split = 'train' if split in ('train', 'trainval') else split
     count = cfg.demo.train_examples if split == 'train' else cfg.demo.test_examples
     images, labels = demo_data.make_demo_dataset(split, count or 5000, cfg.image_size, cfg.seed)
     return Split(images, labels.astype(np.int32))
@@ -67,7 +73,7 @@ def num_classes_of(cfg: Any) -> int:
 def _train_size(cfg: Any, spec: datasets.DatasetSpec) -> int:
   if spec.kind == 'demo':
     return cfg.demo.train_examples or 5000
-  return int(datasets.dataset_size(spec, 'train', cfg.data_dir or None))
+  return int(datasets.dataset_size(spec, PRETRAIN_SPLIT, cfg.data_dir or None))
 
 
 def choose_mode(cfg: Any) -> tuple[str, str]:
@@ -85,7 +91,7 @@ def make_train_data(cfg: Any, start_step: int = 0) -> TrainData:
   logging.info('input mode: %s (%s)', mode, reason)
   num_classes = num_classes_of(cfg)
   if mode == 'device':
-    train = load_split(cfg, 'train')
+    train = load_split(cfg, PRETRAIN_SPLIT)
     return TrainData('device', len(train.labels), num_classes, train)
   from byol_jax import input_pipeline  # TensorFlow only on this path
   spec = datasets.parse_dataset(cfg.dataset)
@@ -93,5 +99,6 @@ def make_train_data(cfg: Any, start_step: int = 0) -> TrainData:
   stream = input_pipeline.train_stream(
     spec, batch_size_per_process=per_process, image_size=cfg.image_size, aug_cfg=cfg.augment,
     data_dir=cfg.data_dir or None, seed=cfg.seed, process_index=jax.process_index(),
-    process_count=jax.process_count(), start_step=start_step, strict=cfg.strict_data)
+    process_count=jax.process_count(), start_step=start_step, strict=cfg.strict_data,
+    split=PRETRAIN_SPLIT, shuffle_buffer=cfg.shuffle_buffer)
   return TrainData('stream', _train_size(cfg, spec), num_classes, None, stream)

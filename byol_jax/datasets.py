@@ -1,0 +1,628 @@
+"""Dataset names, split definitions, image-folder scanning and whole-dataset decoding.
+
+Why this module exists: every entry point (training, evaluation, benchmarks) must agree on
+what a dataset name means and which examples form 'train', 'valid' and 'test', or results
+are silently computed on the wrong split. It also decodes small datasets into memory for the
+device-resident path, which runs on machines without TensorFlow: TensorFlow and TFDS are
+imported only inside the functions that read TFDS datasets, never at import time.
+
+Dataset names (`parse_dataset`):
+- 'demo': the generated dataset of `demo_data` (no files, no download);
+- 'folder:/path/to/root': an image folder, root/<split>/<class_name>/<image>.{jpg,jpeg,png}
+  with split folders 'train', 'test' and optionally 'valid' (or 'val');
+- anything else: a TFDS name such as 'cifar10', 'imagenet2012' or 'oxford_flowers102',
+  optionally with a config and version ('name/config:1.2.3'). It must already be prepared
+  under data_dir: nothing here downloads.
+
+Logical splits (`resolve_tfds_split`, `scan_folder`):
+- 'valid' is held out of 'train', so hyperparameters chosen on it are not chosen on data the
+  model was trained on. Where a dataset has an official validation split next to its test
+  split (dtd, oxford_flowers102) that split is 'valid'; otherwise the first VALID_PERCENT %
+  of TFDS 'train' (TFDS shuffles records when it prepares a dataset), and for image folders
+  without a valid/ folder every 10th file of each class (sorted by file name).
+- 'trainval' is 'train' plus 'valid': all labelled training data, for pretraining and for
+  final runs once hyperparameters are fixed (the BYOL release pretrains on it).
+- 'test' is the split results are reported on: 'test' where the dataset has one, else the
+  official 'validation' split (ImageNet reports on its validation set).
+- ImageNet follows the paper: valid is the first 10,009 train images.
+TFDS datasets also accept any raw TFDS split expression (e.g. 'unlabelled' or 'train[:1%]').
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import functools
+import io
+import os
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+from absl import logging
+
+KINDS = ('demo', 'tfds', 'folder')
+LOGICAL_SPLITS = ('train', 'valid', 'trainval', 'test')
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
+VALID_PERCENT = 10  # Held out of train where a dataset has no official validation split.
+IMAGENET_VALID_EXAMPLES = 10_009  # The paper's held-out ImageNet validation set.
+
+# Examples per split of the demo dataset when it is loaded through `load_arrays`.
+DEMO_SIZES = {'train': 5000, 'valid': 500, 'trainval': 5000, 'test': 1000}
+
+_HELD_OUT = f'train[:{VALID_PERCENT}%]'
+_REST = f'train[{VALID_PERCENT}%:]'
+_HELD_OUT_SPLITS = dict(train=_REST, valid=_HELD_OUT, trainval='train', test='test')
+_OFFICIAL_VALID_SPLITS = dict(train='train', valid='validation', trainval='train+validation',
+                              test='test')
+
+# The one table of logical -> TFDS splits. Datasets not listed follow `_derived_splits`, the
+# same rule applied to the split names the prepared dataset reports.
+TFDS_SPLITS: dict[str, dict[str, str]] = {
+  'imagenet2012': dict(train=f'train[{IMAGENET_VALID_EXAMPLES}:]',
+                       valid=f'train[:{IMAGENET_VALID_EXAMPLES}]', trainval='train',
+                       test='validation'),
+  'cifar10': _HELD_OUT_SPLITS,
+  'cifar100': _HELD_OUT_SPLITS,
+  'stl10': _HELD_OUT_SPLITS,  # Its 100k 'unlabelled' images are a raw split name.
+  'caltech101': _HELD_OUT_SPLITS,
+  'oxford_iiit_pet': _HELD_OUT_SPLITS,
+  'food101': dict(_HELD_OUT_SPLITS, test='validation'),
+  'imagenette': dict(_HELD_OUT_SPLITS, test='validation'),
+  'dtd': _OFFICIAL_VALID_SPLITS,
+  'oxford_flowers102': _OFFICIAL_VALID_SPLITS,
+}
+
+_TFDS_NAME = re.compile(r'^[a-z][a-z0-9_]*(/[A-Za-z0-9_.\-]+)?(:\d+\.\d+\.\d+)?$')
+_VALID_FORMS = ("valid forms: 'demo', 'folder:/path/to/root' (root/train/<class>/*.jpg), or a "
+                "TFDS name such as 'cifar10' or 'imagenet2012'")
+_VALID_DIRS = ('valid', 'val')
+_READABLE_FORMATS = ('JPEG', 'MPO', 'PNG', 'GIF', 'BMP')  # What tf.io.decode_image reads.
+
+
+class DataError(ValueError):
+  """A problem with the user's data or its location, explained in one line.
+
+  The command line prints str(error) without a traceback, so the message names the path or
+  dataset and says what to do.
+  """
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+  """A parsed dataset name: kind is 'demo', 'tfds' or 'folder'; root is set for folders."""
+  kind: str
+  name: str
+  root: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class FolderSplit:
+  """The files of one split of an image folder, in a fixed order (class, then file name)."""
+  paths: list[str]
+  labels: np.ndarray  # int32 [N]
+  class_names: list[str]
+  skipped: int  # Files with an image extension that could not be read (validate=True only).
+
+
+def parse_dataset(name: str) -> DatasetSpec:
+  """Turns a --dataset value into a DatasetSpec, rejecting malformed names early."""
+  text = (name or '').strip()
+  if text == 'demo':
+    return DatasetSpec('demo', 'demo')
+  if text.startswith('folder:'):
+    root = text[len('folder:'):].strip()
+    if not root:
+      raise DataError(f"dataset {name!r} names no folder; {_VALID_FORMS}")
+    return DatasetSpec('folder', text, os.path.abspath(os.path.expanduser(root)))
+  if _TFDS_NAME.match(text):
+    return DatasetSpec('tfds', text)
+  raise DataError(f'dataset {name!r} is not a dataset name; {_VALID_FORMS}')
+
+
+def _check_split(split: str) -> None:
+  """Rejects names other than the logical splits (for datasets without raw split names)."""
+  if split not in LOGICAL_SPLITS:
+    raise DataError(f"split {split!r} is not one of {', '.join(LOGICAL_SPLITS)}")
+
+
+# ------------------------------------------------------------------------------------------
+# TensorFlow / TFDS (imported lazily).
+# ------------------------------------------------------------------------------------------
+
+
+def import_tensorflow(purpose: str = 'the tf.data input pipeline') -> Any:
+  """Imports TensorFlow with accelerators hidden from it, or raises DataError."""
+  try:
+    import tensorflow as tf
+  except ImportError as e:
+    raise DataError(f'{purpose} needs TensorFlow ({e}); install tensorflow-cpu and '
+                    "tensorflow-datasets, or use --dataset=demo or folder:/path with "
+                    '--input_mode=device') from None
+  _hide_accelerators(tf)
+  return tf
+
+
+@functools.cache
+def _hide_accelerators(tf: Any) -> None:
+  """Keeps TensorFlow on the CPU, once per process.
+
+  TensorFlow only decodes images on the host here; if it saw the GPUs or TPUs it would
+  reserve their memory, which belongs to JAX.
+  """
+  for kind in ('GPU', 'TPU'):
+    try:
+      tf.config.set_visible_devices([], kind)
+    except (RuntimeError, ValueError):  # Already initialised, or no such device type.
+      pass
+
+
+def import_tfds(spec: DatasetSpec) -> Any:
+  """Imports tensorflow_datasets, or raises DataError saying what is missing."""
+  import_tensorflow(f'TFDS dataset {spec.name!r}')
+  try:
+    import tensorflow_datasets as tfds
+  except ImportError as e:
+    raise DataError(f'TFDS dataset {spec.name!r} needs tensorflow-datasets ({e}); pip install '
+                    'tensorflow-datasets, or use --dataset=folder:/path') from None
+  return tfds
+
+
+def tfds_builder(spec: DatasetSpec, data_dir: str | None = None) -> Any:
+  """Returns the TFDS builder of a dataset that is prepared under data_dir.
+
+  Checks preparation before anything reads data: TFDS would otherwise try to download and
+  prepare (or hang waiting for the network). Never calls download_and_prepare.
+  """
+  tfds = import_tfds(spec)
+  try:
+    builder = tfds.builder(spec.name, data_dir=data_dir)
+  except (tfds.core.DatasetNotFoundError, ValueError, KeyError) as e:
+    raise DataError(f'TFDS has no dataset {spec.name!r} (and none is prepared under '
+                    f'data_dir={data_dir}): {one_line(e)}; {_VALID_FORMS}') from None
+  if not builder.is_prepared():
+    raise DataError(_not_prepared_message(spec, builder, data_dir))
+  return builder
+
+
+def _not_prepared_message(spec: DatasetSpec, builder: Any, data_dir: str | None) -> str:
+  """One line that says where TFDS looked and how to prepare the dataset there."""
+  root = str(data_dir or builder.data_dir_root)
+  where = f'TFDS dataset {spec.name!r} is not prepared under data_dir={root} ' \
+          f'(looked for {builder.data_dir}/dataset_info.json)'
+  build = f'`tfds build {spec.name} --data_dir={root}`'
+  if spec.name.split('/')[0].split(':')[0] == 'imagenet2012':
+    return (f'{where}: put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar (from '
+            f'image-net.org) in {root}/downloads/manual and run {build}')
+  if getattr(builder, 'MANUAL_DOWNLOAD_INSTRUCTIONS', None):
+    return (f"{where}: put the files from the dataset's manual download instructions in "
+            f'{root}/downloads/manual and run {build}')
+  return (f'{where}: run {build} on a machine with internet access, then copy the folder '
+          f'or point --data_dir at it')
+
+
+def _derived_splits(available: Sequence[str]) -> dict[str, str]:
+  """The split rule for datasets missing from TFDS_SPLITS, from their split names."""
+  if 'test' in available and 'validation' in available:
+    return _OFFICIAL_VALID_SPLITS
+  if 'test' in available:
+    return _HELD_OUT_SPLITS
+  return dict(_HELD_OUT_SPLITS, test='validation')
+
+
+def tfds_split_table(name: str, available: Sequence[str] = ()) -> dict[str, str]:
+  """Logical -> TFDS split expressions for a TFDS dataset name (config/version ignored)."""
+  base = name.split('/')[0].split(':')[0]
+  return TFDS_SPLITS.get(base) or _derived_splits(available)
+
+
+def resolve_tfds_split(builder: Any, spec: DatasetSpec, split: str) -> str:
+  """The TFDS split expression of a logical split, checked against the prepared dataset."""
+  available = list(builder.info.splits.keys())
+  expr = tfds_split_table(spec.name, available).get(split, split)
+  try:
+    builder.info.splits[expr]  # Raises for unknown names and bad slices.
+  except (KeyError, ValueError, AssertionError) as e:
+    raise DataError(f'TFDS dataset {spec.name!r} has no split {expr!r} (for {split!r}); '
+                    f'it has {", ".join(available) or "none"} ({one_line(e)})') from None
+  return expr
+
+
+def tfds_process_split(builder: Any, spec: DatasetSpec, split: str, process_index: int = 0,
+                       process_count: int = 1) -> str:
+  """This process's disjoint part of a split (TFDS even_splits: contiguous, covering)."""
+  tfds = import_tfds(spec)
+  expr = resolve_tfds_split(builder, spec, split)
+  if process_count == 1:
+    return expr
+  return tfds.even_splits(expr, n=process_count)[process_index]
+
+
+def tfds_num_examples(builder: Any, expr: str) -> int:
+  """Examples in a TFDS split expression, from the prepared metadata (no reading)."""
+  return int(builder.info.splits[expr].num_examples)
+
+
+def one_line(error: BaseException) -> str:
+  """The first line of an exception message, for messages that must stay on one line."""
+  lines = str(error).strip().splitlines()
+  return lines[0][:200] if lines else type(error).__name__
+
+
+# ------------------------------------------------------------------------------------------
+# Image folders.
+# ------------------------------------------------------------------------------------------
+
+
+def _subdirs(path: str) -> list[str]:
+  """Sorted names of visible subdirectories."""
+  with os.scandir(path) as entries:
+    return sorted(e.name for e in entries if e.is_dir() and not e.name.startswith('.'))
+
+
+def _image_files(path: str) -> list[str]:
+  """Sorted names of visible files with an image extension (case-insensitive)."""
+  with os.scandir(path) as entries:
+    return sorted(e.name for e in entries if e.is_file() and not e.name.startswith('.')
+                  and e.name.lower().endswith(IMAGE_EXTENSIONS))
+
+
+def _folder_root(spec: DatasetSpec) -> str:
+  """The root of a folder dataset, which must contain a train/ folder."""
+  root = spec.root or ''
+  if not os.path.isdir(root):
+    raise DataError(f'dataset folder {root} does not exist: create {root}/train/<class_name>/'
+                    '<image>.jpg (and test/) or fix the path after folder:')
+  if not os.path.isdir(os.path.join(root, 'train')):
+    raise DataError(f'{root}/train is missing: a folder dataset needs '
+                    f'{root}/train/<class_name>/<image>.jpg (class names come from train/)')
+  return root
+
+
+def _valid_dir(root: str) -> str | None:
+  """The validation folder (valid/ or val/), if the dataset has one."""
+  for name in _VALID_DIRS:
+    if os.path.isdir(os.path.join(root, name)):
+      return os.path.join(root, name)
+  return None
+
+
+def _class_files(split_dir: str, class_names: list[str]) -> list[list[str]]:
+  """Image paths per class; the split's classes must equal train's and none may be empty."""
+  found = _subdirs(split_dir)
+  if found != class_names:
+    missing = sorted(set(class_names) - set(found))[:3]
+    extra = sorted(set(found) - set(class_names))[:3]
+    raise DataError(f'class folders of {split_dir} differ from train/: missing {missing}, '
+                    f'extra {extra}; every split needs the same <class_name> folders')
+  files = []
+  for name in class_names:
+    class_dir = os.path.join(split_dir, name)
+    names = _image_files(class_dir)
+    if not names:
+      raise DataError(f'class folder {class_dir} has no .jpg/.jpeg/.png files: add images '
+                      'or remove the folder from every split')
+    files.append([os.path.join(class_dir, n) for n in names])
+  return files
+
+
+def _held_out(files: list[list[str]], valid: bool) -> list[list[str]]:
+  """Every VALID_PERCENT-th file of each class is 'valid'; the rest is 'train'."""
+  step = 100 // VALID_PERCENT
+  return [[p for i, p in enumerate(fs) if (i % step == 0) == valid] for fs in files]
+
+
+def _split_files(root: str, split: str, class_names: list[str]) -> list[list[str]]:
+  """Per-class file lists of a logical split of an image folder."""
+  train_dir, valid_dir = os.path.join(root, 'train'), _valid_dir(root)
+  if split == 'test':
+    test_dir = os.path.join(root, 'test')
+    if not os.path.isdir(test_dir):
+      raise DataError(f'{test_dir} is missing: add test/<class_name>/ folders like train/, '
+                      "or evaluate on split 'valid'")
+    return _class_files(test_dir, class_names)
+  train = _class_files(train_dir, class_names)
+  if valid_dir is None:
+    return train if split == 'trainval' else _held_out(train, split == 'valid')
+  if split == 'train':
+    return train
+  valid = _class_files(valid_dir, class_names)
+  return valid if split == 'valid' else [t + v for t, v in zip(train, valid, strict=True)]
+
+
+def _check_readable(path: str) -> bool:
+  """Cheap check that a file is a complete image: header parse plus end-of-image marker.
+
+  Reading the header catches non-images; the trailer check catches truncated JPEG/PNG files
+  without decoding. Only files that fail the trailer check are fully decoded to decide.
+  """
+  from PIL import Image
+  try:
+    with Image.open(path) as img:
+      if img.format not in _READABLE_FORMATS:
+        return False
+      fmt = img.format
+    with open(path, 'rb') as f:
+      f.seek(0, os.SEEK_END)
+      f.seek(max(0, f.tell() - 16))
+      tail = f.read().rstrip(b'\x00\r\n ')
+    if (fmt in ('JPEG', 'MPO') and tail.endswith(b'\xff\xd9')) or \
+       (fmt == 'PNG' and tail.endswith(b'IEND\xaeB`\x82')):
+      return True
+    with Image.open(path) as img:
+      img.load()
+    return True
+  except Exception:  # Pillow raises many exception types for corrupt files.
+    return False
+
+
+def _report_skipped(where: str, skipped: list[str], total: int, strict: bool) -> None:
+  """Logs unreadable files once, or raises DataError for them in strict mode."""
+  if not skipped:
+    return
+  if strict:
+    raise DataError(f'{len(skipped)} of {total} files under {where} are not readable images '
+                    f'(first: {skipped[0]}); remove them or run without strict_data')
+  logging.warning('skipped %d of %d unreadable image files under %s (first: %s)',
+                  len(skipped), total, where, skipped[0])
+
+
+def _parallel_map(fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
+  """Maps fn over items in threads (Pillow releases the GIL while decoding), in order."""
+  workers = min(32, (os.cpu_count() or 1) * 2)
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    return list(pool.map(fn, items, chunksize=64))
+
+
+def readable_subset(paths: Sequence[str], labels: np.ndarray, where: str,
+                    strict: bool = False) -> tuple[list[str], np.ndarray, int]:
+  """Drops files that are not complete images (`_check_readable`), counting them.
+
+  Unreadable files are logged once; strict=True raises DataError instead. Streaming
+  pipelines call this on their own shard only, so the cost is shared between processes.
+  """
+  ok = np.asarray(_parallel_map(_check_readable, paths), bool).reshape(-1)
+  _report_skipped(where, [p for p, good in zip(paths, ok, strict=True) if not good],
+                  len(paths), strict)
+  kept = [p for p, good in zip(paths, ok, strict=True) if good]
+  return kept, np.asarray(labels)[ok], int((~ok).sum())
+
+
+def scan_folder(root: str, split: str, *, validate: bool = False,
+                strict: bool = False) -> FolderSplit:
+  """Lists the images of a logical split of root/<split>/<class>/ with their labels.
+
+  Class names are the sorted folder names of train/. Only the extension is checked unless
+  validate=True, which drops unreadable files (see `readable_subset`).
+  """
+  _check_split(split)
+  root = _folder_root(DatasetSpec('folder', root, root))
+  class_names = _subdirs(os.path.join(root, 'train'))
+  if not class_names:
+    raise DataError(f'{root}/train has no class folders: expected '
+                    f'{root}/train/<class_name>/<image>.jpg')
+  files = _split_files(root, split, class_names)
+  paths = [p for fs in files for p in fs]
+  labels = np.concatenate([np.full(len(fs), i, np.int32) for i, fs in enumerate(files)])
+  if not validate:
+    return FolderSplit(paths, labels, class_names, 0)
+  kept, labels, skipped = readable_subset(paths, labels, f'{root} ({split})', strict)
+  return FolderSplit(kept, labels, class_names, skipped)
+
+
+# ------------------------------------------------------------------------------------------
+# Decoding with Pillow (folders and TFDS image bytes alike, so both give the same pixels).
+# ------------------------------------------------------------------------------------------
+
+
+def _to_rgb(img: Any) -> Any:
+  """Converts any Pillow mode to 8-bit RGB, dropping alpha as tf.io.decode_image does.
+
+  16-bit greyscale ('I;16*', 'I') is scaled by 255/65535; Pillow's own conversion would clip
+  it to white. Palette images go through RGBA so transparency does not warn.
+  """
+  from PIL import Image
+  mode = img.mode
+  if mode.startswith('I;16') or mode in ('I', 'F'):
+    grey = np.asarray(img, dtype=np.float64) * (255.0 / 65535.0)
+    grey = np.clip(np.round(grey), 0, 255).astype(np.uint8)
+    return Image.fromarray(np.repeat(grey[..., None], 3, axis=-1))
+  if mode in ('P', 'PA'):
+    img = img.convert('RGBA')
+  return img if img.mode == 'RGB' else img.convert('RGB')
+
+
+def resize_short_side_and_centre_crop(img: Any, size: int) -> Any:
+  """Bicubic resize so the shorter side is `size`, then a centred size x size crop."""
+  from PIL import Image
+  width, height = img.size
+  if (width, height) == (size, size):
+    return img
+  scale = size / min(width, height)
+  new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
+  img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
+  left, top = (new_w - size) // 2, (new_h - size) // 2
+  return img.crop((left, top, left + size, top + size))
+
+
+def decode_image(source: str | bytes, image_size: int | None = None) -> np.ndarray | None:
+  """Decodes a file path or encoded bytes to uint8 RGB [H, W, 3]; None if unreadable."""
+  from PIL import Image
+  try:
+    with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
+      img.load()
+      rgb = _to_rgb(img)
+      if image_size:
+        rgb = resize_short_side_and_centre_crop(rgb, image_size)
+      return np.asarray(rgb, dtype=np.uint8)
+  except Exception:  # Pillow raises many exception types for corrupt files.
+    return None
+
+
+def _decode_all(sources: Sequence[Any], names: Sequence[str], image_size: int | None,
+                where: str, strict: bool) -> tuple[np.ndarray, np.ndarray, int]:
+  """Decodes sources in parallel; returns stacked images, kept indices and skipped count."""
+  decoded = _parallel_map(lambda s: decode_image(s, image_size), sources)
+  keep = [i for i, img in enumerate(decoded) if img is not None]
+  _report_skipped(where, [names[i] for i, img in enumerate(decoded) if img is None],
+                  len(sources), strict)
+  shapes = {decoded[i].shape for i in keep}
+  if len(shapes) > 1:
+    raise DataError(f'images under {where} have different sizes (e.g. '
+                    f'{sorted(shapes)[:2]}): pass image_size to resize them')
+  if not keep:
+    size = image_size or 0
+    return np.zeros((0, size, size, 3), np.uint8), np.zeros(0, np.int64), len(decoded)
+  images = np.stack([decoded[i] for i in keep])
+  return images, np.asarray(keep, np.int64), len(decoded) - len(keep)
+
+
+# ------------------------------------------------------------------------------------------
+# Whole-dataset loading and sizes.
+# ------------------------------------------------------------------------------------------
+
+
+def _shard(n: int, process_index: int, process_count: int) -> np.ndarray:
+  """Strided indices of this process: disjoint across processes, covering all n."""
+  if not 0 <= process_index < process_count:
+    raise DataError(f'process_index={process_index} is outside [0, {process_count})')
+  return np.arange(process_index, n, process_count)
+
+
+def _load_demo(split: str, image_size: int | None, seed: int) -> tuple[Any, Any, dict]:
+  """The demo dataset; 'valid' is an independent draw from the train distribution."""
+  from byol_jax import demo_data
+  _check_split(split)
+  source, draw_seed = ('test', seed) if split == 'test' else ('train', seed)
+  if split == 'valid':
+    draw_seed = seed + 1_000_003  # Fresh images from the train distribution.
+  images, labels = demo_data.make_demo_dataset(source, DEMO_SIZES[split], image_size or 32,
+                                               draw_seed)
+  names = list(getattr(demo_data, 'CLASS_NAMES', range(demo_data.NUM_CLASSES)))
+  return images, labels, dict(num_classes=demo_data.NUM_CLASSES,
+                              class_names=[str(n) for n in names], skipped=0)
+
+
+def _load_folder(spec: DatasetSpec, split: str, image_size: int | None, strict: bool,
+                 shard: Callable[[int], np.ndarray]) -> tuple[Any, Any, dict]:
+  """Decodes this process's part of an image-folder split with Pillow."""
+  found = scan_folder(spec.root or '', split)
+  idx = shard(len(found.paths))
+  paths = [found.paths[i] for i in idx]
+  images, kept, skipped = _decode_all(paths, paths, image_size, f'{spec.root} ({split})',
+                                      strict)
+  return images, found.labels[idx][kept], dict(num_classes=len(found.class_names),
+                                               class_names=found.class_names, skipped=skipped)
+
+
+def _tfds_label_names(builder: Any) -> list[str]:
+  """Class names of a TFDS dataset's 'label' feature (empty when it has none)."""
+  features = builder.info.features
+  label = features['label'] if 'label' in features else None
+  return list(getattr(label, 'names', None) or [])
+
+
+def _load_tfds(spec: DatasetSpec, split: str, data_dir: str | None, image_size: int | None,
+               strict: bool, process_index: int, process_count: int) -> tuple[Any, Any, dict]:
+  """Reads this process's part of a TFDS split and decodes it with Pillow."""
+  tfds = import_tfds(spec)
+  builder = tfds_builder(spec, data_dir)
+  if 'image' not in builder.info.features:
+    raise DataError(f'TFDS dataset {spec.name!r} has no image feature; it has '
+                    f'{", ".join(builder.info.features.keys())}')
+  expr = tfds_process_split(builder, spec, split, process_index, process_count)
+  ds = builder.as_dataset(split=expr, shuffle_files=False,
+                          decoders={'image': tfds.decode.SkipDecoding()})
+  encoded, labels = [], []
+  for example in tfds.as_numpy(ds):
+    encoded.append(bytes(example['image']))
+    labels.append(int(example.get('label', -1)))
+  names = [f'{spec.name}[{expr}] #{i}' for i in range(len(encoded))]
+  images, kept, skipped = _decode_all(encoded, names, image_size, f'{spec.name} ({expr})',
+                                      strict)
+  class_names = _tfds_label_names(builder)
+  labels = np.asarray(labels, np.int64)[kept] if labels else np.zeros(0, np.int64)
+  return images, labels, dict(num_classes=len(class_names), class_names=class_names,
+                              skipped=skipped)
+
+
+def load_arrays(spec: DatasetSpec, split: str, *, data_dir: str | None = None,
+                image_size: int | None = None, strict: bool = False, seed: int = 0,
+                process_index: int = 0,
+                process_count: int = 1) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+  """Decodes this process's part of a split into memory, for the device-resident path.
+
+  Returns images uint8 [N, S, S, 3], labels int32 [N] and info dict(num_classes,
+  class_names, skipped). With image_size, images are resized (bicubic) so the shorter side is
+  image_size and centre-cropped square; without it all images must share one size. Folders
+  are split between processes by stride (every process sees every class), TFDS splits by
+  tfds.even_splits. `seed` only changes the demo dataset. Unreadable files are skipped,
+  counted in info['skipped'] and logged once; strict=True raises DataError instead.
+  """
+  if spec.kind == 'demo':
+    images, labels, info = _load_demo(split, image_size, seed)
+    idx = _shard(len(labels), process_index, process_count)
+    images, labels = images[idx], labels[idx]
+  elif spec.kind == 'folder':
+    shard = lambda n: _shard(n, process_index, process_count)
+    images, labels, info = _load_folder(spec, split, image_size, strict, shard)
+  elif spec.kind == 'tfds':
+    _shard(0, process_index, process_count)  # Validates the process arguments.
+    images, labels, info = _load_tfds(spec, split, data_dir, image_size, strict,
+                                      process_index, process_count)
+  else:
+    raise DataError(f'unknown dataset kind {spec.kind!r}; {_VALID_FORMS}')
+  return np.ascontiguousarray(images, np.uint8), labels.astype(np.int32), info
+
+
+def dataset_size(spec: DatasetSpec, split: str, data_dir: str | None = None) -> int:
+  """Examples in a split (all processes together), without decoding any image."""
+  if spec.kind == 'demo':
+    _check_split(split)
+    return DEMO_SIZES[split]
+  if spec.kind == 'folder':
+    return len(scan_folder(spec.root or '', split).paths)
+  builder = tfds_builder(spec, data_dir)
+  return tfds_num_examples(builder, resolve_tfds_split(builder, spec, split))
+
+
+def class_names(spec: DatasetSpec, data_dir: str | None = None) -> list[str]:
+  """Class names in label order, without decoding any image."""
+  if spec.kind == 'demo':
+    from byol_jax import demo_data
+    return [str(n) for n in getattr(demo_data, 'CLASS_NAMES', range(demo_data.NUM_CLASSES))]
+  if spec.kind == 'folder':
+    return _subdirs(os.path.join(_folder_root(spec), 'train'))
+  return _tfds_label_names(tfds_builder(spec, data_dir))
+
+
+def num_classes(spec: DatasetSpec, data_dir: str | None = None) -> int:
+  """Number of classes (label values), without decoding any image."""
+  return len(class_names(spec, data_dir))
+
+
+def decoded_size_bytes(num_examples: int, image_size: int) -> int:
+  """Bytes of a decoded uint8 [N, S, S, 3] dataset."""
+  return int(num_examples) * int(image_size) ** 2 * 3
+
+
+def choose_input_mode(num_examples: int, image_size: int, device_memory_bytes: int,
+                      override: str = 'auto', max_fraction: float = 0.25) -> tuple[str, str]:
+  """'device' when the decoded dataset fits comfortably in one device's memory, else 'stream'.
+
+  Device-resident data skips host decoding after the first load, which is what makes small
+  datasets fast; `max_fraction` leaves the rest of the memory for the model and activations.
+  Every device holds a full copy, so the per-device memory is what counts. An override of
+  'device' or 'stream' wins. Returns the mode and a one-line reason for the log.
+  """
+  need = decoded_size_bytes(num_examples, image_size)
+  sizes = f'{num_examples} images at {image_size} px = {need / 2**30:.2f} GiB decoded'
+  budget = f'{max_fraction:.0%} of {device_memory_bytes / 2**30:.1f} GiB device memory'
+  if override in ('device', 'stream'):
+    return override, f'input_mode={override} was requested ({sizes})'
+  if override != 'auto':
+    raise DataError(f"input_mode={override!r}; valid: 'auto', 'device', 'stream'")
+  if need <= max_fraction * device_memory_bytes:
+    return 'device', f'{sizes} fits in {budget}'
+  return 'stream', f'{sizes} exceeds {budget}'

@@ -1,0 +1,84 @@
+"""Unpacks the shared CIFAR-10 JPEG copy into an image folder: <out>/<split>/<class>/<i>.jpg.
+
+Why: the image-folder path (`--dataset=folder:<out>`) and the streaming benchmark need real
+images on disk, and the shared copy (shared/datasets/cifar10/cifar10_jpeg_bytes.npz) is one
+file of concatenated JPEGs. The JPEG bytes are written unchanged (no re-encoding). The data
+must not be committed, so the script refuses to write inside a git work tree.
+
+  python experiments/cifar10_to_folder.py --out /tmp/cifar10_folder
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_SPLITS = ('train', 'test')
+
+
+def default_src() -> str:
+  """$BYOL_SHARED/datasets/cifar10/... if set, else ../shared/... beside the repository."""
+  shared = os.environ.get('BYOL_SHARED') or os.path.join(os.path.dirname(_REPO), 'shared')
+  return os.path.join(shared, 'datasets', 'cifar10', 'cifar10_jpeg_bytes.npz')
+
+
+def enclosing_git_tree(path: str) -> str | None:
+  """The git work tree that contains path (or would, once created), if any."""
+  path = os.path.abspath(path)
+  repo = os.path.realpath(_REPO)
+  probe = path
+  while True:
+    real = os.path.realpath(probe)
+    if os.path.exists(os.path.join(real, '.git')) or real == repo:
+      return real
+    parent = os.path.dirname(probe)
+    if parent == probe:
+      return None
+    probe = parent
+
+
+def write_split(data: np.lib.npyio.NpzFile, split: str, out: str,
+                class_names: list[str]) -> int:
+  """Writes one split's JPEGs; prints progress every 10,000 images. Returns the count."""
+  blob, offsets = data[f'{split}_jpeg'], data[f'{split}_offsets']
+  labels = data[f'{split}_labels']
+  for name in class_names:
+    os.makedirs(os.path.join(out, split, name), exist_ok=True)
+  start = time.perf_counter()
+  for i, label in enumerate(labels):
+    path = os.path.join(out, split, class_names[int(label)], f'{i:05d}.jpg')
+    with open(path, 'wb') as f:
+      f.write(blob[offsets[i]:offsets[i + 1]].tobytes())
+    if (i + 1) % 10_000 == 0 or i + 1 == len(labels):
+      print(f'{split}: {i + 1}/{len(labels)} images ({time.perf_counter() - start:.1f} s)',
+            flush=True)
+  return len(labels)
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--src', default=default_src(), help='cifar10_jpeg_bytes.npz')
+  parser.add_argument('--out', required=True, help='output root (outside any git repo)')
+  args = parser.parse_args(argv)
+  tree = enclosing_git_tree(args.out)
+  if tree is not None:
+    print(f'error: {args.out} is inside the git work tree {tree}; CIFAR-10 must not be '
+          'committed, choose an --out outside it', file=sys.stderr)
+    return 2
+  if not os.path.isfile(args.src):
+    print(f'error: {args.src} not found; pass --src or set BYOL_SHARED', file=sys.stderr)
+    return 2
+  with np.load(args.src, allow_pickle=False) as data:
+    class_names = [str(n) for n in data['class_names']]
+    counts = {split: write_split(data, split, args.out, class_names) for split in _SPLITS}
+  print(f'wrote {counts} images of {len(class_names)} classes to {args.out}')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
