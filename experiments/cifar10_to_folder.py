@@ -43,27 +43,39 @@ def enclosing_git_tree(path: str) -> str | None:
 
 
 def write_split(data: np.lib.npyio.NpzFile, split: str, out: str,
-                class_names: list[str]) -> int:
-  """Writes one split's JPEGs; prints progress every 10,000 images. Returns the count."""
+                class_names: list[str], per_class: int = 0) -> int:
+  """Writes one split's JPEGs (the first `per_class` of each class when > 0). Returns the count."""
   blob, offsets = data[f'{split}_jpeg'], data[f'{split}_offsets']
   labels = data[f'{split}_labels']
+  keep = np.ones(len(labels), bool)
+  if per_class > 0:  # rows are sorted by class: keep each class's first per_class rows
+    rank = np.arange(len(labels)) - np.searchsorted(labels, labels, side='left')
+    keep = rank < per_class
   for name in class_names:
     os.makedirs(os.path.join(out, split, name), exist_ok=True)
   start = time.perf_counter()
+  written = 0
   for i, label in enumerate(labels):
+    if not keep[i]:
+      continue
+    written += 1
     path = os.path.join(out, split, class_names[int(label)], f'{i:05d}.jpg')
     with open(path, 'wb') as f:
       f.write(blob[offsets[i]:offsets[i + 1]].tobytes())
-    if (i + 1) % 10_000 == 0 or i + 1 == len(labels):
-      print(f'{split}: {i + 1}/{len(labels)} images ({time.perf_counter() - start:.1f} s)',
-            flush=True)
-  return len(labels)
+    if written % 10_000 == 0:
+      print(f'{split}: {written} images ({time.perf_counter() - start:.1f} s)', flush=True)
+  print(f'{split}: {written} images ({time.perf_counter() - start:.1f} s)', flush=True)
+  return written
 
 
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--src', default=default_src(), help='cifar10_jpeg_bytes.npz')
   parser.add_argument('--out', required=True, help='output root (outside any git repo)')
+  parser.add_argument('--train_per_class', type=int, default=0,
+                      help='keep only this many training images per class (0 = all)')
+  parser.add_argument('--test_per_class', type=int, default=0,
+                      help='keep only this many test images per class (0 = all)')
   args = parser.parse_args(argv)
   tree = enclosing_git_tree(args.out)
   if tree is not None:
@@ -75,7 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     return 2
   with np.load(args.src, allow_pickle=False) as data:
     class_names = [str(n) for n in data['class_names']]
-    counts = {split: write_split(data, split, args.out, class_names) for split in _SPLITS}
+    limits = {'train': args.train_per_class, 'test': args.test_per_class}
+    counts = {split: write_split(data, split, args.out, class_names, limits[split])
+              for split in _SPLITS}
   print(f'wrote {counts} images of {len(class_names)} classes to {args.out}')
   return 0
 

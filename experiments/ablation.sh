@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Normalisation ablation on CIFAR-10, every variant of configs/ablation.py with one budget,
+# then a table of kNN top-1 per variant (plus the randomly initialised encoder).
+#   bash experiments/ablation.sh 20          # EPOCHS per variant (default 20); logs in $OUT
+# Preparation and TINY=1 as in experiments/cifar10_gpu.sh.
+set -euo pipefail
+EPOCHS=${1:-20}
+OUT=${OUT:-$PWD/ablation_out}
+mkdir -p "$OUT"
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:$PWD
+fi
+SRC=${CIFAR_NPZ:-.bench/cifar10_jpeg_bytes.npz}
+DATA=${CIFAR_FOLDER:-/tmp/byol_cifar10}
+EXTRA=(--config.eval_every_steps=0)
+CONVERT=()
+if [ "${TINY:-0}" = 1 ]; then
+  EXTRA+=(--config.steps=4 --config.batch_size=16 --config.model.width=0.125
+          --config.model.projector_hidden=32 --config.model.predictor_hidden=32
+          --config.model.projection_dim=16 --config.log_every_steps=2
+          --config.knn.train_examples=200 --config.knn.k=10)
+  CONVERT=(--train_per_class 30 --test_per_class 10)
+fi
+[ -d "$DATA/train" ] || python3 experiments/cifar10_to_folder.py --src "$SRC" --out "$DATA" \
+  "${CONVERT[@]}"
+VARIANTS=$(python3 -c "from configs import ablation; print(' '.join(ablation.VARIANTS))")
+for v in $VARIANTS; do
+  python3 -m byol_jax.main --config="configs/ablation.py:$v" --config.dataset="folder:$DATA" \
+    --config.epochs="$EPOCHS" --config.precision=bfloat16 --workdir="$OUT/$v" "${EXTRA[@]}" \
+    > "$OUT/$v.log" 2>&1 || { echo "$v failed, see $OUT/$v.log"; tail -5 "$OUT/$v.log"; }
+done
+python3 - "$OUT" $VARIANTS <<'PY' | tee "$OUT/table.txt"
+import json, os, sys
+out, variants = sys.argv[1], sys.argv[2:]
+print(f"{'variant':14s} kNN top-1")
+init = None
+for v in variants:
+    path = os.path.join(out, v, 'metrics', 'eval.jsonl')
+    if not os.path.exists(path):
+        print(f'{v:14s} (failed)'); continue
+    last = [json.loads(l) for l in open(path)][-1]
+    init = last.get('knn_top1_init', init)
+    print(f"{v:14s} {last['knn_top1']:.4f}")
+print(f"{'random init':14s} {init:.4f}" if init is not None else 'random init    n/a')
+PY

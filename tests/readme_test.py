@@ -1,0 +1,59 @@
+"""Checks that the README quotes the code: presets table, worker modes, set-up commands.
+
+Run `python tests/readme_test.py` to print the presets table to paste after a config change.
+"""
+
+import os
+import re
+import sys
+
+from conftest import REPO
+
+from configs import byol
+
+
+def presets_table() -> str:
+  """The README's presets table, generated from configs/byol.py."""
+  head = ('| preset | encoder | dataset | image px | batch | epochs | base LR | weight decay '
+          '| tau_base |\n|---|---|---|---|---|---|---|---|---|')
+  rows = []
+  for name in byol.PRESETS:
+    c = byol.get_config(name)
+    stem = ' (CIFAR stem)' if c.model.cifar_stem else ''
+    rows.append(f'| `{name}` | ResNet-{c.model.depth} x{c.model.width:g}{stem} | {c.dataset} | '
+                f'{c.image_size} | {c.batch_size} | {c.epochs:g} | {c.optimizer.base_lr:g} | '
+                f'{c.optimizer.weight_decay:g} | {c.tau_base:g} |')
+  return '\n'.join([head, *rows])
+
+
+def _readme() -> str:
+  with open(os.path.join(REPO, 'README.md')) as f:
+    return f.read()
+
+
+def test_presets_table_matches_configs():
+  """A preset whose hyperparameters changed without the README following fails here."""
+  assert presets_table() in _readme(), 'regenerate with: python tests/readme_test.py'
+
+
+def test_worker_modes_documented():
+  """Every --worker_mode the CLI accepts is described in the README, and no other."""
+  from byol_jax import main
+  readme = _readme()
+  for mode in main.WORKER_MODES:
+    assert f'--worker_mode={mode}' in readme, mode
+  documented = set(re.findall(r'--worker_mode=(\w+)', readme))
+  assert documented <= set(main.WORKER_MODES), documented - set(main.WORKER_MODES)
+
+
+def test_setup_commands_are_present():
+  """The two set-up commands CI and new users rely on."""
+  readme = _readme()
+  assert 'python -m byol_jax.main --config=configs/byol.py:demo --workdir=runs/demo' in readme
+  assert 'python -m pytest -q' in readme
+  with open(os.path.join(REPO, '.ci', 'run')) as f:
+    assert 'python -m pytest -q' in f.read()
+
+
+if __name__ == '__main__':
+  sys.stdout.write(presets_table() + '\n')
