@@ -18,7 +18,6 @@ from absl import logging
 
 from byol_jax import datasets, demo_data
 
-
 # Pretraining uses every training image (labels unused); the 'valid' hold-out inside it only
 # matters for choosing the linear-evaluation LR, which never sees pretraining.
 PRETRAIN_SPLIT = 'trainval'
