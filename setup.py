@@ -23,6 +23,7 @@ setup(
     'orbax-checkpoint>=0.11.0',
     'pillow>=10.0',
     'tensorboardX>=2.6',
+    'matplotlib>=3.8',  # python -m byol_jax.plot
     # tf.data streaming (large TFDS datasets, image folders). The device-resident path
     # (demo, CIFAR-sized data) never imports TensorFlow, so GPU hosts without it still train.
     'tensorflow>=2.16',
@@ -30,7 +31,7 @@ setup(
     'importlib_resources>=6.0',  # tfds 4.9.x needs it to prepare datasets on Python 3.11
   ],
   extras_require={
-    'plot': ['matplotlib>=3.8'],
+    'torch': ['torch>=2.1'],  # python -m byol_jax.export --format=torch
     'test': [
       'pytest>=8.0',
       'ruff>=0.6',
@@ -40,7 +41,11 @@ setup(
       'ipykernel>=6.29',
     ],
   },
-  entry_points={'console_scripts': ['byol-jax=byol_jax.main:main']},
+  entry_points={'console_scripts': [
+    'byol-jax=byol_jax.main:main',
+    'byol-jax-export=byol_jax.export:main',
+    'byol-jax-plot=byol_jax.plot:main',
+  ]},
   classifiers=['License :: OSI Approved :: Apache Software License',
                'Programming Language :: Python :: 3'],
 )

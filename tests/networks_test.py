@@ -87,7 +87,8 @@ def test_bfloat16_compute_keeps_float32_params_and_outputs():
   assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(params))
   out, new_state = jax.jit(lambda p, s: net.apply(p, s, None, x, is_training=True))(params, state)
   assert all(v.dtype == jnp.float32 for v in out.values())
-  floats = [s for s in jax.tree_util.tree_leaves(new_state) if jnp.issubdtype(s.dtype, jnp.floating)]
+  leaves = jax.tree_util.tree_leaves(new_state)
+  floats = [s for s in leaves if jnp.issubdtype(s.dtype, jnp.floating)]
   assert floats and all(s.dtype == jnp.float32 for s in floats)
 
 

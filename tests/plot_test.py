@@ -1,0 +1,93 @@
+"""Metric plots: every figure from realistic JSONL, and one-line errors without metrics."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import REPO
+from PIL import Image
+
+from byol_jax import plot
+
+
+def _write_jsonl(path, records):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, 'w') as f:
+    f.writelines(json.dumps(r) + '\n' for r in records)
+
+
+@pytest.fixture
+def workdir(tmp_path):
+  """A fake run as the trainer and an evaluation worker write it (NaN as text)."""
+  steps = range(20, 420, 20)
+  _write_jsonl(tmp_path / 'metrics' / 'train.jsonl', [
+    dict(step=s, loss=2.0 * math.exp(-s / 200) + 0.3, lr=min(s / 100, 1.0), tau=0.99 + s / 4e4,
+         proj_std=0.08 - s / 1e4, proj_rank=60 - s / 20, probe_top1=min(0.1 + s / 800, 0.6),
+         eta_sec='nan' if s == 20 else 100.0) for s in steps])
+  _write_jsonl(tmp_path / 'metrics' / 'eval.jsonl', [
+    dict(step=s, knn_top1=0.2 + s / 1000, knn_top1_init=0.15, network='online', split='test')
+    for s in (200, 400)] + [dict(step=400, knn_top1=0.5, network='target')])
+  _write_jsonl(tmp_path / 'metrics' / 'linear_eval.jsonl', [dict(step=400, test_top1=0.55)])
+  (tmp_path / 'config.json').write_text(json.dumps({'model': {'projection_dim': 128}}))
+  return tmp_path
+
+
+def test_all_figures_are_valid_pngs(workdir):
+  """A figure that is missing, blank-sized or not a PNG would break this."""
+  paths = plot.make_plots(str(workdir))
+  names = sorted(os.path.basename(p) for p in paths)
+  assert names == ['accuracy.png', 'collapse.png', 'knn.png', 'loss.png', 'schedule.png']
+  for path in paths:
+    assert os.path.dirname(path) == str(workdir / 'plots')
+    with Image.open(path) as image:
+      assert image.format == 'PNG'
+      assert 400 <= image.width <= 2000 and 250 <= image.height <= 2000
+      pixels = np.asarray(image.convert('L'))
+    assert pixels.std() > 5  # something was drawn
+
+
+def test_collapse_reference_and_series_parsing(workdir):
+  """Losing the NaN-as-text handling or the 1/sqrt(dim) reference would break this."""
+  records = plot.load_metrics(str(workdir))
+  assert set(records) == {'train', 'eval', 'linear_eval'}
+  steps, values = plot.series(records['train'], 'eta_sec')
+  assert steps[0] == 40 and len(values) == len(records['train']) - 1
+  assert plot.series(records['eval'], 'network') == ([], [])
+  assert plot.first_value(records['eval'], 'knn_top1_init') == 0.15
+  assert plot.projection_dim(str(workdir)) == 128
+  labels = [label for label, _ in plot._eval_files(records)]
+  assert labels == ['eval online', 'eval target', 'linear_eval']
+
+
+def test_partial_metrics_and_output_dir(tmp_path):
+  """Crashing on a run with only eval metrics, or ignoring --output, would break this."""
+  _write_jsonl(tmp_path / 'run' / 'metrics' / 'eval.jsonl', [dict(step=10, knn_top1=0.3)])
+  paths = plot.make_plots(str(tmp_path / 'run'), str(tmp_path / 'out'))
+  assert [os.path.basename(p) for p in paths] == ['knn.png']
+  assert os.path.exists(tmp_path / 'out' / 'knn.png')
+
+
+@pytest.mark.parametrize('make_dir', [False, True], ids=['missing_workdir', 'no_metrics'])
+def test_cli_errors_are_one_line(tmp_path, make_dir):
+  """A traceback, a multi-line error or an exit code other than 2 would break this."""
+  target = tmp_path / 'run'
+  if make_dir:
+    target.mkdir()
+  result = subprocess.run([sys.executable, '-m', 'byol_jax.plot', f'--workdir={target}'],
+                          cwd=REPO, capture_output=True, text=True)
+  assert result.returncode == 2
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith('error: ')
+  assert ('does not exist' if not make_dir else 'no metrics') in lines[0]
+
+
+def test_cli_writes_plots(workdir):
+  """The entry point not wiring flags to make_plots would break this."""
+  result = subprocess.run([sys.executable, '-m', 'byol_jax.plot', f'--workdir={workdir}'],
+                          cwd=REPO, capture_output=True, text=True)
+  assert result.returncode == 0, result.stderr
+  assert len(result.stdout.split()) == 5
