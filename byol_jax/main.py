@@ -7,6 +7,7 @@ trainer's checkpoints in the same workdir.
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 
@@ -15,7 +16,14 @@ from ml_collections import config_flags
 
 _REPO_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                              'configs')
-WORKER_MODES = ('train',)
+# --worker_mode -> module whose `run(cfg, workdir) -> int` does the work (imported lazily).
+WORKERS = {
+  'train': 'byol_jax.train',
+  'eval': 'byol_jax.eval_worker',
+  'linear_eval': 'byol_jax.linear_eval',
+  'finetune': 'byol_jax.finetune',
+}
+WORKER_MODES = tuple(WORKERS)
 
 _CONFIG = config_flags.DEFINE_config_file(
   'config', os.path.join(_REPO_CONFIGS, 'byol.py') + ':demo',
@@ -35,13 +43,11 @@ def run(argv: list[str]) -> int:
   from byol_jax import datasets, train  # after flag parsing: keeps --help fast
   cfg = _CONFIG.value
   try:
-    if _MODE.value == 'train':
-      train.train_and_evaluate(cfg, _WORKDIR.value)
+    return importlib.import_module(WORKERS[_MODE.value]).run(cfg, _WORKDIR.value)
   except (train.ConfigError, datasets.DataError) as e:
     logging.error('%s', e)
     print(f'error: {e}', file=sys.stderr)
     return 2
-  return 0
 
 
 def main() -> None:

@@ -1,29 +1,50 @@
 """The host training loop: the only impure place (I/O, timing, logging, checkpoints).
 
 `train_and_evaluate(cfg, workdir)` builds data, state and step, then runs
-`state, metrics = step(state, ...)`; metrics are fetched from the devices only on logging
-steps so the loop never waits on the accelerator otherwise.
+`state, metrics = step(state, ...)`. Nothing in the loop waits for the accelerator except
+logging steps (metrics are fetched), evaluation and checkpoint saves.
+
+Resume is exact: the TrainState holds everything a step depends on (step, rng, params,
+target, BN state, optimiser state); per-step randomness is derived from (rng, step), the
+resident sampler depends only on the step and the stream is reopened at `start_step`. So
+a run restarted from its newest finalised checkpoint follows the same trajectory (bitwise
+on CPU). Faults: SIGTERM/SIGINT save the current step and stop (exit 0); non-finite steps
+are skipped by the step itself and counted on the device, and `max_bad_steps` of them in
+a row stop the run without saving.
 """
 
 from __future__ import annotations
 
-import itertools
+import contextlib
+import json
 import os
+import signal
+import sys
 import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from byol_jax import checkpointing, metric_writers, optim, preview, train_step
 from byol_jax import data as data_lib
-from byol_jax import metric_writers, optim, preview, train_step
 from byol_jax.evaluators import knn as knn_lib
 from byol_jax.evaluators.common import embed_arrays, make_embed_fn
+
+DETERMINISM_FLAG = '--xla_gpu_deterministic_ops=true'
+EXIT_DIVERGED = 3
+EXIT_CHECKPOINT_FAILED = 4
 
 
 class ConfigError(ValueError):
   """A config value that cannot work; the CLI prints it as one line."""
+
+
+class TrainingDiverged(RuntimeError):
+  """Too many non-finite steps in a row: the run stopped without saving."""
 
 
 def validate(cfg: Any, num_devices: int) -> None:
@@ -49,6 +70,16 @@ def validate(cfg: Any, num_devices: int) -> None:
     raise ConfigError(str(e)) from None
   if cfg.loss not in ('byol', 'infonce'):
     raise ConfigError(f'loss={cfg.loss!r}; valid: byol, infonce')
+  _validate_faults(cfg)
+
+
+def _validate_faults(cfg: Any) -> None:
+  ckpt = cfg.checkpoint
+  for name in ('every_steps', 'every_secs', 'keep', 'keep_every_steps'):
+    if ckpt[name] < 0:
+      raise ConfigError(f'checkpoint.{name}={ckpt[name]} must be >= 0 (0 turns it off)')
+  if cfg.max_bad_steps < 1:
+    raise ConfigError(f'max_bad_steps={cfg.max_bad_steps} must be >= 1')
 
 
 def prepare_workdir(workdir: str) -> None:
@@ -61,6 +92,34 @@ def prepare_workdir(workdir: str) -> None:
     os.remove(probe)
   except OSError as e:
     raise ConfigError(f'workdir {workdir!r} is not writable: {e.strerror}') from None
+
+
+def configure_determinism(cfg: Any) -> None:
+  """`deterministic=True`: bitwise-reproducible GPU runs via XLA's deterministic ops.
+
+  Sets `--xla_gpu_deterministic_ops=true` in XLA_FLAGS, which only takes effect before JAX
+  initialises its backends (so this runs first). The price is speed: about 13% slower on
+  an H200 for a scatter-heavy step (scatter-adds lose their atomics). CPU runs are
+  deterministic anyway; off by default.
+  """
+  if not cfg.deterministic:
+    return
+  flags = os.environ.get('XLA_FLAGS', '')
+  if DETERMINISM_FLAG in flags.split():
+    return
+  if _backends_initialised():
+    raise ConfigError(f'deterministic=True needs XLA_FLAGS={DETERMINISM_FLAG} before JAX '
+                      'starts; this process has already initialised JAX (set it yourself)')
+  os.environ['XLA_FLAGS'] = f'{flags} {DETERMINISM_FLAG}'.strip()
+  logging.info('deterministic GPU ops on (XLA_FLAGS=%s)', os.environ['XLA_FLAGS'])
+
+
+def _backends_initialised() -> bool:
+  try:
+    from jax._src import xla_bridge
+    return bool(xla_bridge.backends_are_initialized())
+  except (ImportError, AttributeError):  # private API moved: assume the worst
+    return True
 
 
 def _place_dataset(split: data_lib.Split, mesh) -> tuple[jax.Array, jax.Array]:
@@ -82,13 +141,20 @@ class KnnEval:
     self.num_classes = max(int(self.train.labels.max()), int(self.test.labels.max())) + 1
     self.embed = make_embed_fn(cfg.model, cfg.image_size, cfg.eval_crop_fraction, mesh)
 
-  def __call__(self, params, state) -> dict[str, float]:
-    features = [embed_arrays(self.embed, params, state, s.images, self.cfg.knn.batch_size,
-                             self.mesh.size) for s in (self.train, self.test)]
-    result = knn_lib.knn_accuracy(features[0], self.train.labels, features[1], self.test.labels,
-                                  self.num_classes, k=self.cfg.knn.k,
+  def features(self, params, state) -> tuple[np.ndarray, np.ndarray]:
+    """Eval-view embeddings of the train and test splits."""
+    train, test = [embed_arrays(self.embed, params, state, s.images, self.cfg.knn.batch_size,
+                                self.mesh.size) for s in (self.train, self.test)]
+    return train, test
+
+  def score(self, train_features: np.ndarray, test_features: np.ndarray) -> dict[str, float]:
+    result = knn_lib.knn_accuracy(train_features, self.train.labels, test_features,
+                                  self.test.labels, self.num_classes, k=self.cfg.knn.k,
                                   temperature=self.cfg.knn.temperature)
     return {'knn_top1': result['top1'], 'knn_top5': result['top5']}
+
+  def __call__(self, params, state) -> dict[str, float]:
+    return self.score(*self.features(params, state))
 
 
 class Progress:
@@ -119,73 +185,353 @@ def _fmt_eta(seconds: float) -> str:
   return f'{m // 60:d}:{m % 60:02d}:{s:02d}'
 
 
+# ------------------------------------------------------------------------------ faults
+
+
+def _init_faults(mesh) -> dict[str, jax.Array]:
+  """Device-side counters: bad steps in a row, the step where the limit was first hit
+  (-1: never) and the last finite step. Kept on the device so no step waits for them."""
+  faults = dict(bad_in_a_row=np.int32(0), tripped_at=np.int32(-1), last_good=np.int32(0))
+  return train_step.replicate(faults, mesh)
+
+
+def _make_fault_counter(max_bad: int) -> Callable:
+
+  @jax.jit
+  def count(faults, nonfinite, step):
+    bad = nonfinite > 0
+    run = jnp.where(bad, faults['bad_in_a_row'] + 1, 0).astype(jnp.int32)
+    hit = (faults['tripped_at'] < 0) & (run >= max_bad)
+    return dict(bad_in_a_row=run,
+                tripped_at=jnp.where(hit, step, faults['tripped_at']).astype(jnp.int32),
+                last_good=jnp.where(bad, faults['last_good'], step).astype(jnp.int32))
+
+  return count
+
+
+def _check_faults(faults: dict[str, Any], max_bad: int, workdir: str,
+                  ckpt: checkpointing.Checkpointer) -> dict[str, int]:
+  """Host copy of the counters; raises TrainingDiverged once the limit was hit."""
+  faults = {k: int(v) for k, v in jax.device_get(faults).items()}
+  if faults['tripped_at'] < 0:
+    return faults
+  ckpt.wait()
+  good = checkpointing.finalised_steps(workdir)
+  raise TrainingDiverged(
+    f'{max_bad} non-finite steps in a row at step {faults["tripped_at"]} (the updates were '
+    f'skipped; last finite step {faults["last_good"]}); stopped without saving. Last good '
+    f'checkpoint: {f"step {good[-1]}" if good else "none"} in '
+    f'{checkpointing.checkpoint_dir(workdir)}. Lower the learning rate or check the data.')
+
+
+# ------------------------------------------------------------------------- preemption
+
+
+class _Preemption:
+  """SIGTERM/SIGINT set a flag the loop checks after each step (save, then exit 0).
+
+  A second signal gets the previous handler (e.g. Ctrl-C twice interrupts at once). With
+  several processes the flag comes from JAX's preemption sync point instead, so that all
+  processes stop at the same step.
+  """
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self):
+    self.signal_name: str | None = None
+    self._previous = {}
+
+  def __enter__(self) -> _Preemption:
+    if jax.process_count() == 1:
+      with contextlib.suppress(ValueError):  # not the main thread: no handlers
+        for sig in self.SIGNALS:
+          self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame) -> None:
+    del frame  # no logging here: the handler may interrupt a log call holding its lock
+    self.signal_name = signal.Signals(signum).name
+    self._restore()
+
+  def _restore(self) -> None:
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+    self._previous = {}
+
+  def __exit__(self, *exc) -> None:
+    self._restore()
+
+  def reached(self, step: int, ckpt: checkpointing.Checkpointer) -> bool:
+    if jax.process_count() > 1:
+      return ckpt.reached_preemption(step)
+    return self.signal_name is not None
+
+
+class _SaveClock:
+  """When to save: every N steps, every T seconds, at the end and on preemption.
+
+  The time rule is decided on process 0 and shared at log steps when there are several
+  processes (a broadcast per step would be a sync per step); alone, it is checked per step.
+  """
+
+  def __init__(self, ckpt_cfg: Any, num_steps: int, log_every: int):
+    self.every_steps, self.every_secs = ckpt_cfg.every_steps, ckpt_cfg.every_secs
+    self.num_steps, self.log_every = num_steps, log_every
+    self.last = time.time()
+
+  def reason(self, step: int, preempted: bool) -> str | None:
+    if preempted:
+      return 'preemption'
+    if step == self.num_steps:
+      return 'end of training'
+    if self.every_steps and step % self.every_steps == 0:
+      return f'every {self.every_steps} steps'
+    if self.every_secs and self._time_is_up(step):
+      return f'every {self.every_secs} s'
+    return None
+
+  def _time_is_up(self, step: int) -> bool:
+    up = time.time() - self.last >= self.every_secs
+    if jax.process_count() == 1:
+      return up
+    if step % self.log_every:
+      return False
+    from jax.experimental import multihost_utils
+    return bool(multihost_utils.broadcast_one_to_all(np.asarray(up)))
+
+  def saved(self) -> None:
+    self.last = time.time()
+
+
+# ------------------------------------------------------------------------------ resume
+
+
+def _restore(cfg: Any, workdir: str, num_classes: int) -> checkpointing.Restored | None:
+  """The newest usable checkpoint of this workdir, after checking the config matches."""
+
+  def check(meta):
+    trajectory, other = checkpointing.config_differences(meta['config'], cfg)
+    if trajectory:
+      raise ConfigError(
+        f'{workdir} holds a run with another setup, resuming would not continue it: '
+        f'{", ".join(trajectory)}. Use a new --workdir or the saved values.')
+    if other:
+      logging.info('resuming with changed settings: %s', ', '.join(other))
+
+  template = []  # built on first use: a fresh run needs no trace of the model
+
+  def template_fn(meta):
+    del meta  # the config check has passed: the current config has the same structure
+    if not template:
+      template.append(checkpointing.state_template(cfg, num_classes))
+    return template[0]
+
+  restored = checkpointing.restore_latest(workdir, template_fn, check)
+  if restored is None:
+    return None
+  if restored.skipped:
+    checkpointing.set_aside(workdir, [step for step, _ in restored.skipped])
+  _sync_processes('byol_jax.restore')
+  logging.info('resuming from checkpoint step %d (saved with %s devices; now %d)%s',
+               restored.step, restored.meta.get('num_devices', '?'), jax.device_count(),
+               f'; skipped damaged steps {[s for s, _ in restored.skipped]}'
+               if restored.skipped else '')
+  return restored
+
+
+def _sync_processes(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+def _read_records(path: str) -> list[dict[str, Any]]:
+  """Records of a metrics JSONL file, dropping a line torn by a killed writer."""
+  if not os.path.exists(path):
+    return []
+  records = []
+  with open(path) as f:
+    for line in f:
+      with contextlib.suppress(json.JSONDecodeError):
+        if line.strip():
+          records.append(json.loads(line))
+  return records
+
+
+def _truncate_metrics(workdir: str, step: int) -> None:
+  """Drops records after `step` (logged by a run that died before its next checkpoint), so
+  the metrics files describe one trajectory after a resume."""
+  for name in ('train', 'eval'):
+    path = os.path.join(workdir, 'metrics', f'{name}.jsonl')
+    if not os.path.exists(path):
+      continue
+    records = _read_records(path)
+    kept = [r for r in records if r.get('step', 0) <= step]
+    with open(path + '.tmp', 'w') as f:
+      f.writelines(json.dumps(r) + '\n' for r in kept)
+    os.replace(path + '.tmp', path)
+
+
+# -------------------------------------------------------------------------------- loop
+
+
+def _input_fn(data: data_lib.TrainData, mesh) -> Callable[[int], tuple]:
+  """inputs(step) -> the data arguments of the step function for that step."""
+  if data.mode == 'device':
+    arrays = _place_dataset(data.train, mesh)
+    return lambda step: arrays
+  return lambda step: _next_stream_batch(data.stream, mesh)
+
+
+def _meta(cfg: Any, data: data_lib.TrainData, num_steps: int, spe: int,
+          faults: dict[str, int]) -> dict[str, Any]:
+  return dict(config=checkpointing.config_to_dict(cfg), num_classes=data.num_classes,
+              num_examples=data.num_examples, num_steps=num_steps, steps_per_epoch=spe,
+              num_devices=jax.device_count(), process_count=jax.process_count(),
+              faults=faults, saved_at=time.time(), jax_version=jax.__version__)
+
+
 def train_and_evaluate(cfg: Any, workdir: str) -> dict[str, Any]:
-  """Trains BYOL as configured; returns the last train and eval records."""
+  """Trains BYOL as configured (resuming from `workdir`'s checkpoints); returns the last
+  train and eval records, the state and `preempted` (the step a signal stopped at)."""
+  configure_determinism(cfg)
+  checkpointing.quiet_orbax_logs()
   mesh = train_step.make_mesh()
   validate(cfg, mesh.size)
   prepare_workdir(workdir)
   is_main = jax.process_index() == 0
+  restored = _restore(cfg, workdir, data_lib.num_classes_of(cfg))
+  start = restored.step if restored else 0
   if is_main:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(cfg.to_json_best_effort(indent=2))
+    if start:
+      _truncate_metrics(workdir, start)
 
-  data = data_lib.make_train_data(cfg)
+  data = data_lib.make_train_data(cfg, start_step=start)
   num_steps = optim.total_steps(cfg, data.num_examples)
   spe = optim.steps_per_epoch(data.num_examples, cfg.batch_size)
   fns = train_step.make_step_fns(cfg, data.num_classes, num_steps, spe)
-  image_shape = (cfg.image_size, cfg.image_size, 3)
-  init = jax.jit(lambda rng: train_step.init_state(fns, rng, image_shape),
-                 out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-  state = init(jax.random.PRNGKey(cfg.seed))
+  if restored:
+    state = train_step.replicate(restored.state, mesh)
+  else:
+    image_shape = (cfg.image_size, cfg.image_size, 3)
+    init = jax.jit(lambda rng: train_step.init_state(fns, rng, image_shape),
+                   out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    state = init(jax.random.PRNGKey(cfg.seed))
   logging.info('parameters: %d online; LARS mask: %s', train_step.networks.count_params(
     state.online_params), optim.describe_mask(state.online_params))
+  faults = _init_faults(mesh)
+  if restored:
+    saved = restored.meta.get('faults', {})
+    faults = train_step.replicate({k: np.int32(saved.get(k, int(v)))
+                                   for k, v in jax.device_get(faults).items()}, mesh)
 
+  ckpt = checkpointing.Checkpointer(workdir, cfg.checkpoint.keep, cfg.checkpoint.keep_every_steps)
+  ckpt.last_saved = start or None
+  try:
+    with _Preemption() as preemption:
+      result = _loop(cfg, workdir, mesh, data, fns, state, faults, ckpt, preemption,
+                     num_steps, spe, start, is_main)
+  except BaseException:
+    with contextlib.suppress(checkpointing.CheckpointError):
+      ckpt.close()  # the first error is the one to report; close failures are logged
+    raise
+  ckpt.close()
+  return result
+
+
+def _loop(cfg, workdir, mesh, data, fns, state, faults, ckpt, preemption, num_steps, spe,
+          start, is_main) -> dict[str, Any]:
+  """The step loop proper; see `train_and_evaluate`."""
+  if start >= num_steps:
+    logging.info('nothing to train: checkpoint step %d is the final step', start)
+    return dict(train={}, eval={}, state=state, preempted=None, start_step=start, signal=None)
   train_writer = metric_writers.MetricWriter(workdir, 'train', is_main)
   eval_writer = metric_writers.MetricWriter(workdir, 'eval', is_main)
   knn = KnnEval(cfg, mesh, data.train)
-
   if data.mode == 'device':
-    images, labels = _place_dataset(data.train, mesh)
     step_fn = train_step.make_resident_step(fns, mesh, cfg.augment, cfg.batch_size,
                                             cfg.image_size)
-    next_inputs = lambda: (images, labels)
   else:
     step_fn = train_step.make_stream_step(fns, mesh, cfg.augment)
-    next_inputs = lambda: _next_stream_batch(data.stream, mesh)
+  inputs = _input_fn(data, mesh)
+  count_faults = _make_fault_counter(cfg.max_bad_steps)
 
-  start = int(state.step)
   init_knn = {}
   if cfg.eval_at_init and start == 0:
     init_knn = {f'{k}_init': v for k, v in knn(state.online_params, state.online_state).items()}
     logging.info('encoder at initialisation: %s', _fmt_metrics(init_knn))
-  _write_preview(cfg, state, workdir, eval_writer, data, is_main)
+  if start == 0:
+    _write_preview(cfg, state, workdir, eval_writer, data, is_main)
 
   progress = Progress(start, num_steps, cfg.batch_size)
-  last_train, last_eval = {}, {}
-  logging.info('training %d steps (%d per epoch, global batch %d, %d devices)', num_steps, spe,
-               cfg.batch_size, mesh.size)
+  clock = _SaveClock(cfg.checkpoint, num_steps, cfg.log_every_steps)
+  last_train, last_eval, preempted = {}, {}, None
+  logging.info('training steps %d..%d of %d (%d per epoch, global batch %d, %d devices)',
+               start + 1, num_steps, num_steps, spe, cfg.batch_size, mesh.size)
   for step in range(start + 1, num_steps + 1):
-    state, metrics = step_fn(state, *next_inputs())
+    state, metrics = step_fn(state, *inputs(step))
+    faults = count_faults(faults, metrics['nonfinite'], step)
     if step % cfg.log_every_steps == 0 or step == num_steps:
-      metrics = jax.device_get(metrics)
-      metrics.update(progress.update(step), epoch=step / spe)
+      metrics, host_faults = jax.device_get((metrics, faults))
+      metrics.update(progress.update(step), epoch=step / spe,
+                     bad_steps_in_a_row=int(host_faults['bad_in_a_row']))
       last_train = train_writer.write(step, metrics)
       logging.info('step %d/%d  loss %.4f  probe %.3f  std %.4f  rank %.1f  %.0f img/s  ETA %s',
                    step, num_steps, metrics['loss'], metrics['probe_top1'],
                    metrics['proj_std'], metrics['proj_rank'], metrics['images_per_sec'],
                    _fmt_eta(metrics['eta_sec']))
+      _check_faults(host_faults, cfg.max_bad_steps, workdir, ckpt)
     is_eval = cfg.eval_every_steps and step % cfg.eval_every_steps == 0
     if is_eval or step == num_steps:
       result = {**knn(state.online_params, state.online_state), **init_knn,
                 'epoch': step / spe, 'network': 'online', 'split': 'test'}
       last_eval = eval_writer.write(step, result)
       logging.info('eval at step %d: %s', step, _fmt_metrics(result))
+    stop = preemption.reached(step, ckpt)
+    if stop:
+      logging.warning('%s received: saving step %d, then stopping',
+                      preemption.signal_name or 'preemption', step)
+    reason = clock.reason(step, stop)
+    if reason:
+      host_faults = _check_faults(faults, cfg.max_bad_steps, workdir, ckpt)
+      ckpt.save(state, _meta(cfg, data, num_steps, spe, host_faults))
+      clock.saved()
+      logging.info('checkpoint of step %d started (%s)', step, reason)
+    if stop:
+      preempted = step
+      break
   train_writer.close()
   eval_writer.close()
-  return dict(train=last_train, eval=last_eval, state=state)
+  return dict(train=last_train, eval=last_eval, state=state, preempted=preempted,
+              start_step=start, signal=preemption.signal_name)
 
 
-def _next_stream_batch(stream, mesh):
+def run(cfg: Any, workdir: str) -> int:
+  """`--worker_mode=train`: exit 0 when done or preempted (after saving), 3 when the loss
+  diverged, 4 when a checkpoint could not be written; config errors propagate (exit 2)."""
+  try:
+    result = train_and_evaluate(cfg, workdir)
+  except (TrainingDiverged, checkpointing.NonFiniteError) as e:
+    return _fail(e, EXIT_DIVERGED)
+  except checkpointing.CheckpointError as e:
+    return _fail(e, EXIT_CHECKPOINT_FAILED)
+  if result['preempted'] is not None:
+    message = (f'{result["signal"] or "preemption"}: saved checkpoint step {result["preempted"]} '
+               f'in {checkpointing.checkpoint_dir(workdir)}; rerun the same command to resume')
+    logging.warning('%s', message)
+    print(message, file=sys.stderr)
+  return 0
+
+
+def _fail(e: BaseException, code: int) -> int:
+  logging.error('%s', e)
+  print(f'error: {e}', file=sys.stderr)
+  return code
+
+
+def _next_stream_batch(stream: Iterator, mesh):
   batch = next(stream)
   return train_step.shard_batch((batch['views'], batch['labels']), mesh)
 
@@ -199,19 +545,21 @@ def _write_preview(cfg, state, workdir, writer, data, is_main) -> None:
   """A PNG of view pairs from the first batch, so users see what the network sees."""
   if not is_main:
     return
+  import itertools
+
   from byol_jax import augment  # local: keeps the import graph of this module small
+  key = jax.random.PRNGKey(cfg.seed)
   if data.train is not None:
-    images = data.train.images[:8]
-    view1, view2 = augment.make_views(jax.random.PRNGKey(cfg.seed), images, cfg.augment,
-                                      cfg.image_size)
+    views = jax.jit(lambda k, x: augment.make_views(k, x, cfg.augment, cfg.image_size))
+    view1, view2 = views(key, data.train.images[:8])
   else:
     batch = next(data.stream)
     data.stream = itertools.chain([batch], data.stream)  # peek: the stream stays intact
-    view1, view2 = augment.finish_views(jax.random.PRNGKey(cfg.seed), batch['views'][:8],
-                                        cfg.augment)
-  path = preview.save_view_grid(os.path.join(workdir, 'preview.png'), np.asarray(view1),
-                                np.asarray(view2), cfg.augment.mean, cfg.augment.std)
+    finish = jax.jit(lambda k, x: augment.finish_views(k, x, cfg.augment))
+    view1, view2 = finish(key, batch['views'][:8])
+  view1, view2 = np.asarray(view1), np.asarray(view2)
+  path = preview.save_view_grid(os.path.join(workdir, 'preview.png'), view1, view2,
+                                cfg.augment.mean, cfg.augment.std)
   writer.write_image(int(state.step), 'augmentation_preview', np.asarray(
-    preview.view_grid_array(np.asarray(view1), np.asarray(view2), cfg.augment.mean,
-                            cfg.augment.std)))
+    preview.view_grid_array(view1, view2, cfg.augment.mean, cfg.augment.std)))
   logging.info('augmentation preview: %s', path)

@@ -1,0 +1,158 @@
+"""`--worker_mode=eval`: follows a trainer's checkpoints and evaluates each one once.
+
+Why a separate process: evaluation then costs the trainer nothing, can run on other
+hardware, and several workers (one per dataset) can follow one run. The worker polls
+`<workdir>/checkpoints` every `eval_poll_secs`; for each newly finalised step it records
+kNN top-1/top-5 on the test split (eval preprocessing, encoder in inference mode) and the
+online probe's top-1 on the same clean test embeddings.
+
+Records go to `metrics/eval_worker.jsonl` (`eval_worker_<dataset>` when `eval_dataset` is
+set, `_target` appended for `eval_network='target'`) and TensorBoard. The file is also the
+worker's memory: a restarted worker skips the steps it already holds. Unfinished saves are
+ignored, and a checkpoint that is damaged or deleted while being read (the trainer's
+retention) is logged and skipped. The worker exits 0 after the run's final step, and
+`IDLE_EXIT` when no new checkpoint appeared for `eval_idle_timeout_secs`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from typing import Any
+
+import numpy as np
+from absl import logging
+
+from byol_jax import checkpointing, metric_writers, optim, train, train_step
+
+IDLE_EXIT = 75  # EX_TEMPFAIL: stopped waiting before the run's final checkpoint
+NETWORKS = ('online', 'target')
+
+
+def metrics_name(cfg: Any) -> str:
+  """The JSONL/TensorBoard name of this worker's records."""
+  name = 'eval_worker'
+  if cfg.eval_dataset:
+    name += '_' + re.sub(r'[^A-Za-z0-9_.-]+', '_', cfg.eval_dataset).strip('_')
+  if cfg.eval_network != 'online':
+    name += f'_{cfg.eval_network}'
+  return name
+
+
+def eval_config(saved: Any, cfg: Any) -> Any:
+  """The trained run's config (model, sizes, data) with this worker's evaluation settings."""
+  out = checkpointing.config_from_dict(checkpointing.config_to_dict(saved))
+  out.knn = checkpointing.config_from_dict(checkpointing.config_to_dict(cfg.knn))
+  if cfg.eval_dataset:
+    out.dataset = cfg.eval_dataset
+    out.data_dir = cfg.data_dir or out.data_dir
+    out.demo = checkpointing.config_from_dict(checkpointing.config_to_dict(cfg.demo))
+  return out
+
+
+def probe_top1(params: Any, features: np.ndarray, labels: np.ndarray) -> float:
+  """Top-1 of the online linear probe (`params['probe']`) on precomputed embeddings."""
+  probe = params['probe']
+  logits = features @ np.asarray(probe['w']) + np.asarray(probe['b'])
+  return float(np.mean(np.argmax(logits, axis=-1) == labels))
+
+
+class Worker:
+  """The evaluation loop's state: what was done, what failed, and the evaluator."""
+
+  def __init__(self, cfg: Any, workdir: str):
+    if cfg.eval_network not in NETWORKS:
+      raise train.ConfigError(f'eval_network={cfg.eval_network!r}; valid: {", ".join(NETWORKS)}')
+    self.cfg, self.workdir = cfg, workdir
+    self.writer = metric_writers.MetricWriter(workdir, metrics_name(cfg))
+    self.done = {int(r['step']) for r in train._read_records(self.writer.path)
+                 if r.get('network', 'online') == cfg.eval_network}
+    self.failed: dict[int, float] = {}  # step -> mtime of its folder when it failed
+    self.reported: set[str] = set()
+    self.knn: train.KnnEval | None = None
+    self.final_step: int | None = None
+    self.dataset = ''
+    if self.done:
+      logging.info('eval worker: already evaluated steps %s (%s)', sorted(self.done),
+                   self.writer.path)
+
+  def pending(self) -> list[int]:
+    """Finalised steps not yet evaluated (a failed one again only if it was rewritten)."""
+    found = checkpointing.scan(self.workdir)
+    for name in found.unfinished:
+      if name not in self.reported:
+        self.reported.add(name)
+        logging.info('eval worker: skipping unfinished checkpoint %s', name)
+    return [s for s in found.finalised if s not in self.done
+            and self.failed.get(s) != _mtime(self.workdir, s)]
+
+  def evaluate(self, step: int) -> dict[str, Any] | None:
+    """Evaluates one checkpoint and appends its record; None if it could not be read."""
+    try:
+      state, saved_cfg, _ = checkpointing.load_state(self.workdir, step)
+      meta = checkpointing.read_metadata(self.workdir, step)
+    except checkpointing.CheckpointError as e:
+      self.failed[step] = _mtime(self.workdir, step)
+      logging.warning('eval worker: skipping checkpoint step %d: %s', step, e)
+      return None
+    if self.knn is None:
+      self._setup(saved_cfg, meta)
+    network = self.cfg.eval_network
+    params = state.online_params if network == 'online' else state.target_params
+    bn_state = state.online_state if network == 'online' else state.target_state
+    train_feats, test_feats = self.knn.features(params, bn_state)
+    record = dict(dataset=self.dataset, split='test', network=network,
+                  **self.knn.score(train_feats, test_feats), probe_top1=None)
+    if network == 'online' and not self.cfg.eval_dataset:
+      record['probe_top1'] = probe_top1(params, test_feats, self.knn.test.labels)
+    record = self.writer.write(step, record)
+    self.writer.flush()
+    self.done.add(step)
+    logging.info('eval worker: step %d: %s', step, train._fmt_metrics(
+      {k: v for k, v in record.items() if k != 'step'}))
+    return record
+
+  def _setup(self, saved_cfg: Any, meta: dict[str, Any]) -> None:
+    """Builds the evaluator from the first checkpoint's config (the model is the run's)."""
+    cfg = eval_config(saved_cfg, self.cfg)
+    self.dataset = cfg.dataset
+    self.final_step = optim.total_steps(saved_cfg, int(meta['num_examples']))
+    self.knn = train.KnnEval(cfg, train_step.make_mesh(), None)
+    logging.info('eval worker: %s encoder on %s/test; the run ends at step %d',
+                 self.cfg.eval_network, cfg.dataset, self.final_step)
+
+  def finished(self) -> bool:
+    return self.final_step is not None and self.final_step in self.done
+
+
+def _mtime(workdir: str, step: int) -> float:
+  try:
+    return os.stat(os.path.join(checkpointing.checkpoint_dir(workdir), str(step))).st_mtime
+  except OSError:
+    return -1.0
+
+
+def run(cfg: Any, workdir: str) -> int:
+  """Evaluates checkpoints until the final step is done (0) or none came for a while."""
+  checkpointing.quiet_orbax_logs()
+  worker = Worker(cfg, workdir)
+  idle_since = time.time()
+  logging.info('eval worker: following %s (poll %.1f s)', checkpointing.checkpoint_dir(workdir),
+               cfg.eval_poll_secs)
+  try:
+    while True:
+      for step in worker.pending():
+        if worker.evaluate(step) is not None:
+          idle_since = time.time()
+      if worker.finished():
+        logging.info('eval worker: evaluated the final step %d; done', worker.final_step)
+        return 0
+      idle = time.time() - idle_since
+      if cfg.eval_idle_timeout_secs and idle > cfg.eval_idle_timeout_secs:
+        logging.warning('eval worker: no new checkpoint for %.0f s; stopping (last evaluated: '
+                        '%s)', idle, max(worker.done) if worker.done else 'none')
+        return IDLE_EXIT
+      time.sleep(cfg.eval_poll_secs)
+  finally:
+    worker.writer.close()

@@ -1,0 +1,517 @@
+"""`--worker_mode=linear_eval`: linear classifiers on a pretrained, frozen BYOL encoder.
+
+Why a separate worker: the paper's headline numbers are linear-evaluation accuracies of a
+checkpoint, measured after (or beside) pretraining on any classification dataset, so this
+reads the pretraining workdir's checkpoint and config and appends one self-describing record
+to `<workdir>/metrics/linear_eval.jsonl`.
+
+Protocol (reference/byol_facts.md): the encoder (online by default, or the target) runs in
+inference mode; one zero-initialised linear head per candidate LR trains with SGD, Nesterov
+momentum 0.9, no weight decay and cosine decay, all heads at once; the LR is picked on a
+validation split held out of the training data and only that head is reported on test.
+Two modes:
+- 'cached': features of centre crops are computed once and the heads train on them
+  (`evaluators.linear.linear_eval`, a single compiled program). Fast; the usual choice for
+  transfer, where the paper (after SimCLR) also trains on centre-crop features.
+- 'augmented': the paper's ImageNet protocol. Every training step takes a random resized
+  crop + flip of its minibatch and runs the frozen encoder, so features are recomputed every
+  epoch. The SGD update is `evaluators.linear`'s (same loss, momentum, cosine, batch order);
+  only the source of the features differs. Validation and test use centre crops.
+
+This module also holds what `finetune` shares: loading the pretrained state (or a fresh init
+as a baseline), resolving the dataset against the pretraining config, loading splits with
+their definitions, and the crop + flip training view.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from byol_jax import augment, datasets, metric_writers, networks, train_step
+from byol_jax import data as data_lib
+from byol_jax.evaluators import common
+from byol_jax.evaluators import linear as linear_lib
+from byol_jax.train import ConfigError
+
+MODES = ('cached', 'augmented')
+NETWORKS = ('online', 'target')
+
+
+# ------------------------------------------------------------------------------------------
+# The pretrained network.
+# ------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Pretrained:
+  """A pretraining run's config and state at one step; weights says where they came from."""
+  config: ml_collections.ConfigDict
+  state: train_step.TrainState
+  step: int
+  weights: str  # 'checkpoint' | 'random_init'
+
+
+def fresh_state(pre_cfg: Any) -> train_step.TrainState:
+  """The state pretraining starts from (same seed and init), without training data.
+
+  The probe's class count does not change the encoder's initialisation.
+  """
+  fns = train_step.make_step_fns(pre_cfg, 1, num_steps=1, steps_per_epoch=1, axis_name=None)
+  shape = (pre_cfg.image_size, pre_cfg.image_size, 3)
+  return jax.jit(lambda rng: train_step.init_state(fns, rng, shape))(
+    jax.random.PRNGKey(pre_cfg.seed))
+
+
+def require_eval_config(cfg: Any) -> None:
+  """Rejects a pretraining config passed to an evaluation worker, in one line."""
+  if 'learning_rates' not in cfg or 'random_init' not in cfg:
+    raise ConfigError('this worker needs an evaluation config: '
+                      '--config=configs/linear_eval.py:PRESET (e.g. :demo)')
+
+
+def load_pretrained(cfg: Any, workdir: str) -> Pretrained:
+  """The checkpoint named by cfg.step (0 = latest), or a fresh init if cfg.random_init."""
+  from byol_jax import checkpointing  # orbax only for this path
+  require_eval_config(cfg)
+  if cfg.random_init:
+    pre_cfg = _run_config(workdir)
+    return Pretrained(pre_cfg, fresh_state(pre_cfg), 0, 'random_init')
+  steps = checkpointing.finalised_steps(workdir)
+  if not steps:
+    raise ConfigError(f'no finalised checkpoint in {workdir}: train there first, or set '
+                      '--config.random_init to evaluate an untrained encoder')
+  if cfg.step and cfg.step not in steps:
+    raise ConfigError(f'no checkpoint at step {cfg.step} in {workdir}; finalised steps: '
+                      f'{steps}')
+  try:
+    state, pre_cfg, step = checkpointing.load_state(workdir, cfg.step or None)
+  except checkpointing.CheckpointError as e:
+    raise ConfigError(str(e)) from None
+  return Pretrained(pre_cfg, state, int(step), 'checkpoint')
+
+
+def _run_config(workdir: str) -> ml_collections.ConfigDict:
+  """The pretraining config: from the newest checkpoint, else the config.json of the run."""
+  from byol_jax import checkpointing
+  try:
+    return checkpointing.load_config(workdir)
+  except checkpointing.CheckpointError as e:
+    path = os.path.join(workdir, 'config.json')
+    if not os.path.exists(path):
+      raise ConfigError(f'random_init needs the run\'s config: {e}; no {path} either') from None
+  with open(path) as f:
+    return checkpointing.config_from_dict(json.load(f))
+
+
+def encoder_weights(state: train_step.TrainState, network: str) -> tuple[hk.Params, hk.State]:
+  """The encoder's params and BN statistics of the online or target network."""
+  if network not in NETWORKS:
+    raise ConfigError(f'network={network!r}; valid: {", ".join(NETWORKS)}')
+  params, bn_state = ((state.online_params, state.online_state) if network == 'online'
+                      else (state.target_params, state.target_state))
+  return networks.encoder_subtree(params), networks.encoder_subtree(bn_state)
+
+
+# ------------------------------------------------------------------------------------------
+# Config and data.
+# ------------------------------------------------------------------------------------------
+
+
+def resolve_config(cfg: Any, pre_cfg: Any) -> ml_collections.ConfigDict:
+  """A copy of cfg with '' / 0 fields taken from the pretraining config, then validated."""
+  require_eval_config(cfg)
+  out = ml_collections.ConfigDict(cfg.to_dict())
+  out.dataset = cfg.dataset or pre_cfg.dataset
+  out.data_dir = cfg.data_dir or pre_cfg.get('data_dir', '')
+  out.image_size = cfg.image_size or pre_cfg.image_size
+  out.crop_fraction = cfg.crop_fraction or pre_cfg.get('eval_crop_fraction', 0.875)
+  _validate(out)
+  return out
+
+
+def _validate(cfg: Any) -> None:
+  """Fails before any data is decoded or anything compiles."""
+  if cfg.mode not in MODES:
+    raise ConfigError(f'mode={cfg.mode!r}; valid: {", ".join(MODES)}')
+  if cfg.network not in NETWORKS:
+    raise ConfigError(f'network={cfg.network!r}; valid: {", ".join(NETWORKS)}')
+  if cfg.epochs < 1 or cfg.batch_size < 1 or not cfg.learning_rates:
+    raise ConfigError('need epochs >= 1, batch_size >= 1 and at least one learning rate')
+  if not 0.0 < cfg.crop_fraction <= 1.0:
+    raise ConfigError(f'crop_fraction={cfg.crop_fraction} must be in (0, 1]')
+  if not 0.0 <= cfg.subset_fraction < 1.0:
+    raise ConfigError(f'subset_fraction={cfg.subset_fraction} must be in [0, 1) (0 = all)')
+  if cfg.normalize_features and cfg.mode != 'cached':
+    raise ConfigError("normalize_features needs mode='cached' (features are not stored "
+                      "in mode='augmented')")
+  if not cfg.val_split and not cfg.val_size:
+    raise ConfigError("val_split='' needs val_size > 0 (the share of train held out)")
+  try:
+    datasets.parse_dataset(cfg.dataset)
+  except datasets.DataError as e:
+    raise ConfigError(str(e)) from None
+
+
+def decode_size(cfg: Any) -> int:
+  """Stored image side: eval crops of crop_fraction then need no upsampling (224 -> 256)."""
+  return int(round(cfg.image_size / cfg.crop_fraction))
+
+
+def input_mode(cfg: Any, split: str) -> str:
+  """'device' (decoded into memory) or 'stream' (tf.data) for one split."""
+  spec = datasets.parse_dataset(cfg.dataset)
+  if spec.kind == 'demo':
+    return 'device'
+  num = datasets.dataset_size(spec, split, cfg.data_dir or None)
+  if cfg.max_examples:
+    num = min(num, cfg.max_examples)
+  mode, reason = datasets.choose_input_mode(num, decode_size(cfg), data_lib.device_memory_bytes(),
+                                            cfg.input_mode)
+  logging.info('%s/%s: %s (%s)', cfg.dataset, split, mode, reason)
+  return mode
+
+
+def load_split(cfg: Any, split: str, seed: int) -> data_lib.Split:
+  """Decodes one split at decode_size; `seed` only changes the demo data."""
+  spec = datasets.parse_dataset(cfg.dataset)
+  start = time.time()
+  images, labels, info = datasets.load_arrays(
+    spec, split, data_dir=cfg.data_dir or None, image_size=decode_size(cfg),
+    strict=cfg.strict_data, seed=seed)
+  if cfg.max_examples:
+    images, labels = images[:cfg.max_examples], labels[:cfg.max_examples]
+  logging.info('%s/%s: %d images at %d px decoded in %.1f s', cfg.dataset, split, len(labels),
+               decode_size(cfg), time.time() - start)
+  return data_lib.Split(images, labels.astype(np.int32))
+
+
+def split_definition(cfg: Any, split: str, seed: int) -> str:
+  """What a logical split means for this dataset, e.g. 'cifar10[train[10%:]]'."""
+  spec = datasets.parse_dataset(cfg.dataset)
+  if spec.kind == 'tfds':
+    builder = datasets.tfds_builder(spec, cfg.data_dir or None)
+    return f'{spec.name}[{datasets.resolve_tfds_split(builder, spec, split)}]'
+  if spec.kind == 'folder':
+    return f'{spec.root} ({split}, see datasets.scan_folder)'
+  return f'demo[{split}] (generated, seed {seed})'
+
+
+def num_classes(cfg: Any, *label_sets: np.ndarray) -> int:
+  """Classes of the dataset (metadata where it has any, else the largest label + 1)."""
+  spec = datasets.parse_dataset(cfg.dataset)
+  known = datasets.num_classes(spec, cfg.data_dir or None) if spec.kind != 'demo' else 0
+  return max([known] + [int(np.max(y)) + 1 for y in label_sets if len(y)])
+
+
+def hold_out(cfg: Any, num_examples: int) -> tuple[np.ndarray, np.ndarray]:
+  """(train rows, validation rows) of train_split; no rows held out when val_split is set."""
+  if cfg.val_split:
+    return np.arange(num_examples), np.zeros(0, np.int64)
+  return linear_lib.split_validation(num_examples, cfg.val_size, cfg.seed)
+
+
+def split_record(cfg: Any, seed: int, sizes: dict[str, int]) -> dict[str, dict[str, Any]]:
+  """Provenance of train/val/test: logical split, its definition and the size used."""
+  train_def = split_definition(cfg, cfg.train_split, seed)
+  out = {'train': dict(split=cfg.train_split, definition=train_def, size=sizes['train']),
+         'test': dict(split=cfg.test_split, definition=split_definition(cfg, cfg.test_split,
+                                                                        seed),
+                      size=sizes['test'])}
+  if cfg.val_split:
+    out['val'] = dict(split=cfg.val_split, definition=split_definition(cfg, cfg.val_split, seed),
+                      size=sizes['val'])
+  else:
+    held = f'{cfg.val_size} of {train_def}, held out with seed {cfg.seed}'
+    out['val'] = dict(split=f'{cfg.train_split} (held out)', definition=held, size=sizes['val'])
+    out['train']['definition'] = f'{train_def} minus the validation hold-out'
+  return out
+
+
+def provenance(cfg: Any, pre: Pretrained, protocol: str) -> dict[str, Any]:
+  """The fields every evaluation record carries, so a number can be traced to its inputs."""
+  return dict(checkpoint_step=pre.step, weights=pre.weights, network=cfg.network,
+              protocol=protocol, dataset=cfg.dataset, pretrain_dataset=pre.config.dataset,
+              preset=cfg.preset, image_size=cfg.image_size, crop_fraction=cfg.crop_fraction,
+              seed=cfg.seed, max_examples=cfg.max_examples)
+
+
+# ------------------------------------------------------------------------------------------
+# Views and features.
+# ------------------------------------------------------------------------------------------
+
+
+def random_crop_flip(key: jax.Array, images: jax.Array, out_size: int,
+                     aug_cfg: Any) -> jax.Array:
+  """Training view of uint8 [B, H, W, 3]: random resized crop + flip, normalised float.
+
+  Crop area, aspect range, flip probability and normalisation are the pretraining config's,
+  so the encoder sees the statistics it was trained on; no colour augmentation.
+  """
+  height, width = images.shape[1:3]
+
+  def one(key, image):
+    k_crop, k_flip = jax.random.split(key)
+    box = augment.sample_crop_box(k_crop, height, width, aug_cfg)
+    crop = augment.crop_and_resize(image.astype(jnp.float32) / 255.0, box, out_size)
+    crop = jnp.where(jax.random.uniform(k_flip) < aug_cfg.flip_prob, crop[:, ::-1], crop)
+    return augment.normalize(jnp.clip(crop, 0.0, 1.0), aug_cfg)
+
+  return jax.vmap(one)(jax.random.split(key, images.shape[0]), images)
+
+
+class Embedder:
+  """Centre-crop features of whole splits with the frozen encoder, resident or streamed."""
+
+  def __init__(self, cfg: Any, pre: Pretrained):
+    self.cfg, self.mesh = cfg, train_step.make_mesh()
+    self.params, self.state = train_step.replicate(encoder_weights(pre.state, cfg.network),
+                                                   self.mesh)
+    self._embed = {}
+    self.model_cfg = pre.config.model
+
+  def _fn(self, crop_fraction: float) -> Callable:
+    if crop_fraction not in self._embed:
+      self._embed[crop_fraction] = common.make_embed_fn(self.model_cfg, self.cfg.image_size,
+                                                        crop_fraction, self.mesh)
+    return self._embed[crop_fraction]
+
+  def arrays(self, images: np.ndarray) -> np.ndarray:
+    """Features [N, D] of decoded images, in order."""
+    return common.embed_arrays(self._fn(self.cfg.crop_fraction), self.params, self.state,
+                               images, self.cfg.embed_batch_size, self.mesh.size)
+
+  def stream(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Features and labels of a split streamed through tf.data (host centre crops)."""
+    embed = self._fn(1.0)  # Host crops are final: the device crop is the identity.
+    return stream_split(self.cfg, split, lambda images: embed(self.params, self.state, images),
+                        self.mesh.size)
+
+
+def stream_split(cfg: Any, split: str, apply: Callable[[np.ndarray], Any],
+                 num_devices: int) -> tuple[np.ndarray, np.ndarray]:
+  """apply(centre crops uint8 [B, S, S, 3]) over a split streamed by tf.data, and labels."""
+  from byol_jax import input_pipeline  # TensorFlow only on this path
+  spec = datasets.parse_dataset(cfg.dataset)
+  batch = max(num_devices, cfg.embed_batch_size - cfg.embed_batch_size % num_devices)
+  stream = input_pipeline.eval_stream(
+    spec, split, batch_size=batch, image_size=cfg.image_size, data_dir=cfg.data_dir or None,
+    crop_fraction=cfg.crop_fraction, strict=cfg.strict_data)
+  outputs, labels = [], []
+  for i, b in enumerate(stream):
+    outputs.append(np.asarray(apply(b['images']))[b['mask']])
+    labels.append(b['labels'][b['mask']])
+    if (i + 1) % 100 == 0:
+      logging.info('%s/%s: %d/%d batches', cfg.dataset, split, i + 1, len(stream))
+  n = cfg.max_examples or sum(len(y) for y in labels)
+  return np.concatenate(outputs)[:n], np.concatenate(labels).astype(np.int32)[:n]
+
+
+def split_features(cfg: Any, embedder: Embedder, split: str,
+                   seed: int) -> tuple[np.ndarray, np.ndarray]:
+  """Centre-crop features and labels of one logical split."""
+  start = time.time()
+  if input_mode(cfg, split) == 'stream':
+    x, y = embedder.stream(split)
+  else:
+    data = load_split(cfg, split, seed)
+    x, y = embedder.arrays(data.images), data.labels
+  logging.info('features of %s/%s: %s in %.1f s', cfg.dataset, split, x.shape,
+               time.time() - start)
+  return x, y
+
+
+# ------------------------------------------------------------------------------------------
+# Linear heads on augmented views (the paper's protocol).
+# ------------------------------------------------------------------------------------------
+
+
+def _head_update(carry: tuple, x: jax.Array, y: jax.Array, lrs: jax.Array,
+                 total: int) -> tuple:
+  """One step of every head: exactly the update inside `evaluators.linear._train`."""
+  params, opt_state, t = carry
+  grads = jax.grad(linear_lib._sweep_loss)(params, x, y)
+  updates, opt_state = optax.trace(decay=linear_lib.MOMENTUM, nesterov=True).update(
+    grads, opt_state)
+  scale = -lrs * linear_lib._cosine(t, total)
+  params = jax.tree.map(lambda p, u: p + scale.reshape((-1,) + (1,) * (u.ndim - 1)) * u,
+                        params, updates)
+  return params, opt_state, t + 1
+
+
+def make_epoch_fn(featurize: Callable, batch_size: int, total_steps: int,
+                  batch_sharding: NamedSharding | None = None) -> Callable:
+  """epoch(carry, weights, images, labels, lrs, epoch_key, aug_key) -> carry, jitted.
+
+  featurize(weights, uint8 batch, key) -> features [B, D] runs inside the step, so every
+  epoch sees new crops. The minibatch order is `evaluators.linear`'s: a permutation drawn
+  from the epoch key, the incomplete last batch dropped.
+  """
+
+  def epoch(carry, weights, images, labels, lrs, epoch_key, aug_key):
+    steps = images.shape[0] // batch_size
+    perm = jax.random.permutation(epoch_key, images.shape[0])[:steps * batch_size]
+
+    def step(carry, idx):
+      batch = images[idx]
+      if batch_sharding is not None:
+        batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
+      x = featurize(weights, batch, jax.random.fold_in(aug_key, carry[2]))
+      return _head_update(carry, x, labels[idx], lrs, total_steps), None
+
+    return jax.lax.scan(step, carry, perm.reshape(steps, batch_size))[0]
+
+  return jax.jit(epoch)
+
+
+def train_heads_on_views(images: Any, labels: Any, featurize: Callable, weights: Any,
+                         num_classes: int, learning_rates: tuple[float, ...], epochs: int,
+                         batch_size: int, seed: int,
+                         batch_sharding: NamedSharding | None = None) -> linear_lib.Params:
+  """One linear head per LR on features recomputed every step by `featurize`.
+
+  With featurize returning its input unchanged this is `linear.train_linear_heads`: same
+  zero init, minibatches and updates. Returns {'w': [H, D, C], 'b': [H, C]}.
+  """
+  batch_size = min(batch_size, images.shape[0])
+  steps = images.shape[0] // batch_size
+  dim = jax.eval_shape(featurize, weights, images[:1], jax.random.PRNGKey(0)).shape[-1]
+  lrs = jnp.asarray(learning_rates, jnp.float32)
+  params = {'w': jnp.zeros((len(learning_rates), dim, num_classes), jnp.float32),
+            'b': jnp.zeros((len(learning_rates), num_classes), jnp.float32)}
+  momentum = optax.trace(decay=linear_lib.MOMENTUM, nesterov=True)
+  carry = (params, momentum.init(params), jnp.zeros((), jnp.int32))
+  epoch_fn = make_epoch_fn(featurize, batch_size, epochs * steps, batch_sharding)
+  key = jax.random.PRNGKey(seed)
+  aug_key = jax.random.fold_in(key, 1)
+  for e, epoch_key in enumerate(jax.random.split(key, epochs)):
+    start = time.time()
+    carry = epoch_fn(carry, weights, images, labels, lrs, epoch_key, aug_key)
+    jax.block_until_ready(carry)
+    logging.info('linear epoch %d/%d (%d steps) in %.1f s', e + 1, epochs, steps,
+                 time.time() - start)
+  return carry[0]
+
+
+def encoder_featurizer(model_cfg: Any, image_size: int, aug_cfg: Any) -> Callable:
+  """featurize(weights, uint8 batch, key): crop + flip, then the frozen encoder."""
+  encoder = networks.build_encoder(model_cfg)
+
+  def featurize(weights, images, key):
+    views = random_crop_flip(key, images, image_size, aug_cfg)
+    feats, _ = encoder.apply(weights[0], weights[1], None, views)
+    return jax.lax.stop_gradient(feats)
+
+  return featurize
+
+
+def report_heads(params: linear_lib.Params, learning_rates: tuple[float, ...],
+                 val: tuple[np.ndarray, np.ndarray],
+                 test: tuple[np.ndarray, np.ndarray]) -> dict[str, Any]:
+  """Validation picks the head, test reports it; the same fields as `linear.linear_eval`."""
+  val_acc = linear_lib.evaluate_heads(params, *val)
+  test_acc = linear_lib.evaluate_heads(params, *test)
+  best = linear_lib.select_by_validation(val_acc['top1'])
+  per_lr = [{'lr': float(lr), 'val_top1': float(val_acc['top1'][i]),
+             'val_top5': float(val_acc['top5'][i]), 'test_top1': float(test_acc['top1'][i]),
+             'test_top5': float(test_acc['top5'][i])} for i, lr in enumerate(learning_rates)]
+  return {'best_lr': float(learning_rates[best]), 'best_index': best,
+          'val_top1': per_lr[best]['val_top1'], 'test_top1': per_lr[best]['test_top1'],
+          'test_top5': per_lr[best]['test_top5'], 'per_lr': per_lr}
+
+
+# ------------------------------------------------------------------------------------------
+# The two protocols.
+# ------------------------------------------------------------------------------------------
+
+
+def _cached(cfg: Any, pre: Pretrained, embedder: Embedder) -> tuple[dict, dict]:
+  """Heads on centre-crop features; returns (result, split sizes)."""
+  seed = pre.config.seed
+  pool_x, pool_y = split_features(cfg, embedder, cfg.train_split, seed)
+  train_rows, val_rows = hold_out(cfg, len(pool_y))
+  val = (split_features(cfg, embedder, cfg.val_split, seed) if cfg.val_split
+         else (pool_x[val_rows], pool_y[val_rows]))
+  test = split_features(cfg, embedder, cfg.test_split, seed)
+  classes = num_classes(cfg, pool_y, val[1], test[1])
+  logging.info('training %d linear heads for %d epochs on %d examples', len(cfg.learning_rates),
+               cfg.epochs, len(train_rows))
+  result = linear_lib.linear_eval(pool_x[train_rows], pool_y[train_rows], *val, *test,
+                                  num_classes=classes, learning_rates=tuple(cfg.learning_rates),
+                                  epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed,
+                                  normalize=cfg.normalize_features)
+  sizes = dict(train=len(train_rows), val=len(val[1]), test=len(test[1]))
+  return dict(result, num_classes=classes, feature_dim=int(pool_x.shape[1])), sizes
+
+
+def _augmented(cfg: Any, pre: Pretrained, embedder: Embedder) -> tuple[dict, dict]:
+  """Heads on random crop + flip views through the frozen encoder; centre crops for eval."""
+  seed = pre.config.seed
+  if input_mode(cfg, cfg.train_split) == 'stream':
+    raise ConfigError(f"mode='augmented' keeps the decoded {cfg.dataset}/{cfg.train_split} "
+                      "in memory and it does not fit; use mode='cached' (streamed features)")
+  pool = load_split(cfg, cfg.train_split, seed)
+  train_rows, val_rows = hold_out(cfg, len(pool.labels))
+  val = (split_features(cfg, embedder, cfg.val_split, seed) if cfg.val_split
+         else (embedder.arrays(pool.images[val_rows]), pool.labels[val_rows]))
+  test = split_features(cfg, embedder, cfg.test_split, seed)
+  classes = num_classes(cfg, pool.labels, val[1], test[1])
+  mesh = embedder.mesh
+  images, labels = train_step.replicate((pool.images[train_rows], pool.labels[train_rows]), mesh)
+  featurize = encoder_featurizer(pre.config.model, cfg.image_size, pre.config.augment)
+  batch = max(mesh.size, cfg.batch_size - cfg.batch_size % mesh.size)
+  logging.info('training %d linear heads for %d epochs on augmented views of %d examples',
+               len(cfg.learning_rates), cfg.epochs, len(train_rows))
+  params = train_heads_on_views(images, labels, featurize, (embedder.params, embedder.state),
+                                classes, tuple(cfg.learning_rates), cfg.epochs, batch, cfg.seed,
+                                NamedSharding(mesh, P(train_step.AXIS)))
+  result = report_heads(jax.device_get(params), tuple(cfg.learning_rates), val, test)
+  sizes = dict(train=len(train_rows), val=len(val[1]), test=len(test[1]))
+  return dict(result, num_classes=classes, feature_dim=int(test[0].shape[1])), sizes
+
+
+def evaluate(cfg: Any, pre: Pretrained, workdir: str) -> dict[str, Any]:
+  """Runs linear evaluation of `pre` as configured; appends and returns the record."""
+  cfg = resolve_config(cfg, pre.config)
+  start = time.time()
+  logging.info('linear_eval (%s) of the %s encoder at step %d (%s) on %s', cfg.mode,
+               cfg.network, pre.step, pre.weights, cfg.dataset)
+  embedder = Embedder(cfg, pre)
+  result, sizes = (_cached if cfg.mode == 'cached' else _augmented)(cfg, pre, embedder)
+  record = dict(provenance(cfg, pre, f'linear_{cfg.mode}'),
+                splits=split_record(cfg, pre.config.seed, sizes), epochs=cfg.epochs,
+                batch_size=cfg.batch_size, learning_rates=list(cfg.learning_rates),
+                **result, elapsed_sec=time.time() - start)
+  record = write_record(workdir, 'linear_eval', pre.step, record)
+  logging.info('linear_eval: best lr %g, val top-1 %.4f, test top-1 %.4f, top-5 %.4f',
+               record['best_lr'], record['val_top1'], record['test_top1'], record['test_top5'])
+  return record
+
+
+def write_record(workdir: str, name: str, step: int, record: dict[str, Any]) -> dict[str, Any]:
+  """Appends one record to <workdir>/metrics/<name>.jsonl (process 0 only)."""
+  writer = metric_writers.MetricWriter(workdir, name, jax.process_index() == 0)
+  try:
+    return writer.write(step, record)
+  finally:
+    writer.close()
+
+
+def run(cfg: Any, workdir: str) -> int:
+  """The worker entry point: evaluates the checkpoint that cfg names in workdir."""
+  evaluate(cfg, load_pretrained(cfg, workdir), workdir)
+  return 0

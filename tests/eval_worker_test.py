@@ -1,0 +1,150 @@
+"""Tests of the evaluation worker that follows a trainer's checkpoints."""
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import orbax.checkpoint as ocp
+import pytest
+from checkpointing_test import (
+  IGNORE_ORBAX_CLOSED_LOOP,
+  NUM_STEPS,
+  RUN_FLAGS,
+  finish,
+  run_flags,
+  start,
+  subprocess_env,
+  wait_for,
+)
+from conftest import REPO, tiny_config
+
+from byol_jax import checkpointing, eval_worker, train
+
+
+def start_worker(workdir, **overrides):
+  flags = {'eval_poll_secs': 0.2, 'eval_idle_timeout_secs': 300.0, **overrides}
+  log = open(os.path.join(tempfile.mkdtemp(), 'stderr.txt'), 'w+')
+  proc = subprocess.Popen(
+    [sys.executable, '-m', 'byol_jax.main', '--config=configs/byol.py:demo',
+     '--worker_mode=eval', *run_flags(workdir, **flags)],
+    cwd=REPO, stdout=subprocess.DEVNULL, stderr=log, env=subprocess_env())
+  proc.log = log
+  return proc
+
+
+def log_text(proc):
+  proc.log.seek(0)
+  return proc.log.read()
+
+
+def records(workdir, name='eval_worker'):
+  return train._read_records(os.path.join(workdir, 'metrics', f'{name}.jsonl'))
+
+
+@pytest.fixture(scope='module')
+def followed_run(tmp_path_factory):
+  """A worker started on an empty workdir, then the trainer; returns the workdir and logs."""
+  workdir = str(tmp_path_factory.mktemp('run'))
+  worker = start_worker(workdir)
+  wait_for(lambda: 'eval worker: following' in log_text(worker), proc=worker)
+  unfinished = os.path.join(workdir, 'checkpoints', '5' + ocp.path.step.TMP_DIR_SUFFIX)
+  os.makedirs(os.path.join(unfinished, 'state'))
+  wait_for(lambda: 'skipping unfinished checkpoint 5.orbax' in log_text(worker), proc=worker)
+  trainer = start(workdir)
+  trainer_code, trainer_log = finish(trainer)
+  worker_code, worker_log = finish(worker)
+  assert trainer_code == 0, trainer_log[-3000:]
+  return workdir, worker_code, worker_log
+
+
+def test_worker_started_first_evaluates_each_checkpoint_once(followed_run):
+  """A worker started first must evaluate every finalised step once, then exit 0 at the end.
+
+  It waits for the trainer, skips an unfinished save, records kNN and probe accuracy, and
+  its final kNN equals the trainer's own evaluation of the same state.
+  """
+  workdir, code, log = followed_run
+  assert code == 0, log[-3000:]
+  assert 'evaluated the final step 8; done' in log
+  got = records(workdir)
+  assert [r['step'] for r in got] == [2, 4, 6, NUM_STEPS]
+  for r in got:
+    assert (r['dataset'], r['split'], r['network']) == ('demo', 'test', 'online')
+    assert 0.0 <= r['knn_top1'] <= r['knn_top5'] <= 1.0 and 0.0 <= r['probe_top1'] <= 1.0
+  inline = records(workdir, 'eval')[-1]
+  assert inline['step'] == NUM_STEPS
+  assert got[-1]['knn_top1'] == pytest.approx(inline['knn_top1'])
+
+
+def _worker_cfg(**overrides):
+  return tiny_config(**{**RUN_FLAGS, 'eval_poll_secs': 0.05, 'eval_idle_timeout_secs': 1.0,
+                        **overrides})
+
+
+@IGNORE_ORBAX_CLOSED_LOOP
+def test_worker_skips_damaged_and_vanishing_checkpoints_and_remembers(followed_run, tmp_path,
+                                                                      monkeypatch, caplog):
+  """Damaged or vanishing checkpoints must be skipped, not crash; a restart must not redo work.
+
+  A truncated newest checkpoint and one deleted while being read are logged and skipped;
+  without the final step the worker stops after the idle timeout; a restarted worker
+  rereads its records and evaluates nothing twice.
+  """
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(followed_run[0], workdir)
+  os.remove(os.path.join(workdir, 'metrics', 'eval_worker.jsonl'))
+  state_dir = os.path.join(workdir, 'checkpoints', '8', 'state')
+  data = max((os.path.join(d, f) for d, _, files in os.walk(state_dir) for f in files
+              if f'{os.sep}d{os.sep}' in os.path.join(d, f)), key=os.path.getsize)
+  with open(data, 'r+b') as f:
+    f.truncate(os.path.getsize(data) // 2)
+  read_state = checkpointing._read_state
+
+  def deleted_while_reading(path, *args):
+    if path.endswith(f'{os.sep}6'):
+      shutil.rmtree(path)
+    return read_state(path, *args)
+
+  monkeypatch.setattr(checkpointing, '_read_state', deleted_while_reading)
+  with caplog.at_level('INFO'):
+    assert eval_worker.run(_worker_cfg(), workdir) == eval_worker.IDLE_EXIT
+  assert [r['step'] for r in records(workdir)] == [2, 4]
+  assert 'skipping checkpoint step 6: checkpoint step 6 was deleted while being read' in caplog.text
+  assert 'skipping checkpoint step 8' in caplog.text
+
+  caplog.clear()
+  with caplog.at_level('INFO'):
+    assert eval_worker.run(_worker_cfg(), workdir) == eval_worker.IDLE_EXIT
+  assert 'already evaluated steps [2, 4]' in caplog.text
+  assert [r['step'] for r in records(workdir)] == [2, 4]
+
+
+def test_target_network_gets_its_own_records(followed_run, tmp_path):
+  """eval_network='target' must evaluate the target encoder into its own records (no probe)."""
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(followed_run[0], workdir)
+  for step in (2, 4, 6):
+    shutil.rmtree(os.path.join(workdir, 'checkpoints', str(step)))
+  assert eval_worker.run(_worker_cfg(eval_network='target'), workdir) == 0
+  (record,) = records(workdir, 'eval_worker_target')
+  assert record['step'] == NUM_STEPS and record['network'] == 'target'
+  assert record['probe_top1'] is None and 0.0 <= record['knn_top1'] <= 1.0
+
+
+def test_names_and_config_for_another_dataset():
+  """A worker on another dataset must keep the run's model, use its data, name its file."""
+  cfg = _worker_cfg(eval_dataset='tfds:cifar10', data_dir='/data', **{'knn.k': 7})
+  assert eval_worker.metrics_name(cfg) == 'eval_worker_tfds_cifar10'
+  assert eval_worker.metrics_name(_worker_cfg(eval_network='target')) == 'eval_worker_target'
+  saved = tiny_config(**{'model.projection_dim': 12})
+  out = eval_worker.eval_config(saved, cfg)
+  assert (out.dataset, out.data_dir, out.knn.k) == ('tfds:cifar10', '/data', 7)
+  assert out.model.projection_dim == 12 and out.image_size == saved.image_size
+
+
+def test_bad_network_is_a_config_error(tmp_path):
+  """An unknown eval_network must fail at once, listing the valid choices."""
+  with pytest.raises(train.ConfigError, match='online, target'):
+    eval_worker.run(_worker_cfg(eval_network='ema'), str(tmp_path))
