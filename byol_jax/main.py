@@ -1,8 +1,9 @@
 """Command line: `python -m byol_jax.main --config=configs/byol.py:PRESET --workdir=DIR`.
 
-The only module that defines flags. `--worker_mode` picks what this process does: `train`
-(pretraining with inline kNN evaluation), or an evaluation worker that follows the
-trainer's checkpoints in the same workdir.
+The training CLI's flags live here (plot, export and benchmark define their own inside
+their `main()`, so importing any module defines none). `--worker_mode` picks what this
+process does: `train` (pretraining with inline kNN evaluation), `eval` (follows the
+trainer's checkpoints), `linear_eval` or `finetune` (paper protocols on a checkpoint).
 """
 
 from __future__ import annotations

@@ -133,7 +133,7 @@ class KnnEval:
 
   def __init__(self, cfg: Any, mesh, train: data_lib.Split | None):
     self.cfg, self.mesh = cfg, mesh
-    self.train = train if train is not None else data_lib.load_split(cfg, 'train')
+    self.train = train if train is not None else data_lib.load_split(cfg, data_lib.PRETRAIN_SPLIT)
     limit = cfg.knn.train_examples
     if limit and limit < len(self.train.labels):
       self.train = data_lib.Split(self.train.images[:limit], self.train.labels[:limit])
@@ -466,6 +466,7 @@ def _loop(cfg, workdir, mesh, data, fns, state, faults, ckpt, preemption, num_st
     _write_preview(cfg, state, workdir, eval_writer, data, is_main)
 
   progress = Progress(start, num_steps, cfg.batch_size)
+  loop_start = time.time()
   clock = _SaveClock(cfg.checkpoint, num_steps, cfg.log_every_steps)
   last_train, last_eval, preempted = {}, {}, None
   logging.info('training steps %d..%d of %d (%d per epoch, global batch %d, %d devices)',
@@ -486,7 +487,8 @@ def _loop(cfg, workdir, mesh, data, fns, state, faults, ckpt, preemption, num_st
     is_eval = cfg.eval_every_steps and step % cfg.eval_every_steps == 0
     if is_eval or step == num_steps:
       result = {**knn(state.online_params, state.online_state), **init_knn,
-                'epoch': step / spe, 'network': 'online', 'split': 'test'}
+                'epoch': step / spe, 'network': 'online', 'split': 'test',
+                'elapsed_sec': time.time() - loop_start}
       last_eval = eval_writer.write(step, result)
       logging.info('eval at step %d: %s', step, _fmt_metrics(result))
     stop = preemption.reached(step, ckpt)

@@ -38,7 +38,7 @@ ARG_KEYS = ('epochs',)
 
 def _model(depth: int, width: float, cifar_stem: bool) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
-    depth=depth, width=width, cifar_stem=cifar_stem, zero_init_last_bn=True,
+    depth=depth, width=float(width), cifar_stem=cifar_stem, zero_init_last_bn=True,
     bn_decay=0.9, bn_eps=1e-5, projector_hidden=4096, predictor_hidden=4096,
     projection_dim=256, projector_norm='batchnorm', predictor_norm='batchnorm'))
 
@@ -108,7 +108,7 @@ def _cifar10(epochs: int) -> ml_collections.ConfigDict:
     the ImageNet 1000-epoch values (base 0.2, wd 1.5e-6, tau 0.996) learn too slowly here.
   - No Gaussian blur: a 3 px kernel on 32 px images only destroys detail.
   - Evaluation uses the whole 32 px image (no 0.875 centre crop).
-  Run (GPU): `bash experiments/cifar10_gpu.sh` (see experiments/README_cifar10.md).
+  Run (GPU): `bash experiments/cifar10_gpu.sh` (see the README's results section).
   """
   cfg = _base(1000)
   cfg.preset = 'cifar10'
