@@ -1,9 +1,10 @@
 """BYOL pretraining presets: `--config=configs/byol.py:PRESET[,epochs=N]`.
 
 Presets (run from the repository root):
-  demo     ResNet-10 (CIFAR stem, width 1/2) on the built-in shapes data, 24 px, CPU-sized:
+  demo     ResNet-10 (width 1/2) on the built-in shapes data, 32 px, 300 steps, CPU-sized:
            `python -m byol_jax.main --config=configs/byol.py:demo --workdir=runs/demo`
-           (about 3 minutes on 2 CPU cores; kNN top-1 rises well above the random encoder's).
+           (about 3-4 minutes on 2 idle CPU cores, compilation and evaluation included;
+           kNN top-1 rises from about 0.3 for the random encoder to about 0.6).
   cifar10  ResNet-18 with the CIFAR stem, 32 px, batch 512, data resident on the device.
   r18 r50 r101 r152 r50x2 r50x4 r200x2
            ImageNet presets with the paper's defaults (batch 4096, LARS, base LR 0.2 for 1000
@@ -73,28 +74,43 @@ def _base(epochs: int) -> ml_collections.ConfigDict:
 
 
 def _demo() -> ml_collections.ConfigDict:
-  """A CPU-sized run on generated shapes that learns visibly in a few minutes."""
+  """A CPU-sized run on the generated shapes data that learns visibly in a few minutes.
+
+  `python -m byol_jax.main --config=configs/byol.py:demo --workdir=runs/demo` takes about
+  3-4 minutes on 2 idle CPU cores, compilation and both kNN evaluations included; kNN top-1
+  on the test split rises from about 0.3 (the random encoder, `knn_top1_init`) to about 0.6
+  (seeds 0 and 1). What makes that possible in 300 steps:
+  - the data (byol_jax/demo_data.py): light shapes on dark backgrounds, large and near the
+    centre. With a random contrast sign per image BYOL learnt colour, not shape;
+  - a ResNet-10 at half width with the ImageNet stem on 32 px images (8x8 maps after the
+    stem): about 4x cheaper per image than the CIFAR stem at 24 px, so more steps fit;
+  - base LR 2 (LR 1 at batch 128): with LARS the relative weight change per step is about
+    LR x trust coefficient (1e-3), so few steps need a high LR; one warmup epoch;
+  - the paper's augmentations, except crops of at least 30% of the area (not 8%) and no
+    blur (a 3 px kernel at 32 px only erases detail).
+  """
   cfg = _base(100)
   cfg.preset = 'demo'
   cfg.dataset = 'demo'
-  cfg.image_size = 24
+  cfg.image_size = 32
   cfg.eval_crop_fraction = 1.0
   cfg.batch_size = 128
-  cfg.epochs = 40
-  cfg.model = _model(10, 0.5, True)
+  cfg.epochs = 15  # 20 steps per epoch: 300 steps
+  cfg.model = _model(10, 0.5, False)
   cfg.model.projector_hidden = cfg.model.predictor_hidden = 512
   cfg.model.projection_dim = 128
-  cfg.optimizer.base_lr = 1.0
+  cfg.optimizer.base_lr = 2.0
   cfg.optimizer.weight_decay = 1e-6
-  cfg.optimizer.warmup_epochs = 2
+  cfg.optimizer.warmup_epochs = 1
   cfg.tau_base = 0.99
   cfg.augment.blur = False
-  cfg.augment.crop_area_min = 0.25
+  cfg.augment.crop_area_min = 0.3
   cfg.log_every_steps = 20
+  cfg.eval_every_steps = 0  # kNN at initialisation and at the end only
   cfg.eval_at_init = True
   cfg.demo.train_examples = 2560
   cfg.demo.test_examples = 1000
-  cfg.checkpoint.every_steps = 200
+  cfg.checkpoint.every_steps = 100
   return cfg
 
 

@@ -1,5 +1,5 @@
-"""Tests of the built-in demo dataset: determinism, format, balance, and that shape, not
-colour, carries the label."""
+"""Tests of the built-in demo dataset: determinism, format, balance, that shape, not colour,
+carries the label, and the properties that make it learnable in the demo's budget."""
 
 import time
 
@@ -70,9 +70,38 @@ def test_generation_is_fast():
 def test_colour_does_not_carry_the_label(splits):
   """Breaks if colour correlates with class, which would let an encoder skip shape."""
   (tr_x, tr_y), (te_x, te_y) = splits
+  pixels = lambda x: x.reshape(len(x), -1, 3).astype(np.float64)
+  # The 5th and 95th percentiles per channel estimate the background and foreground
+  # colours themselves: close to chance (0.1; about 0.14 measured).
+  def colours(x):
+    return np.concatenate([np.percentile(pixels(x), 5, axis=1),
+                           np.percentile(pixels(x), 95, axis=1)], 1)
+  assert _nearest_class_mean(colours(tr_x), tr_y, colours(te_x), te_y) < 0.2
+  # Mean and std also reflect how much of the image the shape covers, which is a property of
+  # the shape (a filled square covers more than a ring), hence the looser bound (about 0.27).
   def stats(x):
-    return np.concatenate([x.reshape(len(x), -1, 3).mean(1), x.reshape(len(x), -1, 3).std(1)], 1)
+    return np.concatenate([pixels(x).mean(1), pixels(x).std(1)], 1)
   assert _nearest_class_mean(stats(tr_x), tr_y, stats(te_x), te_y) < 0.3
+
+
+def test_light_shapes_on_dark_backgrounds_near_the_centre(splits):
+  """Breaks if the contrast sign becomes random again (BYOL then learns colour, not shape, in
+  the demo's budget) or shapes drift off-centre or shrink (crops would then miss them)."""
+  fg, bg = demo_data._colours(np.random.default_rng(0), 1000)
+  assert (fg.min(1) > bg.max(1)).all()  # Every channel of the shape is the lighter one.
+  (x, _), _ = splits
+  size = x.shape[1]
+  lum = x.astype(np.float64).mean(-1) / 255.0
+  border = np.concatenate([lum[:, 0], lum[:, -1], lum[:, :, 0], lum[:, :, -1]], 1)
+  assert border.mean(1).max() < 0.4  # The image edge is background.
+  light = lum > 0.45
+  grid = np.arange(size) + 0.5
+  count = light.sum((1, 2))
+  cy = (light * grid[None, :, None]).sum((1, 2)) / count
+  cx = (light * grid[None, None, :]).sum((1, 2)) / count
+  assert np.maximum(abs(cy - size / 2), abs(cx - size / 2)).max() < 0.15 * size
+  extent = np.maximum(light.any(2).sum(1), light.any(1).sum(1)) / size
+  assert extent.mean() > 0.7 and extent.min() > 0.25  # About 0.78 and 0.28 measured.
 
 
 def test_shape_carries_the_label(splits):
