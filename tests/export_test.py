@@ -195,7 +195,8 @@ def test_cli_npz_is_the_checkpoint_encoder(checkpointed):
   assert path in result.stdout and not result.stderr.strip()
   params, bn_state, meta = export.load_npz(path)
   assert (meta['network'], meta['step'], meta['feature_dim']) == ('target', 3, 64)
-  assert meta['image_size'] == cfg.image_size and meta['model']['cifar_stem']
+  assert meta['image_size'] == cfg.image_size
+  assert meta['model']['cifar_stem'] == cfg.model.cifar_stem
   expected = networks.encoder_subtree(state.target_params)
   assert params.keys() == expected.keys()
   for module, leaves in expected.items():
