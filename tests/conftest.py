@@ -19,7 +19,7 @@ def tiny_config(**overrides):
   """The demo preset shrunk to a model and data that train a step in about a second."""
   from configs import byol
   cfg = byol.get_config('demo')
-  cfg.model.depth, cfg.model.width = 10, 0.125
+  cfg.model.depth, cfg.model.width, cfg.model.cifar_stem = 10, 0.125, True
   cfg.model.projector_hidden = cfg.model.predictor_hidden = 32
   cfg.model.projection_dim = 16
   cfg.image_size = 16

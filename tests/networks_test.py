@@ -46,7 +46,7 @@ def test_cifar_stem_replaces_7x7_conv_and_max_pool():
     p, s = jax.jit(lambda x, f=fwd: f.init(jax.random.PRNGKey(0), x))(x)
     apply = jax.jit(lambda p, s, x, f=fwd: f.apply(p, s, None, x)[0])
     flops[cifar] = apply.lower(p, s, x).compile().cost_analysis()['flops']
-  assert flops[True] > 10 * flops[False]
+  assert flops[True] > 5 * flops[False]  # 4x more resolution per side after the stem
 
 
 def test_zero_init_last_bn_makes_blocks_identity_residuals():
