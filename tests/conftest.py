@@ -40,3 +40,14 @@ def tiny_config(**overrides):
 @pytest.fixture
 def tiny_cfg():
   return tiny_config()
+
+
+@pytest.fixture(scope='session')
+def pretrained_workdir(tmp_path_factory):
+  """A pretraining workdir with a finalised checkpoint of a tiny run (4 steps), built once."""
+  from byol_jax import train
+  path = str(tmp_path_factory.mktemp('pretrain'))
+  cfg = tiny_config()
+  cfg.eval_at_init = False
+  train.train_and_evaluate(cfg, path)
+  return path

@@ -16,13 +16,9 @@ from configs import linear_eval as eval_configs
 
 
 @pytest.fixture(scope='module')
-def workdir(tmp_path_factory):
-  """A pretraining workdir with a finalised checkpoint of a tiny run (4 steps)."""
-  path = str(tmp_path_factory.mktemp('pretrain'))
-  cfg = tiny_config()
-  cfg.eval_at_init = False
-  train.train_and_evaluate(cfg, path)
-  return path
+def workdir(pretrained_workdir):
+  """The shared tiny pretraining workdir (tests/conftest.py)."""
+  return pretrained_workdir
 
 
 def ft_config(**overrides):
