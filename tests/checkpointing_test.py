@@ -34,7 +34,7 @@ NUM_STEPS = 8
 # eval_worker_test (one compiled step for all of them).
 RUN_FLAGS = {
   'model.width': 0.125, 'model.projector_hidden': 32, 'model.predictor_hidden': 32,
-  'model.projection_dim': 16, 'image_size': 16, 'batch_size': 16,
+  'model.projection_dim': 16, 'model.cifar_stem': False, 'image_size': 16, 'batch_size': 16,
   'demo.train_examples': 64, 'demo.test_examples': 32, 'steps': NUM_STEPS,
   'log_every_steps': 1, 'knn.k': 10, 'eval_at_init': False,
   'checkpoint.every_steps': 2, 'checkpoint.every_secs': 0, 'checkpoint.keep': 0,
