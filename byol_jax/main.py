@@ -32,6 +32,15 @@ _CONFIG = config_flags.DEFINE_config_file(
   lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/demo', 'Where metrics, checkpoints go.')
 _MODE = flags.DEFINE_enum('worker_mode', 'train', WORKER_MODES, 'What this process does.')
+# Several processes (hosts) in one run; see README "Multi-host training".
+_MULTIHOST = flags.DEFINE_enum(
+  'multihost', 'auto', ('auto', 'on', 'off'),
+  'auto: join a multi-process run when the flags below or SLURM / Open MPI / Cloud TPU '
+  'variables say so; on: always call jax.distributed.initialize (TPU pod slices); off: never.')
+_COORDINATOR = flags.DEFINE_string(
+  'coordinator_address', None, 'HOST:PORT of process 0, the same on every process.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in the run.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process, 0..num_processes-1.')
 
 
 def _quiet_logs() -> None:
@@ -39,13 +48,45 @@ def _quiet_logs() -> None:
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 
+def _join(cfg) -> float:
+  """Joins a multi-process run when asked to and checks that all processes agree; returns
+  the silence after which a process counts as lost (0: single process, nothing to watch)."""
+  from byol_jax import checkpointing, multihost
+  launch = multihost.plan(_MULTIHOST.value, _COORDINATOR.value, _NUM_PROCESSES.value,
+                          _PROCESS_ID.value)
+  if launch is None:
+    return 0.0
+  if _MODE.value != 'train':
+    raise multihost.LaunchError(f'--worker_mode={_MODE.value} runs on one process; start it '
+                                'on a single host with --multihost=off')
+  timeouts = cfg.multihost
+  multihost.initialize(launch, timeouts.join_timeout_secs, timeouts.peer_timeout_secs)
+  import jax
+  if jax.process_index() != 0:
+    logging.set_verbosity(logging.WARNING)  # process 0 reports progress for the run
+
+  def describe(ref, mine):
+    trajectory, other = checkpointing.config_differences(ref['config'], mine['config'])
+    return trajectory + other + [f'{k} ({ref[k]!r} -> {mine[k]!r})' for k in sorted(ref)
+                                 if k != 'config' and ref[k] != mine.get(k)]
+
+  facts = dict(config=checkpointing.config_to_dict(cfg), workdir=os.path.abspath(_WORKDIR.value),
+               worker_mode=_MODE.value, local_devices=jax.local_device_count(),
+               platform=jax.default_backend())
+  multihost.check_agreement(facts, timeouts.join_timeout_secs, describe)
+  return timeouts.peer_timeout_secs
+
+
 def run(argv: list[str]) -> int:
   del argv
-  from byol_jax import datasets, train  # after flag parsing: keeps --help fast
+  from byol_jax import datasets, multihost, train  # after flag parsing: keeps --help fast
   cfg = _CONFIG.value
   try:
-    return importlib.import_module(WORKERS[_MODE.value]).run(cfg, _WORKDIR.value)
-  except (train.ConfigError, datasets.DataError) as e:
+    peer_timeout = _join(cfg)
+    with multihost.PeerWatch(peer_timeout) as watch:
+      watch.exit_code = importlib.import_module(WORKERS[_MODE.value]).run(cfg, _WORKDIR.value)
+    return watch.exit_code
+  except (train.ConfigError, datasets.DataError, multihost.LaunchError) as e:
     logging.error('%s', e)
     print(f'error: {e}', file=sys.stderr)
     return 2

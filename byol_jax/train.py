@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from byol_jax import checkpointing, metric_writers, optim, preview, train_step
+from byol_jax import checkpointing, metric_writers, multihost, optim, preview, train_step
 from byol_jax import data as data_lib
 from byol_jax.evaluators import knn as knn_lib
 from byol_jax.evaluators.common import embed_arrays, make_embed_fn
@@ -331,18 +331,12 @@ def _restore(cfg: Any, workdir: str, num_classes: int) -> checkpointing.Restored
     return None
   if restored.skipped:
     checkpointing.set_aside(workdir, [step for step, _ in restored.skipped])
-  _sync_processes('byol_jax.restore')
+  multihost.barrier('restore', cfg.multihost.barrier_timeout_secs)
   logging.info('resuming from checkpoint step %d (saved with %s devices; now %d)%s',
                restored.step, restored.meta.get('num_devices', '?'), jax.device_count(),
                f'; skipped damaged steps {[s for s, _ in restored.skipped]}'
                if restored.skipped else '')
   return restored
-
-
-def _sync_processes(name: str) -> None:
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices(name)
 
 
 def _read_records(path: str) -> list[dict[str, Any]]:
@@ -535,7 +529,7 @@ def _fail(e: BaseException, code: int) -> int:
 
 def _next_stream_batch(stream: Iterator, mesh):
   batch = next(stream)
-  return train_step.shard_batch((batch['views'], batch['labels']), mesh)
+  return train_step.shard_process_batch((batch['views'], batch['labels']), mesh)
 
 
 def _fmt_metrics(metrics: dict[str, Any]) -> str:

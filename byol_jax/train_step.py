@@ -154,8 +154,23 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
 
 
 def shard_batch(tree: Any, mesh: Mesh) -> Any:
-  """Places host arrays on the mesh, split along their leading axis."""
+  """Places host arrays on the mesh, split along their leading axis.
+
+  The arrays are the global value: with several processes each passes the same arrays
+  and keeps only the rows of its own devices (the device-resident dataset).
+  """
   return jax.device_put(tree, NamedSharding(mesh, P(AXIS)))
+
+
+def shard_process_batch(tree: Any, mesh: Mesh) -> Any:
+  """Places this process's rows of a global batch (a streamed batch) on its devices.
+
+  The global batch is the processes' rows concatenated in process order, the same rows a
+  single process holding all devices would get.
+  """
+  sharding = NamedSharding(mesh, P(AXIS))
+  return jax.tree_util.tree_map(
+    lambda x: jax.make_array_from_process_local_data(sharding, x), tree)
 
 
 def _shard_map(fn: Callable, mesh: Mesh, in_specs, out_specs) -> Callable:

@@ -70,6 +70,9 @@ def _base(epochs: int) -> ml_collections.ConfigDict:
     eval_network='online',  # or 'target'
     eval_poll_secs=10.0,
     eval_idle_timeout_secs=3600.0,  # stop after this long without a new checkpoint (0: never)
+    # Several processes (see README "Multi-host training"): how long to wait for all to
+    # join, for a silent process before stopping the others, and at each barrier.
+    multihost=dict(join_timeout_secs=300.0, peer_timeout_secs=120.0, barrier_timeout_secs=900.0),
   ))
 
 

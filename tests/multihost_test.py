@@ -1,0 +1,179 @@
+"""Tests of multi-process training: 2 processes x 2 CPU devices against 1 process x 4.
+
+The processes talk through JAX's distributed runtime on localhost and JAX's CPU
+collectives (gloo), as separate hosts would. They share the tiny config and compilation
+cache of checkpointing_test.
+"""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import jax
+import numpy as np
+import pytest
+from checkpointing_test import finish, run_flags, subprocess_env
+from conftest import REPO
+
+from byol_jax import checkpointing, multihost, train
+
+STEPS = 6
+FLAGS = {'steps': STEPS, 'multihost.peer_timeout_secs': 20.0}
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    return s.getsockname()[1]
+
+
+def launch(workdir, devices, process_id=None, num_processes=2, port=None, flags=None):
+  """`python -m byol_jax.main` as process `process_id` (None: a single-process run)."""
+  argv = [sys.executable, '-m', 'byol_jax.main', '--config=configs/byol.py:demo',
+          *run_flags(workdir, **{**FLAGS, **(flags or {})})]
+  if process_id is not None:
+    argv += [f'--coordinator_address=localhost:{port}', f'--num_processes={num_processes}',
+             f'--process_id={process_id}']
+  log = open(os.path.join(tempfile.mkdtemp(), 'stderr.txt'), 'w+')
+  proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=log,
+                          env=subprocess_env(devices))
+  proc.log = log
+  return proc
+
+
+def launch_pair(workdir, flags=None, flags_1=None):
+  """Processes 0 and 1 of a 2-process run, 2 CPU devices each."""
+  port = free_port()
+  return [launch(workdir, 2, i, 2, port, {**(flags or {}), **((flags_1 or {}) if i else {})})
+          for i in range(2)]
+
+
+def params(workdir, step):
+  return checkpointing.load_state(workdir, step)[0].online_params
+
+
+def assert_close(a, b):
+  """float32 agreement: collectives reduce in another order across processes, so the last
+  bits differ (measured: at most 5e-7 after 6 steps); a sampling or reduction bug moves
+  parameters by 1e-4 and more per step."""
+  jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6),
+                         a, b)
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory):
+  """The same run as 1 process x 4 devices and as 2 processes x 2 devices, concurrently."""
+  one, two = (str(tmp_path_factory.mktemp(name)) for name in ('one_process', 'two_processes'))
+  procs = [launch(one, 4), *launch_pair(two)]
+  results = [finish(p, timeout=600) for p in procs]
+  for code, log in results:
+    assert code == 0, log[-3000:]
+  return one, two, results
+
+
+def test_two_processes_train_like_one_process_with_the_same_devices(runs):
+  """Same global batch, seed and device count: params must agree to float32 tolerance.
+
+  Breaks if a process samples or augments other rows than its devices would in one
+  process, if gradients or BN statistics are not reduced across processes, or if the
+  processes hold different replicas."""
+  one, two, results = runs
+  assert checkpointing.finalised_steps(two) == [2, 4, 6]
+  assert_close(params(two, STEPS), params(one, STEPS))
+  log_0, log_1 = results[1][1], results[2][1]
+  assert 'process 0 of 2 joined; 2 local of 4 devices' in log_0
+  assert 'step 6/6' in log_0 and 'step 6/6' not in log_1  # only process 0 reports progress
+  train_log = os.path.join(two, 'metrics', 'train.jsonl')
+  assert [r['step'] for r in train._read_records(train_log)] == list(range(1, STEPS + 1))
+
+
+def test_two_process_checkpoints_restore_in_one_process(runs, tmp_path):
+  """The 2-process run's step-4 checkpoint resumes in 1 process x 4 devices and reaches the
+  same step-6 params as the uninterrupted 1-process run. Breaks if checkpoints hold
+  per-process pieces, or if restore needs the saving run's process count."""
+  one, two, _ = runs
+  workdir = str(tmp_path / 'resumed')
+  shutil.copytree(two, workdir)
+  shutil.rmtree(os.path.join(workdir, 'checkpoints', str(STEPS)))
+  code, log = finish(launch(workdir, 4), timeout=300)
+  assert code == 0, log[-3000:]
+  assert 'resuming from checkpoint step 4 (saved with 4 devices' in log
+  assert_close(params(workdir, STEPS), params(one, STEPS))
+
+
+def test_a_killed_process_ends_the_others_with_a_message(tmp_path):
+  """SIGKILL one process mid-run: the other must exit (code 5) naming the silent process
+  and the coordinator, well before JAX's own heartbeat abort, instead of hanging."""
+  workdir = str(tmp_path / 'run')
+  procs = launch_pair(workdir, flags={'steps': 2000, 'multihost.peer_timeout_secs': 8.0})
+  train_log = os.path.join(workdir, 'metrics', 'train.jsonl')
+  deadline = time.time() + 400
+  while not (os.path.exists(train_log) and len(train._read_records(train_log)) >= 2):
+    assert time.time() < deadline and all(p.poll() is None for p in procs), \
+      finish(procs[0], 1)[1][-3000:]
+    time.sleep(0.2)
+  procs[1].send_signal(signal.SIGKILL)
+  killed_at = time.time()
+  code, log = finish(procs[0], timeout=120)
+  waited = time.time() - killed_at
+  finish(procs[1], 5)
+  assert code == multihost.EXIT_PROCESS_LOST, log[-3000:]
+  # Before it, the step or a checkpoint save in flight may fail with gloo's closed connection.
+  message = [line for line in log.splitlines() if line.startswith('error: ')]
+  assert message and 'process 1 of 2 has not been heard from for 8 s' in message[-1], log[-2000:]
+  assert 'coordinator localhost:' in message[-1]
+  assert waited < 60  # JAX's heartbeat abort would come after 8 + 60 s
+
+
+def test_a_process_that_never_joins_times_out_with_the_coordinator_named(tmp_path):
+  """Process 1 of 2 started alone: a one-line error naming the coordinator, exit 5."""
+  port = free_port()
+  proc = launch(str(tmp_path / 'run'), 2, 1, 2, port, {'multihost.join_timeout_secs': 3.0})
+  code, log = finish(proc, timeout=120)
+  assert code == multihost.EXIT_PROCESS_LOST, log[-3000:]
+  assert (f'error: process 1 of 2 could not join the run at coordinator localhost:{port} '
+          'within 3 s') in log
+
+
+def test_processes_started_differently_are_refused(tmp_path):
+  """A different batch size on process 1: every process exits 2 naming the field."""
+  procs = launch_pair(str(tmp_path / 'run'), flags_1={'batch_size': 32})
+  for proc in procs:
+    code, log = finish(proc, timeout=300)
+    assert code == 2, log[-3000:]
+    assert 'process 1: batch_size (16 -> 32)' in log and 'Traceback' not in log
+
+
+@pytest.mark.parametrize('env, expected', [
+  ({}, None),
+  ({'SLURM_PROCID': '0', 'SLURM_NTASKS': '1'}, None),
+  ({'SLURM_PROCID': '3', 'SLURM_NTASKS': '8'}, 'SLURM'),
+  ({'OMPI_COMM_WORLD_SIZE': '4'}, 'Open MPI'),
+  ({'TPU_WORKER_HOSTNAMES': 'host-0'}, None),
+  ({'TPU_WORKER_HOSTNAMES': 'host-0,host-1'}, 'Cloud TPU'),
+])
+def test_cluster_detection_reads_only_multi_process_launchers(env, expected):
+  """Single-task SLURM jobs and single-host TPU VMs must stay single-process."""
+  assert multihost.detected_cluster(env) == expected
+  launch_plan = multihost.plan('auto', None, None, None, env)
+  assert (launch_plan.source if launch_plan else None) == expected
+
+
+def test_launch_flags_are_checked():
+  """Explicit flags make a plan; incomplete or impossible ones are one-line errors."""
+  plan = multihost.plan('auto', 'host:1234', 2, 1, {})
+  assert (plan.coordinator_address, plan.num_processes, plan.process_id) == ('host:1234', 2, 1)
+  assert multihost.plan('on', None, None, None, {}).source == '--multihost=on'
+  assert multihost.plan('off', None, None, None, {'OMPI_COMM_WORLD_SIZE': '4'}) is None
+  for args, match in [(('auto', 'host:1234', 2, None), 'missing --process_id'),
+                      (('auto', 'host', 2, 0), 'HOST:PORT'),
+                      (('auto', 'host:1', 2, 2), r'\[0, 2\)'),
+                      (('off', 'host:1', 2, 0), 'contradicts')]:
+    with pytest.raises(multihost.LaunchError, match=match):
+      multihost.plan(*args, {})
+
