@@ -1,12 +1,15 @@
 """PNG plots of a run's metrics, for people without TensorBoard (CI artefacts, papers, email).
 
-    python -m byol_jax.plot --workdir=runs/demo [--output=DIR]
+    python -m byol_jax.plot --workdir=runs/demo [--output=DIR] [--figures=knn,loss]
+    python -m byol_jax.plot --workdir=runs/cifar10 --figures=knn --output=docs/knn.png
 
 Reads `metrics/*.jsonl` (train.jsonl from the trainer; eval.jsonl and any evaluation
-worker's file, e.g. linear_eval.jsonl) and writes into WORKDIR/plots by default:
+worker's file, e.g. linear_eval.jsonl) and writes into WORKDIR/plots by default (or into
+--output: a folder, or a .png path when --figures names one figure):
   loss.png      BYOL loss
   schedule.png  learning rate and target EMA rate tau
-  knn.png       kNN top-1 per evaluation file; dashed: the encoder at initialisation
+  knn.png       kNN top-1 per evaluation file over epochs (over steps when a record has no
+                epoch, as the eval worker's); dashed: the encoder at initialisation
   collapse.png  proj_std with its healthy value 1/sqrt(projection_dim), and proj_rank
   accuracy.png  online probe top-1, and linear-evaluation top-1 where present
 Each figure needs only its own metrics; figures without data are skipped. Imports neither
@@ -40,15 +43,15 @@ def load_metrics(workdir: str) -> dict[str, Records]:
   return {name: records for name, records in metrics.items() if records}
 
 
-def series(records: Records, key: str) -> Series:
-  """(steps, values) of the records that have a finite number under `key`."""
-  steps, values = [], []
+def series(records: Records, key: str, x: str = 'step') -> Series:
+  """(x values, values) of the records that have finite numbers under `x` and `key`."""
+  xs, values = [], []
   for record in records:
-    value = _number(record.get(key))
-    if value is not None and 'step' in record:
-      steps.append(float(record['step']))
+    value, position = _number(record.get(key)), _number(record.get(x))
+    if value is not None and position is not None:
+      xs.append(position)
       values.append(value)
-  return steps, values
+  return xs, values
 
 
 def _number(value: Any) -> float | None:
@@ -104,18 +107,25 @@ def _plot_schedule(fig, metrics, workdir) -> bool:
   return bool(panels)
 
 
+def knn_axis(metrics: dict[str, Records]) -> str:
+  """'epoch' when every kNN record carries its epoch (the trainer's do), else 'step'."""
+  scored = [r for _, records in _eval_files(metrics) for r in records
+            if _number(r.get('knn_top1')) is not None]
+  return 'epoch' if scored and all(_number(r.get('epoch')) is not None for r in scored) else 'step'
+
+
 def _plot_knn(fig, metrics, workdir) -> bool:
   ax = fig.add_subplot()
-  drawn, init = False, None
+  drawn, init, x = False, None, knn_axis(metrics)
   for name, records in _eval_files(metrics):
-    steps, values = series(records, 'knn_top1')
-    if steps:
-      ax.plot(steps, values, marker='o', markersize=3, label=f'{name} kNN top-1')
+    xs, values = series(records, 'knn_top1', x)
+    if xs:
+      ax.plot(xs, values, marker='o', markersize=3, label=f'{name} kNN top-1')
       drawn = True
     init = init if init is not None else first_value(records, 'knn_top1_init')
   if init is not None:
     ax.axhline(init, linestyle='--', color='gray', label=f'at initialisation ({init:.3f})')
-  _finish(ax, 'top-1', 'kNN top-1 (test split)')
+  _finish(ax, 'top-1', 'kNN top-1 (test split)', xlabel=x)
   return drawn
 
 
@@ -170,8 +180,8 @@ def _eval_files(metrics: dict[str, Records]) -> list[tuple[str, Records]]:
   return groups
 
 
-def _finish(ax, ylabel: str, title: str, legend: bool = True) -> None:
-  ax.set_xlabel('step')
+def _finish(ax, ylabel: str, title: str, legend: bool = True, xlabel: str = 'step') -> None:
+  ax.set_xlabel(xlabel)
   ax.set_ylabel(ylabel)
   ax.set_title(title, fontsize=10)
   ax.grid(alpha=0.3)
@@ -188,14 +198,32 @@ FIGURES: Sequence[tuple[str, Callable[..., bool], tuple[float, float]]] = (
 )
 
 
+FIGURE_NAMES = tuple(name for name, _, _ in FIGURES)
+
+
 class NoMetricsError(ValueError):
   """The workdir has nothing to plot."""
 
 
-def make_plots(workdir: str, output: str | None = None) -> list[str]:
-  """Writes every figure that has data; returns the PNG paths."""
+class UsageError(ValueError):
+  """Figures or output that cannot be honoured (unknown name, .png path for several)."""
+
+
+def make_plots(workdir: str, output: str | None = None,
+               figures: Sequence[str] | None = None) -> list[str]:
+  """Writes each figure (all by default) that has data; returns the PNG paths.
+
+  `output` is a folder (default WORKDIR/plots), or the PNG's path when `figures` names one.
+  """
   from matplotlib.figure import Figure  # no pyplot: no global backend, Agg via savefig
 
+  figures = list(figures or FIGURE_NAMES)
+  unknown = [f for f in figures if f not in FIGURE_NAMES]
+  if unknown:
+    raise UsageError(f'unknown figure {unknown[0]!r}; valid: {", ".join(FIGURE_NAMES)}')
+  single_file = bool(output) and output.lower().endswith('.png')
+  if single_file and len(figures) != 1:
+    raise UsageError(f'--output={output} is one PNG: name one figure with --figures')
   if not os.path.isdir(workdir):
     raise NoMetricsError(f'workdir {workdir!r} does not exist')
   metrics = load_metrics(workdir)
@@ -203,14 +231,18 @@ def make_plots(workdir: str, output: str | None = None) -> list[str]:
     raise NoMetricsError(f'no metrics in {os.path.join(workdir, "metrics")} (expected '
                          'train.jsonl or eval.jsonl; has the run logged a step yet?)')
   output = output or os.path.join(workdir, 'plots')
-  os.makedirs(output, exist_ok=True)
+  os.makedirs(os.path.dirname(output) if single_file else output, exist_ok=True)
   paths = []
   for name, draw, size in FIGURES:
+    if name not in figures:
+      continue
     fig = Figure(figsize=size, dpi=100, layout='constrained')
     if draw(fig, metrics, workdir):
-      path = os.path.join(output, f'{name}.png')
+      path = output if single_file else os.path.join(output, f'{name}.png')
       fig.savefig(path)
       paths.append(path)
+  if single_file and not paths:
+    raise NoMetricsError(f'no data for the {figures[0]} figure in {workdir}')
   return paths
 
 
@@ -218,17 +250,20 @@ def main() -> None:
   """`python -m byol_jax.plot`; flags are defined here, so importing defines none."""
   from absl import app, flags
   flags.DEFINE_string('workdir', None, 'Run directory (with metrics/*.jsonl).')
-  flags.DEFINE_string('output', None, 'Where the PNGs go; default WORKDIR/plots.')
-  app.run(lambda argv: sys.exit(_run(flags.FLAGS.workdir, flags.FLAGS.output)))
+  flags.DEFINE_string('output', None, 'Folder for the PNGs (default WORKDIR/plots), or a .png '
+                      'path when --figures names one figure.')
+  flags.DEFINE_list('figures', None, f'Which figures (default all): {",".join(FIGURE_NAMES)}.')
+  app.run(lambda argv: sys.exit(_run(flags.FLAGS.workdir, flags.FLAGS.output,
+                                     flags.FLAGS.figures)))
 
 
-def _run(workdir: str | None, output: str | None) -> int:
+def _run(workdir: str | None, output: str | None, figures: Sequence[str] | None = None) -> int:
   if not workdir:
     print('error: --workdir is required', file=sys.stderr)
     return 2
   try:
-    paths = make_plots(workdir, output)
-  except NoMetricsError as e:
+    paths = make_plots(workdir, output, figures)
+  except (NoMetricsError, UsageError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
   print('\n'.join(paths))

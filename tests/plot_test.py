@@ -91,3 +91,59 @@ def test_cli_writes_plots(workdir):
                           cwd=REPO, capture_output=True, text=True)
   assert result.returncode == 0, result.stderr
   assert len(result.stdout.split()) == 5
+
+
+@pytest.fixture
+def trainer_eval(tmp_path):
+  """eval.jsonl as the trainer writes it: kNN with epoch, elapsed time and the init score."""
+  _write_jsonl(tmp_path / 'metrics' / 'eval.jsonl', [
+    dict(step=s, epoch=s / 97, knn_top1=0.3 + s / 4000, knn_top5=0.8, knn_top1_init=0.28,
+         network='online', split='test', elapsed_sec=s * 1.5) for s in (97, 388, 776, 970)])
+  return tmp_path
+
+
+def test_knn_over_epochs(trainer_eval):
+  """Plotting kNN over steps when the records carry epochs, or dropping a point, breaks this."""
+  from matplotlib.figure import Figure
+  metrics = plot.load_metrics(str(trainer_eval))
+  assert plot.knn_axis(metrics) == 'epoch'
+  fig = Figure()
+  assert plot._plot_knn(fig, metrics, str(trainer_eval))
+  ax = fig.axes[0]
+  assert ax.get_xlabel() == 'epoch'
+  line = ax.get_lines()[0]
+  np.testing.assert_allclose(line.get_xdata(), [1, 4, 8, 10])
+  np.testing.assert_allclose(line.get_ydata(), [0.3 + s / 4000 for s in (97, 388, 776, 970)])
+  assert ax.get_lines()[1].get_ydata()[0] == 0.28  # the initial encoder's dashed line
+  # One record without an epoch (the eval worker writes none): fall back to steps for all.
+  metrics['eval'].append(dict(step=1000, knn_top1=0.6))
+  assert plot.knn_axis(metrics) == 'step'
+
+
+def test_cli_one_figure_to_a_png_path(trainer_eval, tmp_path):
+  """The README's command: --figures=knn --output=FILE.png writes that one PNG, nothing else."""
+  target = tmp_path / 'docs' / 'cifar10_knn.png'
+  result = subprocess.run([sys.executable, '-m', 'byol_jax.plot', f'--workdir={trainer_eval}',
+                           '--figures=knn', f'--output={target}'],
+                          cwd=REPO, capture_output=True, text=True)
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.split() == [str(target)]
+  assert os.listdir(target.parent) == ['cifar10_knn.png']
+  with Image.open(target) as image:
+    assert image.format == 'PNG' and image.width >= 400
+    assert np.asarray(image.convert('L')).std() > 5
+
+
+@pytest.mark.parametrize('args, message', [
+  (['--figures=knn,nope'], "unknown figure 'nope'"),
+  (['--figures=knn,loss', '--output=x.png'], 'name one figure'),
+  (['--figures=loss', '--output=x.png'], 'no data for the loss figure'),
+], ids=['unknown_figure', 'png_for_two', 'png_without_data'])
+def test_cli_figure_selection_errors(trainer_eval, tmp_path, args, message):
+  """A traceback or a silent no-op for a bad --figures/--output would break this."""
+  args = [a.replace('x.png', str(tmp_path / 'x.png')) for a in args]
+  result = subprocess.run([sys.executable, '-m', 'byol_jax.plot', f'--workdir={trainer_eval}',
+                           *args], cwd=REPO, capture_output=True, text=True)
+  assert result.returncode == 2
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith('error: ') and message in lines[0], lines
