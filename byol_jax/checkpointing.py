@@ -425,14 +425,17 @@ class Checkpointer:
   process. Every save is checked first: a non-finite state is never written.
   """
 
-  def __init__(self, workdir: str, keep: int, keep_every_steps: int):
+  def __init__(self, workdir: str, keep: int, keep_every_steps: int,
+               barrier_timeout_secs: float = 1200.0):
     self.workdir, self.directory = workdir, checkpoint_dir(workdir)
     for name in scan(workdir).unfinished:
       logging.warning('checkpoints: removing unfinished save %s (its process died mid-save)',
                       name)
     options = ocp.CheckpointManagerOptions(
       preservation_policy=_preservation_policy(keep, keep_every_steps), create=True,
-      cleanup_tmp_directories=True, enable_async_checkpointing=True)
+      cleanup_tmp_directories=True, enable_async_checkpointing=True,
+      # the processes' wait for each other around a save (multi-process runs) is bounded
+      async_options=ocp.AsyncOptions(timeout_secs=int(barrier_timeout_secs)))
     try:
       self._manager = ocp.CheckpointManager(self.directory, options=options,
                                             item_names=(_STATE, _META))

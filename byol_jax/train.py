@@ -421,7 +421,8 @@ def train_and_evaluate(cfg: Any, workdir: str) -> dict[str, Any]:
     faults = train_step.replicate({k: np.int32(saved.get(k, int(v)))
                                    for k, v in jax.device_get(faults).items()}, mesh)
 
-  ckpt = checkpointing.Checkpointer(workdir, cfg.checkpoint.keep, cfg.checkpoint.keep_every_steps)
+  ckpt = checkpointing.Checkpointer(workdir, cfg.checkpoint.keep, cfg.checkpoint.keep_every_steps,
+                                    cfg.multihost.barrier_timeout_secs)
   ckpt.last_saved = start or None
   try:
     with _Preemption() as preemption:

@@ -106,22 +106,41 @@ def test_two_process_checkpoints_restore_in_one_process(runs, tmp_path):
   assert_close(params(workdir, STEPS), params(one, STEPS))
 
 
-def test_a_killed_process_ends_the_others_with_a_message(tmp_path):
-  """SIGKILL one process mid-run: the other must exit (code 5) naming the silent process
-  and the coordinator, well before JAX's own heartbeat abort, instead of hanging."""
-  workdir = str(tmp_path / 'run')
-  procs = launch_pair(workdir, flags={'steps': 2000, 'multihost.peer_timeout_secs': 8.0})
+def wait_for_step(workdir, step, procs):
   train_log = os.path.join(workdir, 'metrics', 'train.jsonl')
   deadline = time.time() + 400
-  while not (os.path.exists(train_log) and len(train._read_records(train_log)) >= 2):
+  while not (os.path.exists(train_log) and train._read_records(train_log)[-1:]
+             and train._read_records(train_log)[-1]['step'] >= step):
     assert time.time() < deadline and all(p.poll() is None for p in procs), \
       finish(procs[0], 1)[1][-3000:]
     time.sleep(0.2)
+
+
+def test_preemption_stops_all_processes_at_one_step_and_a_killed_process_is_reported(tmp_path):
+  """SIGTERM to one process: every process saves the same step and exits 0 (JAX's
+  preemption sync point). The same command resumes the pair; then SIGKILL one process: the
+  other must exit (code 5) naming the silent process and the coordinator, well before JAX's
+  own heartbeat abort, instead of hanging."""
+  workdir = str(tmp_path / 'run')
+  flags = {'steps': 2000, 'checkpoint.every_steps': 1000, 'multihost.peer_timeout_secs': 8.0}
+  procs = launch_pair(workdir, flags)
+  wait_for_step(workdir, 2, procs)
+  procs[1].send_signal(signal.SIGTERM)
+  stopped = [finish(p, timeout=120) for p in procs]
+  saved = checkpointing.finalised_steps(workdir)
+  assert len(saved) == 1, saved
+  for code, log in stopped:
+    assert code == 0, log[-3000:]
+    assert f'saved checkpoint step {saved[0]}' in log
+
+  procs = launch_pair(workdir, flags)
+  wait_for_step(workdir, saved[0] + 2, procs)
   procs[1].send_signal(signal.SIGKILL)
   killed_at = time.time()
   code, log = finish(procs[0], timeout=120)
   waited = time.time() - killed_at
   finish(procs[1], 5)
+  assert f'resuming from checkpoint step {saved[0]}' in log
   assert code == multihost.EXIT_PROCESS_LOST, log[-3000:]
   # Before it, the step or a checkpoint save in flight may fail with gloo's closed connection.
   message = [line for line in log.splitlines() if line.startswith('error: ')]
@@ -147,6 +166,36 @@ def test_processes_started_differently_are_refused(tmp_path):
     code, log = finish(proc, timeout=300)
     assert code == 2, log[-3000:]
     assert 'process 1: batch_size (16 -> 32)' in log and 'Traceback' not in log
+
+
+PLACEMENT = r'''
+import sys
+import numpy as np
+from byol_jax import multihost, train_step
+pid, port = int(sys.argv[1]), sys.argv[2]
+multihost.initialize(multihost.plan('auto', f'localhost:{port}', 2, pid), 60, 60)
+import jax
+mesh = train_step.make_mesh()
+rows = np.arange(4 * pid, 4 * pid + 4, dtype=np.int32)  # this process's 4 rows of 8
+batch = train_step.shard_process_batch(rows, mesh)
+total = jax.jit(lambda x: x * (1 + jax.numpy.arange(8)), out_shardings=
+                jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))(batch)
+print('RESULT', batch.shape, np.asarray(total).tolist())
+'''
+
+
+def test_streamed_rows_of_each_process_form_the_global_batch_in_process_order():
+  """Process p's host batch must become rows [4p, 4p+4) of the global batch: the order a
+  single process with all devices would see. Breaks if a process's rows land elsewhere
+  (e.g. the device order of the mesh is not grouped by process)."""
+  port = free_port()
+  procs = [subprocess.Popen([sys.executable, '-c', PLACEMENT, str(i), str(port)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=subprocess_env(2)) for i in range(2)]
+  outputs = [p.communicate(timeout=120)[0] for p in procs]
+  expected = f'RESULT (8,) {[i * (1 + i) for i in range(8)]}'
+  for proc, out in zip(procs, outputs, strict=True):
+    assert proc.returncode == 0 and expected in out, out[-2000:]
 
 
 @pytest.mark.parametrize('env, expected', [
