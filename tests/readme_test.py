@@ -55,5 +55,25 @@ def test_setup_commands_are_present():
     assert 'python -m pytest -q' in f.read()
 
 
+def _section(title: str) -> str:
+  readme = _readme()
+  start = readme.index(f'## {title}\n')
+  return readme[start:readme.index('\n## ', start + 1)]
+
+
+def test_multihost_section_quotes_the_flags_and_defaults():
+  """Every --flag the multi-host section names exists, and the timeouts it quotes are the
+  config's defaults."""
+  from absl import flags
+
+  from byol_jax import main  # noqa: F401  (defines the flags)
+  section = _section('Multi-host')
+  gcloud = {'worker', 'command'}  # gcloud's own flags in the TPU pod command
+  for name in set(re.findall(r'--(\w+)=', section)) - gcloud:
+    assert name in flags.FLAGS, name
+  for field, value in byol.get_config('demo').multihost.items():
+    assert f'`{field}` ({value:g})' in section, field
+
+
 if __name__ == '__main__':
   sys.stdout.write(presets_table() + '\n')
