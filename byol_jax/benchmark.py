@@ -50,7 +50,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from byol_jax import augment, datasets, train_step
+from byol_jax import datasets, train_step
 
 DATA_KINDS = ('resident', 'synthetic', 'crops', 'views', 'stream')
 MODES = ('step', 'input')
@@ -205,14 +205,12 @@ def _views_fn(cfg: Any, mesh: Mesh, resident: bool) -> Callable:
   batch_local = cfg.batch_size // mesh.size
 
   def per_device(state, images, labels):
-    # The same sampling and keys as train_step.make_resident_step / make_stream_step.
-    key = train_step._device_key(state, 2)
+    # The input halves of train_step.make_resident_step / make_stream_step.
     if resident:
-      idx = train_step._sample_indices(state, images.shape[0], batch_local)
-      images, labels = jnp.take(images, idx, axis=0), jnp.take(labels, idx, axis=0)
-      view1, view2 = augment.make_views(key, images, cfg.augment, cfg.image_size)
+      view1, view2, labels = train_step.resident_views(state, images, labels, cfg.augment,
+                                                       batch_local, cfg.image_size)
     else:
-      view1, view2 = augment.finish_views(key, images, cfg.augment)
+      view1, view2 = train_step.stream_views(state, images, cfg.augment)
     return state._replace(step=state.step + 1), view1, view2, labels
 
   axis = P(train_step.AXIS)

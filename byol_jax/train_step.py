@@ -203,6 +203,24 @@ def _sample_indices(state: TrainState, num_local: int, batch_local: int) -> jax.
   return jax.lax.dynamic_slice_in_dim(perm, offset * batch_local, batch_local)
 
 
+def resident_views(state: TrainState, images: jax.Array, labels: jax.Array, aug_cfg: Any,
+                   batch_local: int, image_size: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Per device: this step's sample of the device's shard and its two augmented views.
+
+  The input half of the resident step, public so that the benchmark times exactly it.
+  """
+  idx = _sample_indices(state, images.shape[0], batch_local)
+  batch, batch_labels = jnp.take(images, idx, axis=0), jnp.take(labels, idx, axis=0)
+  view1, view2 = augment.make_views(_device_key(state, 2), batch, aug_cfg, image_size)
+  return view1, view2, batch_labels
+
+
+def stream_views(state: TrainState, crops: jax.Array,
+                 aug_cfg: Any) -> tuple[jax.Array, jax.Array]:
+  """Per device: the two views of host-cropped uint8 pairs [B, 2, S, S, 3]."""
+  return augment.finish_views(_device_key(state, 2), crops, aug_cfg)
+
+
 def make_resident_step(fns: StepFns, mesh: Mesh, aug_cfg: Any, batch_size: int,
                        image_size: int) -> Callable:
   """step(state, images, labels) with the dataset resident on the devices.
@@ -214,9 +232,8 @@ def make_resident_step(fns: StepFns, mesh: Mesh, aug_cfg: Any, batch_size: int,
   batch_local = batch_size // mesh.size
 
   def per_device(state, images, labels):
-    idx = _sample_indices(state, images.shape[0], batch_local)
-    batch, batch_labels = jnp.take(images, idx, axis=0), jnp.take(labels, idx, axis=0)
-    view1, view2 = augment.make_views(_device_key(state, 2), batch, aug_cfg, image_size)
+    view1, view2, batch_labels = resident_views(state, images, labels, aug_cfg, batch_local,
+                                                image_size)
     return byol_update(state, view1, view2, batch_labels, fns, AXIS)
 
   mapped = _shard_map(per_device, mesh, (P(), P(AXIS), P(AXIS)), (P(), P()))
@@ -227,7 +244,7 @@ def make_stream_step(fns: StepFns, mesh: Mesh, aug_cfg: Any) -> Callable:
   """step(state, crops, labels) for host-cropped uint8 pairs [B, 2, S, S, 3] (streaming)."""
 
   def per_device(state, crops, labels):
-    view1, view2 = augment.finish_views(_device_key(state, 2), crops, aug_cfg)
+    view1, view2 = stream_views(state, crops, aug_cfg)
     return byol_update(state, view1, view2, labels, fns, AXIS)
 
   mapped = _shard_map(per_device, mesh, (P(), P(AXIS), P(AXIS)), (P(), P()))
