@@ -4,7 +4,15 @@ Why a separate process: evaluation then costs the trainer nothing, can run on ot
 hardware, and several workers (one per dataset) can follow one run. The worker polls
 `<workdir>/checkpoints` every `eval_poll_secs`; for each newly finalised step it records
 kNN top-1/top-5 on the test split (eval preprocessing, encoder in inference mode) and the
-online probe's top-1 on the same clean test embeddings.
+online probe's top-1 on the same clean test embeddings. With `eval_at_init` it first
+records the encoder at initialisation (step 0, `weights='random_init'`): the run's own
+initialisation with BN statistics re-estimated on the kNN training images
+(`evaluators.common.ensure_bn_statistics`), the baseline that the checkpoints must beat on
+this worker's dataset.
+
+Every record names what it measured: checkpoint_step, dataset, split ('test'), protocol
+('knn', plus 'online_probe' where probe_top1 is given), network, weights and where the BN
+statistics came from (bn_statistics), with the kNN settings and set sizes.
 
 Records go to `metrics/eval_worker.jsonl` (`eval_worker_<dataset>` when `eval_dataset` is
 set, `_target` appended for `eval_network='target'`) and TensorBoard. The file is also the
@@ -25,6 +33,7 @@ import numpy as np
 from absl import logging
 
 from byol_jax import checkpointing, metric_writers, optim, train, train_step
+from byol_jax.evaluators import common
 
 IDLE_EXIT = 75  # EX_TEMPFAIL: stopped waiting before the run's final checkpoint
 NETWORKS = ('online', 'target')
@@ -71,6 +80,7 @@ class Worker:
     self.failed: dict[int, float] = {}  # step -> mtime of its folder when it failed
     self.reported: set[str] = set()
     self.knn: train.KnnEval | None = None
+    self.run_cfg: Any = None  # the run's config with this worker's evaluation settings
     self.final_step: int | None = None
     self.dataset = ''
     if self.done:
@@ -88,7 +98,11 @@ class Worker:
             and self.failed.get(s) != _mtime(self.workdir, s)]
 
   def evaluate(self, step: int) -> dict[str, Any] | None:
-    """Evaluates one checkpoint and appends its record; None if it could not be read."""
+    """Evaluates one checkpoint and appends its record; None if it could not be read.
+
+    The first checkpoint read also sets the worker up (the model is the run's) and, with
+    eval_at_init, records the encoder at initialisation first.
+    """
     try:
       state, saved_cfg, _ = checkpointing.load_state(self.workdir, step)
       meta = checkpointing.read_metadata(self.workdir, step)
@@ -98,25 +112,46 @@ class Worker:
       return None
     if self.knn is None:
       self._setup(saved_cfg, meta)
+    if self.cfg.eval_at_init and 0 not in self.done:
+      self._record(0, common.initial_state(self.run_cfg), 'random_init')
+    return self._record(step, state, 'checkpoint')
+
+  def _record(self, step: int, state: train_step.TrainState, weights: str) -> dict[str, Any]:
+    """kNN (and, for the online network on the run's data, probe) record of one state."""
     network = self.cfg.eval_network
     params = state.online_params if network == 'online' else state.target_params
     bn_state = state.online_state if network == 'online' else state.target_state
+    bn_state, bn_note = common.ensure_bn_statistics(
+      self.run_cfg.model, params, bn_state, self._calibration_batches, self.run_cfg.image_size,
+      self.run_cfg.eval_crop_fraction, self.knn.mesh, source=f'{self.dataset}/train')
     train_feats, test_feats = self.knn.features(params, bn_state)
-    record = dict(dataset=self.dataset, split='test', network=network,
-                  **self.knn.score(train_feats, test_feats), probe_top1=None)
-    if network == 'online' and not self.cfg.eval_dataset:
+    with_probe = network == 'online' and not self.cfg.eval_dataset and weights == 'checkpoint'
+    record = dict(checkpoint_step=step, dataset=self.dataset, split='test', network=network,
+                  protocol='knn+online_probe' if with_probe else 'knn', weights=weights,
+                  bn_statistics=bn_note, **self.knn.score(train_feats, test_feats),
+                  probe_top1=None, knn_k=self.cfg.knn.k,
+                  knn_temperature=self.cfg.knn.temperature,
+                  train_examples=len(self.knn.train.labels),
+                  test_examples=len(self.knn.test.labels))
+    if with_probe:
       record['probe_top1'] = probe_top1(params, test_feats, self.knn.test.labels)
     record = self.writer.write(step, record)
     self.writer.flush()
     self.done.add(step)
-    logging.info('eval worker: step %d: %s', step, train._fmt_metrics(
+    logging.info('eval worker: step %d (%s): %s', step, weights, train._fmt_metrics(
       {k: v for k, v in record.items() if k != 'step'}))
     return record
+
+  def _calibration_batches(self) -> list[np.ndarray]:
+    """Equal-size batches of the kNN training images (never test) for BN recalibration."""
+    return common.calibration_batches(self.knn.train.images, self.cfg.knn.batch_size,
+                                      self.knn.mesh.size, common.BN_CALIBRATION_EXAMPLES,
+                                      self.run_cfg.seed)
 
   def _setup(self, saved_cfg: Any, meta: dict[str, Any]) -> None:
     """Builds the evaluator from the first checkpoint's config (the model is the run's)."""
     cfg = eval_config(saved_cfg, self.cfg)
-    self.dataset = cfg.dataset
+    self.run_cfg, self.dataset = cfg, cfg.dataset
     self.final_step = optim.total_steps(saved_cfg, int(meta['num_examples']))
     self.knn = train.KnnEval(cfg, train_step.make_mesh(), None)
     logging.info('eval worker: %s encoder on %s/test; the run ends at step %d',

@@ -19,9 +19,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import logging
 
 from byol_jax import augment, export, networks
-from byol_jax.evaluators.common import embed_arrays
+from byol_jax.evaluators.common import bn_statistics_missing, embed_arrays
 
 # Float images further than this outside [0, 1] are almost certainly 0..255 or normalised.
 _FLOAT_RANGE_SLACK = 0.01
@@ -37,6 +38,10 @@ class Encoder:
     self.network, self.step, self.batch_size = network, step, batch_size
     self._params = networks.encoder_subtree(params)
     self._state = networks.encoder_subtree(state)
+    if bn_statistics_missing(self._state):
+      logging.warning('this encoder\'s BatchNorm statistics were never updated (an untrained '
+                      'state), so its features are not normalised; re-estimate them first '
+                      'with byol_jax.evaluators.common.ensure_bn_statistics')
     self._embed = jax.jit(self._forward)
     self.feature_dim = networks.resnet_output_dim(
       networks.RESNET_LAYOUTS[config.model.depth][1], config.model.width)

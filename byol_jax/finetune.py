@@ -48,6 +48,7 @@ from jax.sharding import PartitionSpec as P
 from byol_jax import augment, linear_eval, networks, optim, subsets, train_step
 from byol_jax import data as data_lib
 from byol_jax.evaluators import common, knn
+from byol_jax.evaluators import linear as linear_lib
 from byol_jax.train import ConfigError
 
 TFDS_SUBSETS = {0.01: 'imagenet2012_subset/1pct', 0.1: 'imagenet2012_subset/10pct'}
@@ -288,10 +289,7 @@ def sweep(cfg: Any, tuner: Finetuner, val: data_lib.Split,
     per_lr.append(dict(lr=float(lr), val_top1=v['top1'], val_top5=v['top5'],
                        test_top1=te['top1'], test_top5=te['top5'], **last))
     logging.info('finetune lr %g: val top-1 %.4f', lr, v['top1'])
-  best = int(np.argmax([r['val_top1'] for r in per_lr]))  # ties: the smaller index
-  return dict(best_lr=per_lr[best]['lr'], best_index=best, val_top1=per_lr[best]['val_top1'],
-              test_top1=per_lr[best]['test_top1'], test_top5=per_lr[best]['test_top5'],
-              per_lr=per_lr)
+  return linear_lib.summarize_sweep(per_lr)
 
 
 def _validate(cfg: Any) -> None:

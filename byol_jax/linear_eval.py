@@ -15,8 +15,9 @@ Two modes:
   transfer, where the paper (after SimCLR) also trains on centre-crop features.
 - 'augmented': the paper's ImageNet protocol. Every training step takes a random resized
   crop + flip of its minibatch and runs the frozen encoder, so features are recomputed every
-  epoch. The SGD update is `evaluators.linear`'s (same loss, momentum, cosine, batch order);
-  only the source of the features differs. Validation and test use centre crops.
+  epoch. The SGD update, head initialisation, batch order and LR report are
+  `evaluators.linear`'s (`init_heads`, `head_update`, `epoch_batches`, `report_heads`); only
+  the source of the features differs. Validation and test use centre crops.
 
 This module also holds what `finetune` shares: loading the pretrained state (or a fresh init
 as a baseline), resolving the dataset against the pretraining config, loading splits with
@@ -37,7 +38,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -59,22 +59,16 @@ NETWORKS = ('online', 'target')
 
 @dataclasses.dataclass
 class Pretrained:
-  """A pretraining run's config and state at one step; weights says where they came from."""
+  """A pretraining run's config and state at one step; weights says where they came from.
+
+  bn_statistics says where the encoder's BN moving averages came from: 'checkpoint' (the
+  pretraining run's), or a recalibration note for the encoder at initialisation.
+  """
   config: ml_collections.ConfigDict
   state: train_step.TrainState
   step: int
   weights: str  # 'checkpoint' | 'random_init'
-
-
-def fresh_state(pre_cfg: Any) -> train_step.TrainState:
-  """The state pretraining starts from (same seed and init), without training data.
-
-  The probe's class count does not change the encoder's initialisation.
-  """
-  fns = train_step.make_step_fns(pre_cfg, 1, num_steps=1, steps_per_epoch=1, axis_name=None)
-  shape = (pre_cfg.image_size, pre_cfg.image_size, 3)
-  return jax.jit(lambda rng: train_step.init_state(fns, rng, shape))(
-    jax.random.PRNGKey(pre_cfg.seed))
+  bn_statistics: str = 'checkpoint'
 
 
 def require_eval_config(cfg: Any) -> None:
@@ -85,12 +79,18 @@ def require_eval_config(cfg: Any) -> None:
 
 
 def load_pretrained(cfg: Any, workdir: str) -> Pretrained:
-  """The checkpoint named by cfg.step (0 = latest), or a fresh init if cfg.random_init."""
+  """The checkpoint named by cfg.step (0 = latest), or the initial encoder if cfg.random_init.
+
+  The initial encoder is the run's initialisation (same config and seed) with its BN
+  statistics recalibrated on training images of the evaluation (`initial_encoder`), so
+  linear_eval and finetune of the baseline see a sanely normalised network.
+  """
   from byol_jax import checkpointing  # orbax only for this path
   require_eval_config(cfg)
   if cfg.random_init:
     pre_cfg = _run_config(workdir)
-    return Pretrained(pre_cfg, fresh_state(pre_cfg), 0, 'random_init')
+    state, note = initial_encoder(resolve_config(cfg, pre_cfg), pre_cfg)
+    return Pretrained(pre_cfg, state, 0, 'random_init', note)
   steps = checkpointing.finalised_steps(workdir)
   if not steps:
     raise ConfigError(f'no finalised checkpoint in {workdir}: train there first, or set '
@@ -103,6 +103,57 @@ def load_pretrained(cfg: Any, workdir: str) -> Pretrained:
   except checkpointing.CheckpointError as e:
     raise ConfigError(str(e)) from None
   return Pretrained(pre_cfg, state, int(step), 'checkpoint')
+
+
+def initial_encoder(cfg: Any, pre_cfg: Any) -> tuple[train_step.TrainState, str]:
+  """The run's initial state, BN recalibrated on cfg.train_split; returns (state, note).
+
+  Uses `common.calibrated_initial_state` with the view the evaluation embeds with (centre
+  crop of cfg.crop_fraction at cfg.image_size, the run's normalisation). Why the
+  evaluation's training split rather than the pretraining data: the data is at hand, and
+  statistics of the very distribution that is then embedded can only favour the baseline,
+  so a trained encoder that beats it does so for its weights, not a BN mismatch. Up to
+  cfg.bn_calibration_examples images are used; validation hold-out rows may be among them
+  (no labels are read).
+  """
+  mesh = train_step.make_mesh()
+  if input_mode(cfg, cfg.train_split) == 'stream':
+    images, crop = _streamed_calibration_batches(cfg, mesh.size), 1.0
+  else:
+    decoded = []  # decoded once, on first use
+
+    def images():
+      if not decoded:
+        decoded.append(load_split(cfg, cfg.train_split, pre_cfg.seed).images)
+      return common.calibration_batches(decoded[0], cfg.embed_batch_size, mesh.size,
+                                        cfg.bn_calibration_examples, cfg.seed)
+    crop = cfg.crop_fraction
+  return common.calibrated_initial_state(pre_cfg, images, mesh, crop, cfg.image_size,
+                                         pre_cfg.augment, f'{cfg.dataset}/{cfg.train_split}')
+
+
+def _streamed_calibration_batches(cfg: Any, num_devices: int) -> Callable:
+  """A factory of full host-cropped batches spread evenly over a streamed split.
+
+  Every stride-th batch of one tf.data pass (crops are final: embed with crop 1.0), so a
+  split stored class by class still contributes every class; the padded last batch is left
+  out.
+  """
+  from byol_jax import input_pipeline  # TensorFlow only on this path
+  batch = max(num_devices, cfg.embed_batch_size - cfg.embed_batch_size % num_devices)
+
+  def batches():
+    stream = input_pipeline.eval_stream(
+      datasets.parse_dataset(cfg.dataset), cfg.train_split, batch_size=batch,
+      image_size=cfg.image_size, data_dir=cfg.data_dir or None,
+      crop_fraction=cfg.crop_fraction, strict=cfg.strict_data)
+    wanted = max(1, cfg.bn_calibration_examples // batch)
+    stride = max(1, len(stream) // wanted)
+    for i, b in enumerate(stream):
+      if i % stride == 0 and i // stride < wanted and np.all(b['mask']):
+        yield b['images']
+
+  return batches
 
 
 def _run_config(workdir: str) -> ml_collections.ConfigDict:
@@ -159,6 +210,9 @@ def _validate(cfg: Any) -> None:
   if cfg.normalize_features and cfg.mode != 'cached':
     raise ConfigError("normalize_features needs mode='cached' (features are not stored "
                       "in mode='augmented')")
+  if cfg.random_init and cfg.bn_calibration_examples < 1:
+    raise ConfigError('random_init needs bn_calibration_examples >= 1 (the initial encoder\'s '
+                      'BN statistics are estimated from that many training images)')
   if not cfg.val_split and not cfg.val_size:
     raise ConfigError("val_split='' needs val_size > 0 (the share of train held out)")
   try:
@@ -243,9 +297,14 @@ def split_record(cfg: Any, seed: int, sizes: dict[str, int]) -> dict[str, dict[s
 
 
 def provenance(cfg: Any, pre: Pretrained, protocol: str) -> dict[str, Any]:
-  """The fields every evaluation record carries, so a number can be traced to its inputs."""
-  return dict(checkpoint_step=pre.step, weights=pre.weights, network=cfg.network,
-              protocol=protocol, dataset=cfg.dataset, pretrain_dataset=pre.config.dataset,
+  """The fields every evaluation record carries, so a number can be traced to its inputs.
+
+  `split` is the split the reported accuracy (test_top1/top5) is measured on; `splits`
+  (see `split_record`) describes train, validation and test in full.
+  """
+  return dict(checkpoint_step=pre.step, weights=pre.weights, bn_statistics=pre.bn_statistics,
+              network=cfg.network, protocol=protocol, dataset=cfg.dataset,
+              split=cfg.test_split, pretrain_dataset=pre.config.dataset,
               preset=cfg.preset, image_size=cfg.image_size, crop_fraction=cfg.crop_fraction,
               seed=cfg.seed, max_examples=cfg.max_examples)
 
@@ -282,12 +341,12 @@ class Embedder:
     self.params, self.state = train_step.replicate(encoder_weights(pre.state, cfg.network),
                                                    self.mesh)
     self._embed = {}
-    self.model_cfg = pre.config.model
+    self.model_cfg, self.aug_cfg = pre.config.model, pre.config.augment
 
   def _fn(self, crop_fraction: float) -> Callable:
     if crop_fraction not in self._embed:
       self._embed[crop_fraction] = common.make_embed_fn(self.model_cfg, self.cfg.image_size,
-                                                        crop_fraction, self.mesh)
+                                                        crop_fraction, self.mesh, self.aug_cfg)
     return self._embed[crop_fraction]
 
   def arrays(self, images: np.ndarray) -> np.ndarray:
@@ -340,19 +399,6 @@ def split_features(cfg: Any, embedder: Embedder, split: str,
 # ------------------------------------------------------------------------------------------
 
 
-def _head_update(carry: tuple, x: jax.Array, y: jax.Array, lrs: jax.Array,
-                 total: int) -> tuple:
-  """One step of every head: exactly the update inside `evaluators.linear._train`."""
-  params, opt_state, t = carry
-  grads = jax.grad(linear_lib._sweep_loss)(params, x, y)
-  updates, opt_state = optax.trace(decay=linear_lib.MOMENTUM, nesterov=True).update(
-    grads, opt_state)
-  scale = -lrs * linear_lib._cosine(t, total)
-  params = jax.tree.map(lambda p, u: p + scale.reshape((-1,) + (1,) * (u.ndim - 1)) * u,
-                        params, updates)
-  return params, opt_state, t + 1
-
-
 def make_epoch_fn(featurize: Callable, batch_size: int, total_steps: int,
                   batch_sharding: NamedSharding | None = None) -> Callable:
   """epoch(carry, weights, images, labels, lrs, epoch_key, aug_key) -> carry, jitted.
@@ -363,17 +409,16 @@ def make_epoch_fn(featurize: Callable, batch_size: int, total_steps: int,
   """
 
   def epoch(carry, weights, images, labels, lrs, epoch_key, aug_key):
-    steps = images.shape[0] // batch_size
-    perm = jax.random.permutation(epoch_key, images.shape[0])[:steps * batch_size]
 
     def step(carry, idx):
       batch = images[idx]
       if batch_sharding is not None:
         batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
       x = featurize(weights, batch, jax.random.fold_in(aug_key, carry[2]))
-      return _head_update(carry, x, labels[idx], lrs, total_steps), None
+      return linear_lib.head_update(carry, x, labels[idx], lrs, total_steps), None
 
-    return jax.lax.scan(step, carry, perm.reshape(steps, batch_size))[0]
+    batches = linear_lib.epoch_batches(epoch_key, images.shape[0], batch_size)
+    return jax.lax.scan(step, carry, batches)[0]
 
   return jax.jit(epoch)
 
@@ -391,10 +436,7 @@ def train_heads_on_views(images: Any, labels: Any, featurize: Callable, weights:
   steps = images.shape[0] // batch_size
   dim = jax.eval_shape(featurize, weights, images[:1], jax.random.PRNGKey(0)).shape[-1]
   lrs = jnp.asarray(learning_rates, jnp.float32)
-  params = {'w': jnp.zeros((len(learning_rates), dim, num_classes), jnp.float32),
-            'b': jnp.zeros((len(learning_rates), num_classes), jnp.float32)}
-  momentum = optax.trace(decay=linear_lib.MOMENTUM, nesterov=True)
-  carry = (params, momentum.init(params), jnp.zeros((), jnp.int32))
+  carry = linear_lib.init_heads(dim, num_classes, len(learning_rates))
   epoch_fn = make_epoch_fn(featurize, batch_size, epochs * steps, batch_sharding)
   key = jax.random.PRNGKey(seed)
   aug_key = jax.random.fold_in(key, 1)
@@ -417,21 +459,6 @@ def encoder_featurizer(model_cfg: Any, image_size: int, aug_cfg: Any) -> Callabl
     return jax.lax.stop_gradient(feats)
 
   return featurize
-
-
-def report_heads(params: linear_lib.Params, learning_rates: tuple[float, ...],
-                 val: tuple[np.ndarray, np.ndarray],
-                 test: tuple[np.ndarray, np.ndarray]) -> dict[str, Any]:
-  """Validation picks the head, test reports it; the same fields as `linear.linear_eval`."""
-  val_acc = linear_lib.evaluate_heads(params, *val)
-  test_acc = linear_lib.evaluate_heads(params, *test)
-  best = linear_lib.select_by_validation(val_acc['top1'])
-  per_lr = [{'lr': float(lr), 'val_top1': float(val_acc['top1'][i]),
-             'val_top5': float(val_acc['top5'][i]), 'test_top1': float(test_acc['top1'][i]),
-             'test_top5': float(test_acc['top5'][i])} for i, lr in enumerate(learning_rates)]
-  return {'best_lr': float(learning_rates[best]), 'best_index': best,
-          'val_top1': per_lr[best]['val_top1'], 'test_top1': per_lr[best]['test_top1'],
-          'test_top5': per_lr[best]['test_top5'], 'per_lr': per_lr}
 
 
 # ------------------------------------------------------------------------------------------
@@ -479,7 +506,7 @@ def _augmented(cfg: Any, pre: Pretrained, embedder: Embedder) -> tuple[dict, dic
   params = train_heads_on_views(images, labels, featurize, (embedder.params, embedder.state),
                                 classes, tuple(cfg.learning_rates), cfg.epochs, batch, cfg.seed,
                                 NamedSharding(mesh, P(train_step.AXIS)))
-  result = report_heads(jax.device_get(params), tuple(cfg.learning_rates), val, test)
+  result = linear_lib.report_heads(jax.device_get(params), tuple(cfg.learning_rates), val, test)
   sizes = dict(train=len(train_rows), val=len(val[1]), test=len(test[1]))
   return dict(result, num_classes=classes, feature_dim=int(test[0].shape[1])), sizes
 

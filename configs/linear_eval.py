@@ -55,8 +55,15 @@ Fields:
   step               checkpoint step to evaluate; 0 = the latest finalised checkpoint.
   random_init        evaluate a freshly initialised encoder (the pretraining config's seed)
                      instead of a checkpoint: the baseline any pretraining must beat. Its BN
-                     moving variances are still zero, so its raw features are huge (~1e9):
-                     compare linear accuracies with normalize_features=True.
+                     moving averages were never updated (mean 0, variance 0: inference-mode BN
+                     would scale by 1/sqrt(eps) per layer), so they are first re-estimated
+                     from training images of train_split (evaluators.common.
+                     recalibrate_batch_norm); records say so in bn_statistics. Its features
+                     are then on the scale of a trained encoder's and the same protocol
+                     (raw features) compares the two.
+  bn_calibration_examples
+                     random_init only: at most this many training images (a seeded sample)
+                     for that re-estimate.
   seed               head initialisation is zero; the seed drives shuffling, crops and the
                      validation hold-out.
   subset_fraction    finetune only: 0 = all labels, else a class-balanced fraction (0.01, 0.1)
@@ -73,6 +80,8 @@ Fields:
 from __future__ import annotations
 
 import ml_collections
+
+from byol_jax.evaluators.common import BN_CALIBRATION_EXAMPLES
 
 # The linear head's LR grid (features are used raw, as in the paper).
 LINEAR_LRS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
@@ -106,7 +115,8 @@ def _base() -> ml_collections.ConfigDict:
     input_mode='auto',
     train_split='train', val_split='valid', val_size=0.1, test_split='test',
     epochs=80, batch_size=1024, learning_rates=LINEAR_LRS,
-    mode='cached', normalize_features=False, network='online', step=0, random_init=False, seed=0,
+    mode='cached', normalize_features=False, network='online', step=0, random_init=False,
+    bn_calibration_examples=BN_CALIBRATION_EXAMPLES, seed=0,
     embed_batch_size=256, max_examples=0,
     subset_fraction=0.0, subset_source='balanced',
     finetune=dict(epochs=30, batch_size=256, learning_rates=FINETUNE_LRS, weight_decay=0.0,

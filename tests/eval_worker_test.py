@@ -47,7 +47,7 @@ def records(workdir, name='eval_worker'):
 def followed_run(tmp_path_factory):
   """A worker started on an empty workdir, then the trainer; returns the workdir and logs."""
   workdir = str(tmp_path_factory.mktemp('run'))
-  worker = start_worker(workdir)
+  worker = start_worker(workdir, eval_at_init=True)
   wait_for(lambda: 'eval worker: following' in log_text(worker), proc=worker)
   unfinished = os.path.join(workdir, 'checkpoints', '5' + ocp.path.step.TMP_DIR_SUFFIX)
   os.makedirs(os.path.join(unfinished, 'state'))
@@ -63,16 +63,28 @@ def test_worker_started_first_evaluates_each_checkpoint_once(followed_run):
   """A worker started first must evaluate every finalised step once, then exit 0 at the end.
 
   It waits for the trainer, skips an unfinished save, records kNN and probe accuracy, and
-  its final kNN equals the trainer's own evaluation of the same state.
+  its final kNN equals the trainer's own evaluation of the same state. With eval_at_init it
+  records the initial encoder first (step 0, BN statistics recalibrated, no probe). Every
+  record names the checkpoint step, dataset, split, protocol and network it measured.
   """
   workdir, code, log = followed_run
   assert code == 0, log[-3000:]
   assert 'evaluated the final step 8; done' in log
   got = records(workdir)
-  assert [r['step'] for r in got] == [2, 4, 6, NUM_STEPS]
+  assert [r['step'] for r in got] == [0, 2, 4, 6, NUM_STEPS]
   for r in got:
-    assert (r['dataset'], r['split'], r['network']) == ('demo', 'test', 'online')
-    assert 0.0 <= r['knn_top1'] <= r['knn_top5'] <= 1.0 and 0.0 <= r['probe_top1'] <= 1.0
+    assert (r['checkpoint_step'], r['dataset'], r['split'], r['network']) == (
+      r['step'], 'demo', 'test', 'online')
+    assert (r['knn_k'], r['train_examples'], r['test_examples']) == (10, 64, 32)
+    assert 0.0 <= r['knn_top1'] <= r['knn_top5'] <= 1.0
+  initial, *trained = got
+  assert (initial['weights'], initial['protocol'], initial['probe_top1']) == (
+    'random_init', 'knn', None)
+  assert initial['bn_statistics'] == 'recalibrated on 64 training images of demo/train'
+  for r in trained:
+    assert (r['weights'], r['protocol'], r['bn_statistics']) == (
+      'checkpoint', 'knn+online_probe', 'checkpoint')
+    assert 0.0 <= r['probe_top1'] <= 1.0
   inline = records(workdir, 'eval')[-1]
   assert inline['step'] == NUM_STEPS
   assert got[-1]['knn_top1'] == pytest.approx(inline['knn_top1'])
@@ -129,7 +141,8 @@ def test_target_network_gets_its_own_records(followed_run, tmp_path):
     shutil.rmtree(os.path.join(workdir, 'checkpoints', str(step)))
   assert eval_worker.run(_worker_cfg(eval_network='target'), workdir) == 0
   (record,) = records(workdir, 'eval_worker_target')
-  assert record['step'] == NUM_STEPS and record['network'] == 'target'
+  assert record['step'] == record['checkpoint_step'] == NUM_STEPS
+  assert (record['network'], record['protocol']) == ('target', 'knn')
   assert record['probe_top1'] is None and 0.0 <= record['knn_top1'] <= 1.0
 
 

@@ -35,7 +35,9 @@ def test_ten_percent_subset_end_to_end(workdir):
   assert finetune.run(ft_config(), workdir) == 0
   rec = metric_writers.read_jsonl(os.path.join(workdir, 'metrics', 'finetune.jsonl'))[-1]
   assert rec['protocol'] == 'finetune' and rec['network'] == 'online'
-  assert rec['checkpoint_step'] == 4 and rec['subset_fraction'] == 0.1
+  assert rec['step'] == rec['checkpoint_step'] == 4 and rec['subset_fraction'] == 0.1
+  assert (rec['dataset'], rec['split'], rec['weights'], rec['bn_statistics']) == (
+    'demo', 'test', 'checkpoint', 'checkpoint')
   assert {k: v['size'] for k, v in rec['splits'].items()} == dict(train=450, val=500, test=1000)
   assert [r['lr'] for r in rec['per_lr']] == [0.01, 0.1]
   best = int(np.argmax([r['val_top1'] for r in rec['per_lr']]))

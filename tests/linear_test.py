@@ -68,6 +68,27 @@ def test_sweep_selects_by_validation_not_test(monkeypatch):
   assert [r["test_top1"] for r in out["per_lr"]] == [0.95, 0.6, 0.8]
 
 
+def test_planted_grid_where_test_and_validation_disagree():
+  """Breaks if the sweep, trained for real (nothing patched), picks the LR that is best on
+  test instead of the one best on validation.
+
+  The grid is planted: LR 0 leaves its head at zero, which predicts class 0 for every input
+  (ties go to the lower class); LR 1 learns the blobs. Validation is drawn like training, so
+  LR 1 wins there; the test set is class-1 blobs labelled 0, so LR 0 wins there.
+  """
+  train_x, train_y = _separable(0, 400)
+  val_x, val_y = _separable(1, 200)
+  blobs, blob_class = _separable(2, 400)
+  test_x = blobs[blob_class == 1]
+  test_y = np.zeros(len(test_x), np.int64)
+  out = linear.linear_eval(train_x, train_y, val_x, val_y, test_x, test_y, num_classes=4,
+                           learning_rates=(0.0, 1.0), epochs=3, batch_size=50)
+  by_lr = {row["lr"]: row for row in out["per_lr"]}
+  assert by_lr[0.0]["test_top1"] == 1.0 and by_lr[1.0]["test_top1"] == 0.0  # as planted
+  assert by_lr[1.0]["val_top1"] > by_lr[0.0]["val_top1"]
+  assert out["best_lr"] == 1.0 and out["test_top1"] == 0.0
+
+
 def test_reported_test_accuracy_is_the_chosen_heads():
   """Breaks if the summary's test accuracy is not the validation-chosen head's own."""
   train_x, train_y = _separable(0, 500, margin=1.0)

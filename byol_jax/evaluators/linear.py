@@ -65,33 +65,69 @@ def _cosine(step: jax.Array, total_steps: int) -> jax.Array:
   return 0.5 * (1.0 + jnp.cos(jnp.pi * step / total_steps))
 
 
+HeadsCarry = tuple[Params, optax.OptState, jax.Array]
+
+
+def _momentum() -> optax.GradientTransformation:
+  """Nesterov momentum without the LR: the per-head LR x cosine is applied in `head_update`.
+
+  Together that is exactly optax.sgd(lr_h * cosine, momentum=0.9, nesterov=True) for every
+  head h, while one compiled program serves all LRs.
+  """
+  return optax.trace(decay=MOMENTUM, nesterov=True)
+
+
+def init_heads(dim: int, num_classes: int, num_heads: int) -> HeadsCarry:
+  """Zero-initialised heads {'w': [H, D, C], 'b': [H, C]}, their momentum and step 0.
+
+  Zero init makes two heads differ only by their LR, so a head of the sweep equals the same
+  head trained alone.
+  """
+  params = {"w": jnp.zeros((num_heads, dim, num_classes), jnp.float32),
+            "b": jnp.zeros((num_heads, num_classes), jnp.float32)}
+  return params, _momentum().init(params), jnp.zeros((), jnp.int32)
+
+
+def head_update(carry: HeadsCarry, x: jax.Array, y: jax.Array, lrs: jax.Array,
+                total_steps: int) -> HeadsCarry:
+  """One SGD step of every head on features x [B, D] with labels y [B].
+
+  The single implementation of the linear protocol's update (Nesterov momentum 0.9, no
+  weight decay, LR_h x cosine decay over total_steps): the cached sweep (`train_linear_heads`)
+  and the augmented-view trainer (`linear_eval.train_heads_on_views`) both step through it,
+  so the two protocols cannot drift apart.
+  """
+  params, opt_state, t = carry
+  grads = jax.grad(_sweep_loss)(params, x, y)
+  updates, opt_state = _momentum().update(grads, opt_state)
+  scale = -lrs * _cosine(t, total_steps)
+  params = jax.tree.map(lambda p, u: p + scale.reshape((-1,) + (1,) * (u.ndim - 1)) * u,
+                        params, updates)
+  return params, opt_state, t + 1
+
+
+def epoch_batches(epoch_key: jax.Array, num_examples: int, batch_size: int) -> jax.Array:
+  """Row indices [steps, batch_size] of one epoch: a permutation drawn from epoch_key, the
+  incomplete last minibatch dropped. Shared by both trainers, so they see the same batches."""
+  steps = num_examples // batch_size
+  perm = jax.random.permutation(epoch_key, num_examples)[:steps * batch_size]
+  return perm.reshape(steps, batch_size)
+
+
 @functools.partial(jax.jit, static_argnames=("num_classes", "epochs", "batch_size"))
 def _train(x: jax.Array, y: jax.Array, lrs: jax.Array, key: jax.Array, num_classes: int,
            epochs: int, batch_size: int) -> Params:
   """The whole sweep as one program: scan over epochs, then over minibatches."""
   steps_per_epoch = x.shape[0] // batch_size
   total = epochs * steps_per_epoch
-  num_heads = lrs.shape[0]
-  params = {"w": jnp.zeros((num_heads, x.shape[1], num_classes), jnp.float32),
-            "b": jnp.zeros((num_heads, num_classes), jnp.float32)}
-  # Nesterov momentum without the LR; the per-head LR x cosine is applied after, which
-  # is exactly optax.sgd(lr_h * cosine, momentum=0.9, nesterov=True) for every head h.
-  momentum = optax.trace(decay=MOMENTUM, nesterov=True)
 
   def step(carry, idx):
-    params, opt_state, t = carry
-    grads = jax.grad(_sweep_loss)(params, x[idx], y[idx])
-    updates, opt_state = momentum.update(grads, opt_state)
-    scale = -lrs * _cosine(t, total)
-    params = jax.tree.map(lambda p, u: p + scale.reshape((-1,) + (1,) * (u.ndim - 1)) * u,
-                          params, updates)
-    return (params, opt_state, t + 1), None
+    return head_update(carry, x[idx], y[idx], lrs, total), None
 
   def epoch(carry, epoch_key):
-    perm = jax.random.permutation(epoch_key, x.shape[0])[:steps_per_epoch * batch_size]
-    return jax.lax.scan(step, carry, perm.reshape(steps_per_epoch, batch_size))[0], None
+    return jax.lax.scan(step, carry, epoch_batches(epoch_key, x.shape[0], batch_size))[0], None
 
-  init = (params, momentum.init(params), jnp.zeros((), jnp.int32))
+  init = init_heads(x.shape[1], num_classes, lrs.shape[0])
   return jax.lax.scan(epoch, init, jax.random.split(key, epochs))[0][0]
 
 
@@ -165,21 +201,40 @@ def linear_eval(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray,
                 normalize: bool = False) -> dict[str, Any]:
   """Sweeps LRs, picks one by validation top-1, reports test accuracy at that LR.
 
-  Returns best_lr, best_index, val_top1, test_top1, test_top5 and per_lr (a list of
-  {lr, val_top1, val_top5, test_top1, test_top5}; the test columns are for inspection only
-  and take no part in the choice). Values are Python floats, ready for JSON.
+  Returns `report_heads`'s summary.
   """
   if normalize:
     transform = _standardizer(train_x)
     train_x, val_x, test_x = transform(train_x), transform(val_x), transform(test_x)
   params = train_linear_heads(train_x, train_y, num_classes, learning_rates, epochs,
                               batch_size, seed)
-  val = evaluate_heads(params, val_x, val_y)
-  test = evaluate_heads(params, test_x, test_y)
-  best = select_by_validation(val["top1"])
-  per_lr = [{"lr": float(lr), "val_top1": float(val["top1"][i]),
-             "val_top5": float(val["top5"][i]), "test_top1": float(test["top1"][i]),
-             "test_top5": float(test["top5"][i])} for i, lr in enumerate(learning_rates)]
-  return {"best_lr": float(learning_rates[best]), "best_index": best,
+  return report_heads(params, learning_rates, (val_x, val_y), (test_x, test_y))
+
+
+def report_heads(params: Params, learning_rates: tuple[float, ...],
+                 val: tuple[np.ndarray, np.ndarray],
+                 test: tuple[np.ndarray, np.ndarray]) -> dict[str, Any]:
+  """Validation picks the head, test reports that head only: the summary of every sweep.
+
+  Returns best_lr, best_index, val_top1, test_top1, test_top5 and per_lr (a list of
+  {lr, val_top1, val_top5, test_top1, test_top5}; the test columns are for inspection only
+  and take no part in the choice). Values are Python floats, ready for JSON.
+  """
+  val_acc = evaluate_heads(params, *val)
+  test_acc = evaluate_heads(params, *test)
+  per_lr = [{"lr": float(lr), "val_top1": float(val_acc["top1"][i]),
+             "val_top5": float(val_acc["top5"][i]), "test_top1": float(test_acc["top1"][i]),
+             "test_top5": float(test_acc["top5"][i])} for i, lr in enumerate(learning_rates)]
+  return summarize_sweep(per_lr)
+
+
+def summarize_sweep(per_lr: list[dict[str, Any]]) -> dict[str, Any]:
+  """The sweep's summary from its per-LR rows ({lr, val_top1, test_top1, test_top5, ...}).
+
+  The one place where any LR sweep here (linear heads, fine-tuning) chooses: the row with
+  the best validation top-1 (ties: the earlier row), whose own test numbers are reported.
+  """
+  best = select_by_validation([row["val_top1"] for row in per_lr])
+  return {"best_lr": float(per_lr[best]["lr"]), "best_index": best,
           "val_top1": per_lr[best]["val_top1"], "test_top1": per_lr[best]["test_top1"],
           "test_top5": per_lr[best]["test_top5"], "per_lr": per_lr}
