@@ -31,22 +31,23 @@ BN_CALIBRATION_EXAMPLES = 10_000
 
 def make_embed_fn(model_cfg: Any, image_size: int, crop_fraction: float, mesh: Mesh,
                   aug_cfg: Any = None) -> Callable[[hk.Params, hk.State, np.ndarray], jax.Array]:
-  """embed(params, state, uint8 images [B, H, W, 3]) -> features [B, D], sharded over mesh.
+  """embed(params, state, uint8 images [B, H, W, 3]) -> features [B, D], computed sharded.
 
   `params`/`state` may be the full network's; only the encoder subtree is used. B must be
   a multiple of the mesh size (see `embed_arrays`, which pads). aug_cfg supplies the
   normalisation (None: `augment.default_augment_config()`).
   """
   encoder = networks.build_encoder(model_cfg)
+  data_sharding = NamedSharding(mesh, P(mesh.axis_names[0]))
 
-  @jax.jit
+  # Replicated features: every process of a multi-process run can read them (an all-gather
+  # of [B, D] features, small next to the encoder's work).
+  @functools.partial(jax.jit, out_shardings=NamedSharding(mesh, P()))
   def embed(params, state, images):
     x = augment.eval_view(images, image_size, crop_fraction, aug_cfg)
     feats, _ = encoder.apply(networks.encoder_subtree(params), networks.encoder_subtree(state),
                              None, x)
     return feats
-
-  data_sharding = NamedSharding(mesh, P(mesh.axis_names[0]))
 
   def run(params, state, images):
     return embed(params, state, jax.device_put(images, data_sharding))
