@@ -50,7 +50,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from byol_jax import datasets, train_step
+from byol_jax import cli, datasets, train_step
 
 DATA_KINDS = ('resident', 'synthetic', 'crops', 'views', 'stream')
 MODES = ('step', 'input')
@@ -433,11 +433,9 @@ def _run(argv: list[str], flag_values: Any) -> int:
 def main() -> None:
   """`python -m byol_jax.benchmark`: flags are defined here, so importing defines none."""
   from absl import app, flags
-  from ml_collections import config_flags
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  config_flags.DEFINE_config_file(
-    'config', os.path.join(repo, 'configs', 'byol.py') + ':demo',
-    'Config file and preset, e.g. configs/byol.py:r50.', lock_config=True)
+  cli.define_config_flag(os.path.join(repo, 'configs', 'byol.py') + ':demo',
+                         'Config file and preset, e.g. configs/byol.py:r50.')
   flags.DEFINE_enum('data', 'resident', DATA_KINDS, 'What feeds the step (module docstring).')
   flags.DEFINE_enum('mode', 'step', MODES, 'step: the training step; input: its input alone.')
   flags.DEFINE_integer('steps', 20, 'Timed steps (twice: blocked one by one, then a window).')
@@ -445,8 +443,8 @@ def main() -> None:
   flags.DEFINE_integer('num_images', 0, 'Resident random images; 0: max(4 * batch, 4096).')
   flags.DEFINE_string('output', None, 'Append the result to this JSON-lines file.')
   flags.DEFINE_string('tag', '', 'A name for this run, printed and saved with it.')
-  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-  app.run(lambda argv: sys.exit(_run(argv, flags.FLAGS)))
+  cli.quiet_startup_logs()
+  app.run(lambda argv: sys.exit(_run(argv, flags.FLAGS)), flags_parser=cli.parse_flags)
 
 
 if __name__ == '__main__':

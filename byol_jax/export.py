@@ -1,9 +1,9 @@
 """Exports a trained encoder for use outside this code base: NumPy `.npz` or PyTorch.
 
 Only the encoder is exported (the projector, predictor and probe are training machinery);
-by default the online encoder, the one BYOL keeps. Every export has a JSON sidecar (same
-name, `.json`) with what a user needs to feed it: depth, width, stem, feature size, input
-size, eval crop fraction and the normalisation mean/std.
+by default the online encoder, the one BYOL keeps. Every export has a JSON sidecar (the
+weights file's name plus `.json`) with what a user needs to feed it: depth, width, stem,
+feature size, input size, eval crop fraction and the normalisation mean/std.
 
     python -m byol_jax.export --workdir=runs/demo --format=npz
     python -m byol_jax.export --workdir=runs/demo --format=torch --step=400 --network=target
@@ -53,7 +53,7 @@ from typing import Any
 
 import numpy as np
 
-from byol_jax import networks
+from byol_jax import cli, networks
 
 FORMATS = ('npz', 'torch')
 NETWORKS = ('online', 'target')
@@ -114,7 +114,7 @@ def sidecar(cfg: Any, fmt: str, network: str, step: int | None) -> dict[str, Any
 
 
 def sidecar_path(weights_path: str) -> str:
-  return os.path.splitext(weights_path)[0] + '.json'
+  return weights_path + '.json'  # per file: an npz and a torch export of one step coexist
 
 
 def write_sidecar(weights_path: str, meta: Mapping[str, Any]) -> str:
@@ -406,7 +406,8 @@ def main() -> None:
   flags.DEFINE_integer('step', None, 'Checkpoint step; the latest finalised one by default.')
   flags.DEFINE_enum('network', 'online', NETWORKS, 'Which encoder to export.')
   flags.DEFINE_string('output', None, 'Weights path; default WORKDIR/export/encoder_*.')
-  app.run(lambda argv: sys.exit(_run(flags.FLAGS)))
+  cli.quiet_startup_logs()
+  app.run(lambda argv: sys.exit(_run(flags.FLAGS)), flags_parser=cli.parse_flags)
 
 
 def _run(f: Any) -> int:

@@ -13,7 +13,8 @@ import os
 import sys
 
 from absl import app, flags, logging
-from ml_collections import config_flags
+
+from byol_jax import cli
 
 _REPO_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                              'configs')
@@ -26,10 +27,9 @@ WORKERS = {
 }
 WORKER_MODES = tuple(WORKERS)
 
-_CONFIG = config_flags.DEFINE_config_file(
-  'config', os.path.join(_REPO_CONFIGS, 'byol.py') + ':demo',
-  'Config file and preset, e.g. configs/byol.py:r50 or configs/byol.py:r50,epochs=300.',
-  lock_config=True)
+_CONFIG = cli.define_config_flag(
+  os.path.join(_REPO_CONFIGS, 'byol.py') + ':demo',
+  'Config file and preset, e.g. configs/byol.py:r50 or configs/byol.py:r50,epochs=300.')
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/demo', 'Where metrics, checkpoints go.')
 _MODE = flags.DEFINE_enum('worker_mode', 'train', WORKER_MODES, 'What this process does.')
 # Several processes (hosts) in one run; see README "Multi-host training".
@@ -41,11 +41,6 @@ _COORDINATOR = flags.DEFINE_string(
   'coordinator_address', None, 'HOST:PORT of process 0, the same on every process.')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in the run.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process, 0..num_processes-1.')
-
-
-def _quiet_logs() -> None:
-  """No TensorFlow or XLA start-up chatter unless the user asked for it."""
-  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 
 def _join(cfg) -> float:
@@ -79,7 +74,8 @@ def _join(cfg) -> float:
 
 def run(argv: list[str]) -> int:
   del argv
-  from byol_jax import datasets, multihost, train  # after flag parsing: keeps --help fast
+  from byol_jax import checkpointing, datasets, multihost, train  # after parsing: fast --help
+  checkpointing.quiet_orbax_logs()
   cfg = _CONFIG.value
   try:
     peer_timeout = _join(cfg)
@@ -93,8 +89,8 @@ def run(argv: list[str]) -> int:
 
 
 def main() -> None:
-  _quiet_logs()
-  app.run(lambda argv: sys.exit(run(argv)))
+  cli.quiet_startup_logs()
+  app.run(lambda argv: sys.exit(run(argv)), flags_parser=cli.parse_flags)
 
 
 if __name__ == '__main__':

@@ -32,7 +32,7 @@ class MetricWriter:
     self._tb = None
     if enabled:
       os.makedirs(os.path.dirname(self.path), exist_ok=True)
-      self._tb = _tensorboard(os.path.join(workdir, 'tensorboard'))
+      self._tb = _tensorboard(os.path.join(workdir, 'tensorboard'), name)
 
   def write(self, step: int, scalars: dict[str, Any]) -> dict[str, Any]:
     """Writes one record and returns it as plain Python values."""
@@ -62,13 +62,15 @@ class MetricWriter:
       self._tb = None
 
 
-def _tensorboard(logdir: str):
+def _tensorboard(logdir: str, name: str):
+  """One event file per writer: tensorboardX names files by host and second, so two writers
+  opened in the same second on one directory would otherwise share (and clobber) a file."""
   try:
     from tensorboardX import SummaryWriter
   except ImportError:
     logging.warning('tensorboardX is not installed: no TensorBoard events are written')
     return None
-  return SummaryWriter(logdir)
+  return SummaryWriter(logdir, filename_suffix=f'.{name}')
 
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:

@@ -25,6 +25,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from byol_jax import cli
 from byol_jax.metric_writers import read_jsonl
 
 Records = list[dict[str, Any]]
@@ -253,8 +254,9 @@ def main() -> None:
   flags.DEFINE_string('output', None, 'Folder for the PNGs (default WORKDIR/plots), or a .png '
                       'path when --figures names one figure.')
   flags.DEFINE_list('figures', None, f'Which figures (default all): {",".join(FIGURE_NAMES)}.')
+  cli.quiet_startup_logs()
   app.run(lambda argv: sys.exit(_run(flags.FLAGS.workdir, flags.FLAGS.output,
-                                     flags.FLAGS.figures)))
+                                     flags.FLAGS.figures)), flags_parser=cli.parse_flags)
 
 
 def _run(workdir: str | None, output: str | None, figures: Sequence[str] | None = None) -> int:

@@ -31,6 +31,7 @@ from absl import logging
 
 from byol_jax import checkpointing, metric_writers, multihost, optim, preview, train_step
 from byol_jax import data as data_lib
+from byol_jax.evaluators import common
 from byol_jax.evaluators import knn as knn_lib
 from byol_jax.evaluators.common import embed_arrays, make_embed_fn
 
@@ -139,7 +140,8 @@ class KnnEval:
       self.train = data_lib.Split(self.train.images[:limit], self.train.labels[:limit])
     self.test = data_lib.load_split(cfg, 'test')
     self.num_classes = max(int(self.train.labels.max()), int(self.test.labels.max())) + 1
-    self.embed = make_embed_fn(cfg.model, cfg.image_size, cfg.eval_crop_fraction, mesh)
+    self.embed = make_embed_fn(cfg.model, cfg.image_size, cfg.eval_crop_fraction, mesh,
+                               cfg.augment)
 
   def features(self, params, state) -> tuple[np.ndarray, np.ndarray]:
     """Eval-view embeddings of the train and test splits."""
@@ -455,7 +457,15 @@ def _loop(cfg, workdir, mesh, data, fns, state, faults, ckpt, preemption, num_st
 
   init_knn = {}
   if cfg.eval_at_init and start == 0:
-    init_knn = {f'{k}_init': v for k, v in knn(state.online_params, state.online_state).items()}
+    # Never-updated BN statistics (mean 0, var 0) would scale every BN input by 1/sqrt(eps)
+    # in inference mode; re-estimate them on the kNN training images, as the eval worker
+    # and linear_eval do for the initial encoder (the training state itself is unchanged).
+    init_bn, _ = common.ensure_bn_statistics(
+      cfg.model, state.online_params, state.online_state,
+      lambda: common.calibration_batches(knn.train.images, cfg.knn.batch_size, mesh.size,
+                                         common.BN_CALIBRATION_EXAMPLES, cfg.seed),
+      cfg.image_size, cfg.eval_crop_fraction, mesh, cfg.augment, source=f'{cfg.dataset}/train')
+    init_knn = {f'{k}_init': v for k, v in knn(state.online_params, init_bn).items()}
     logging.info('encoder at initialisation: %s', _fmt_metrics(init_knn))
   if start == 0:
     _write_preview(cfg, state, workdir, eval_writer, data, is_main)
@@ -464,7 +474,8 @@ def _loop(cfg, workdir, mesh, data, fns, state, faults, ckpt, preemption, num_st
   loop_start = time.time()
   clock = _SaveClock(cfg.checkpoint, num_steps, cfg.log_every_steps)
   last_train, last_eval, preempted = {}, {}, None
-  logging.info('training steps %d..%d of %d (%d per epoch, global batch %d, %d devices)',
+  logging.info('training steps %d..%d of %d (%d per epoch, global batch %d, %d devices); the '
+               'first step compiles the training program (minutes for big models on CPU)',
                start + 1, num_steps, num_steps, spe, cfg.batch_size, mesh.size)
   for step in range(start + 1, num_steps + 1):
     state, metrics = step_fn(state, *inputs(step))
@@ -483,6 +494,7 @@ def _loop(cfg, workdir, mesh, data, fns, state, faults, ckpt, preemption, num_st
     if is_eval or step == num_steps:
       result = {**knn(state.online_params, state.online_state), **init_knn,
                 'epoch': step / spe, 'network': 'online', 'split': 'test',
+                'dataset': cfg.dataset, 'protocol': 'knn',
                 'elapsed_sec': time.time() - loop_start}
       last_eval = eval_writer.write(step, result)
       logging.info('eval at step %d: %s', step, _fmt_metrics(result))

@@ -1,0 +1,26 @@
+"""Tests of the command-line entry points' handling of user mistakes (cli.py)."""
+
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO
+
+
+@pytest.mark.parametrize('argv, expected', [
+  (['--config.nosuch=1'], "error: unknown config field 'nosuch'"),
+  (['--config=configs/byol.py:nope'], "unknown preset 'nope'; valid: demo,"),
+  (['--config.batch_size=abc'], "error: flag --config.batch_size=abc: invalid literal"),
+  (['--config=configs/nofile.py:demo'], "No such file or directory: 'configs/nofile.py'"),
+  (['--bogus=1'], "error: Unknown command line flag 'bogus'"),
+])
+def test_flag_mistakes_are_one_line_errors(argv, expected, tmp_path):
+  """A mistyped flag, field, preset or file: exit 2 with one `error:` line, no traceback
+  (a traceback wall here hides the one line that matters)."""
+  proc = subprocess.run([sys.executable, '-m', 'byol_jax.main', *argv,
+                         f'--workdir={tmp_path}'], cwd=REPO, capture_output=True, text=True,
+                        timeout=120)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  errors = [line for line in proc.stderr.splitlines() if line.startswith('error: ')]
+  assert len(errors) == 1 and expected in errors[0], proc.stderr[-2000:]
+  assert 'Traceback' not in proc.stderr
