@@ -126,6 +126,8 @@ def _plot_knn(fig, metrics, workdir) -> bool:
     init = init if init is not None else first_value(records, 'knn_top1_init')
   if init is not None:
     ax.axhline(init, linestyle='--', color='gray', label=f'at initialisation ({init:.3f})')
+  if drawn:
+    ax.set_xlim(left=0)  # training starts at 0, where the dashed line was measured
   _finish(ax, 'top-1', 'kNN top-1 (test split)', xlabel=x)
   return drawn
 

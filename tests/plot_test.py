@@ -110,7 +110,7 @@ def test_knn_over_epochs(trainer_eval):
   fig = Figure()
   assert plot._plot_knn(fig, metrics, str(trainer_eval))
   ax = fig.axes[0]
-  assert ax.get_xlabel() == 'epoch'
+  assert ax.get_xlabel() == 'epoch' and ax.get_xlim()[0] == 0
   line = ax.get_lines()[0]
   np.testing.assert_allclose(line.get_xdata(), [1, 4, 8, 10])
   np.testing.assert_allclose(line.get_ydata(), [0.3 + s / 4000 for s in (97, 388, 776, 970)])
