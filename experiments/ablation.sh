@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # Normalisation ablation on CIFAR-10, every variant of configs/ablation.py with one budget,
 # then a table of kNN top-1 per variant (plus the randomly initialised encoder).
-#   bash experiments/ablation.sh 20          # EPOCHS per variant (default 20); logs in $OUT
-# Preparation and TINY=1 as in experiments/cifar10_gpu.sh.
+#   bash experiments/ablation.sh 20          # EPOCHS per variant (default 20)
+# Preparation and TINY=1 as in experiments/cifar10_gpu.sh. $OUT (default runs/ablation) gets
+# one log per variant and table.txt (7 files, small enough to come back from a device call);
+# the runs (checkpoints) go to $RUNS, by default a fresh folder under /tmp.
 set -euo pipefail
 EPOCHS=${1:-20}
-OUT=${OUT:-$PWD/ablation_out}
+OUT=${OUT:-$PWD/runs/ablation}
 mkdir -p "$OUT"
-if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+RUNS=${RUNS:-$(mktemp -d "${TMPDIR:-/tmp}/byol_ablation.XXXXXX")}
+if [ "${TINY:-0}" != 1 ] && [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:$PWD
+  export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi
 SRC=${CIFAR_NPZ:-.bench/cifar10_jpeg_bytes.npz}
 DATA=${CIFAR_FOLDER:-/tmp/byol_cifar10}
@@ -25,18 +28,20 @@ fi
 [ -d "$DATA/train" ] || python3 experiments/cifar10_to_folder.py --src "$SRC" --out "$DATA" \
   "${CONVERT[@]}"
 VARIANTS=$(python3 -c "from configs import ablation; print(' '.join(ablation.VARIANTS))")
+failed=0
 for v in $VARIANTS; do
   python3 -m byol_jax.main --config="configs/ablation.py:$v" --config.dataset="folder:$DATA" \
-    --config.epochs="$EPOCHS" --config.precision=bfloat16 --workdir="$OUT/$v" "${EXTRA[@]}" \
-    > "$OUT/$v.log" 2>&1 || { echo "$v failed, see $OUT/$v.log"; tail -5 "$OUT/$v.log"; }
+    --config.epochs="$EPOCHS" --config.precision=bfloat16 --workdir="$RUNS/$v" "${EXTRA[@]}" \
+    > "$OUT/$v.log" 2>&1 || { echo "$v failed, see $OUT/$v.log"; tail -5 "$OUT/$v.log"
+                             failed=$((failed + 1)); }
 done
-python3 - "$OUT" $VARIANTS <<'PY' | tee "$OUT/table.txt"
+python3 - "$RUNS" $VARIANTS <<'PY' | tee "$OUT/table.txt"
 import json, os, sys
-out, variants = sys.argv[1], sys.argv[2:]
-print(f"{'variant':14s} kNN top-1")
+runs, variants = sys.argv[1], sys.argv[2:]
+print(f"{'variant':14s} kNN top-1  (runs in {runs})")
 init = None
 for v in variants:
-    path = os.path.join(out, v, 'metrics', 'eval.jsonl')
+    path = os.path.join(runs, v, 'metrics', 'eval.jsonl')
     if not os.path.exists(path):
         print(f'{v:14s} (failed)'); continue
     last = [json.loads(l) for l in open(path)][-1]
@@ -44,3 +49,4 @@ for v in variants:
     print(f"{v:14s} {last['knn_top1']:.4f}")
 print(f"{'random init':14s} {init:.4f}" if init is not None else 'random init    n/a')
 PY
+exit $(( failed > 0 ))

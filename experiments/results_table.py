@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 
 
@@ -22,13 +23,16 @@ def _read(path: str) -> list[dict]:
 
 
 def rows(workdir: str) -> list[dict]:
-  """One row per eval record, with the train throughput logged closest before it."""
+  """One row per eval record, with the median train throughput logged since the eval before
+  (a median, so the log interval holding the compilation or an evaluation does not count)."""
   train = _read(os.path.join(workdir, 'metrics', 'train.jsonl'))
   evals = _read(os.path.join(workdir, 'metrics', 'eval.jsonl'))
-  out = []
+  out, previous = [], -1
   for record in evals:
-    before = [t for t in train if t['step'] <= record['step'] and 'images_per_sec' in t]
-    rate = before[-1]['images_per_sec'] if before else float('nan')
+    rates = [float(t['images_per_sec']) for t in train
+             if previous < t['step'] <= record['step'] and 'images_per_sec' in t]
+    rate = statistics.median(rates) if rates else float('nan')
+    previous = record['step']
     out.append(dict(step=record['step'], epoch=record.get('epoch', float('nan')),
                     wall_sec=record.get('elapsed_sec', float('nan')), images_per_sec=rate,
                     knn_top1=record.get('knn_top1'), knn_top1_init=record.get('knn_top1_init')))
