@@ -133,12 +133,11 @@ def _beat_key(pid: int) -> str:
 
 def _publish(value: str) -> None:
   """This process's beat: a counter while it works, then 'done' or 'failed'."""
-  from jax._src import distributed
-  if distributed.global_state.client is None:
+  state = _global_state()  # not jax.process_index(): that would start backends mid-join
+  if state.client is None:
     return
   try:
-    distributed.global_state.client.key_value_set(
-      _beat_key(distributed.global_state.process_id), value, allow_overwrite=True)
+    state.client.key_value_set(_beat_key(state.process_id), value, allow_overwrite=True)
   except Exception:  # the coordinator may be gone; nobody is left to tell
     pass
 
@@ -182,13 +181,17 @@ def initialize(launch: Launch, join_timeout: float, peer_timeout: float) -> None
 
 
 def coordinator_address() -> str:
-  from jax._src import distributed  # the address JAX resolved, flags or auto-detection
-  return str(getattr(distributed.global_state, 'coordinator_address', None) or '?')
+  """The address JAX resolved, from the flags or by auto-detection."""
+  return str(getattr(_global_state(), 'coordinator_address', None) or '?')
+
+
+def _global_state():
+  from jax._src import distributed  # orbax and multihost_utils use the same client
+  return distributed.global_state
 
 
 def _client():
-  from jax._src import distributed  # orbax and multihost_utils use the same client
-  client = distributed.global_state.client
+  client = _global_state().client
   if client is None:
     raise RuntimeError('jax.distributed is not initialised')
   return client
@@ -207,14 +210,10 @@ def check_agreement(facts: dict[str, Any], timeout: float,
     return
   client, me = _client(), jax.process_index()
   client.key_value_set(f'{_KEY}/facts/{me}', json.dumps(facts, sort_keys=True))
-  problems = []
-  reference = json.loads(client.blocking_key_value_get(f'{_KEY}/facts/0', int(timeout * 1000)))
-  for pid in range(jax.process_count()):
-    theirs = json.loads(client.blocking_key_value_get(f'{_KEY}/facts/{pid}',
-                                                      int(timeout * 1000)))
-    differences = describe(reference, theirs)
-    if differences:
-      problems.append(f'process {pid}: {"; ".join(differences)}')
+  every = [json.loads(client.blocking_key_value_get(f'{_KEY}/facts/{pid}', int(timeout * 1000)))
+           for pid in range(jax.process_count())]
+  problems = [f'process {pid}: {"; ".join(differences)}'
+              for pid, theirs in enumerate(every) if (differences := describe(every[0], theirs))]
   if problems:
     raise LaunchError('the processes of this run were started differently, compared with '
                       f'process 0: {" | ".join(problems)}; start every process with the same '
@@ -312,7 +311,10 @@ class PeerWatch:
       self._check(seen, now, me, count, failing)
       if failing and all(value in ('done', 'failed') for value, _ in seen.values()):
         return
-      self._failed.wait(self.interval) if not failing else time.sleep(self.interval)
+      if failing:
+        time.sleep(self.interval)
+      else:
+        self._failed.wait(self.interval)  # a failure of this process wakes the watch at once
 
   def _check(self, seen: dict, now: float, me: int, count: int, failing: bool) -> None:
     for p, (value, since) in seen.items():

@@ -33,7 +33,6 @@ from byol_jax import checkpointing, metric_writers, multihost, optim, preview, t
 from byol_jax import data as data_lib
 from byol_jax.evaluators import common
 from byol_jax.evaluators import knn as knn_lib
-from byol_jax.evaluators.common import embed_arrays, make_embed_fn
 
 DETERMINISM_FLAG = '--xla_gpu_deterministic_ops=true'
 EXIT_DIVERGED = 3
@@ -140,13 +139,14 @@ class KnnEval:
       self.train = data_lib.Split(self.train.images[:limit], self.train.labels[:limit])
     self.test = data_lib.load_split(cfg, 'test')
     self.num_classes = max(int(self.train.labels.max()), int(self.test.labels.max())) + 1
-    self.embed = make_embed_fn(cfg.model, cfg.image_size, cfg.eval_crop_fraction, mesh,
+    self.embed = common.make_embed_fn(cfg.model, cfg.image_size, cfg.eval_crop_fraction, mesh,
                                cfg.augment)
 
   def features(self, params, state) -> tuple[np.ndarray, np.ndarray]:
     """Eval-view embeddings of the train and test splits."""
-    train, test = [embed_arrays(self.embed, params, state, s.images, self.cfg.knn.batch_size,
-                                self.mesh.size) for s in (self.train, self.test)]
+    train, test = [common.embed_arrays(self.embed, params, state, s.images,
+                                       self.cfg.knn.batch_size, self.mesh.size)
+                   for s in (self.train, self.test)]
     return train, test
 
   def score(self, train_features: np.ndarray, test_features: np.ndarray) -> dict[str, float]:
