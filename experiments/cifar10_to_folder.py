@@ -6,6 +6,10 @@ file of concatenated JPEGs. The JPEG bytes are written unchanged (no re-encoding
 must not be committed, so the script refuses to write inside a git work tree.
 
   python experiments/cifar10_to_folder.py --out /tmp/cifar10_folder
+
+`--holdout_per_class N` writes a validation copy for tuning: its 'test' split is the N
+training images per class that follow the first `--train_per_class`, so hyperparameters are
+chosen without looking at the test set.
 """
 
 from __future__ import annotations
@@ -18,7 +22,6 @@ import time
 import numpy as np
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_SPLITS = ('train', 'test')
 
 
 def default_src() -> str:
@@ -43,14 +46,21 @@ def enclosing_git_tree(path: str) -> str | None:
 
 
 def write_split(data: np.lib.npyio.NpzFile, split: str, out: str,
-                class_names: list[str], per_class: int = 0) -> int:
-  """Writes one split's JPEGs (the first `per_class` of each class when > 0). Returns the count."""
-  blob, offsets = data[f'{split}_jpeg'], data[f'{split}_offsets']
-  labels = data[f'{split}_labels']
-  keep = np.ones(len(labels), bool)
-  if per_class > 0:  # rows are sorted by class: keep each class's first per_class rows
-    rank = np.arange(len(labels)) - np.searchsorted(labels, labels, side='left')
-    keep = rank < per_class
+                class_names: list[str], per_class: int = 0, skip_per_class: int = 0,
+                source: str | None = None) -> int:
+  """Writes one split's JPEGs. Returns the count.
+
+  Per class, rows `skip_per_class .. skip_per_class + per_class` of the `source` split (the
+  split itself by default) are kept; per_class 0 keeps all after the skipped ones.
+  """
+  source = source or split
+  blob, offsets = data[f'{source}_jpeg'], data[f'{source}_offsets']
+  labels = data[f'{source}_labels']
+  # Rows are sorted by class: a row's rank is its position within its class.
+  rank = np.arange(len(labels)) - np.searchsorted(labels, labels, side='left')
+  keep = rank >= skip_per_class
+  if per_class > 0:
+    keep &= rank < skip_per_class + per_class
   for name in class_names:
     os.makedirs(os.path.join(out, split, name), exist_ok=True)
   start = time.perf_counter()
@@ -76,7 +86,14 @@ def main(argv: list[str] | None = None) -> int:
                       help='keep only this many training images per class (0 = all)')
   parser.add_argument('--test_per_class', type=int, default=0,
                       help='keep only this many test images per class (0 = all)')
+  parser.add_argument('--holdout_per_class', type=int, default=0,
+                      help='validation copy: the test split is this many further training '
+                           'images per class (needs --train_per_class), not the test set')
   args = parser.parse_args(argv)
+  if args.holdout_per_class and not args.train_per_class:
+    print('error: --holdout_per_class needs --train_per_class (the held-out images follow '
+          'the kept ones)', file=sys.stderr)
+    return 2
   tree = enclosing_git_tree(args.out)
   if tree is not None:
     print(f'error: {args.out} is inside the git work tree {tree}; CIFAR-10 must not be '
@@ -87,9 +104,12 @@ def main(argv: list[str] | None = None) -> int:
     return 2
   with np.load(args.src, allow_pickle=False) as data:
     class_names = [str(n) for n in data['class_names']]
-    limits = {'train': args.train_per_class, 'test': args.test_per_class}
-    counts = {split: write_split(data, split, args.out, class_names, limits[split])
-              for split in _SPLITS}
+    counts = {'train': write_split(data, 'train', args.out, class_names, args.train_per_class)}
+    if args.holdout_per_class:
+      counts['test'] = write_split(data, 'test', args.out, class_names, args.holdout_per_class,
+                                   skip_per_class=args.train_per_class, source='train')
+    else:
+      counts['test'] = write_split(data, 'test', args.out, class_names, args.test_per_class)
   print(f'wrote {counts} images of {len(class_names)} classes to {args.out}')
   return 0
 

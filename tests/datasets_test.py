@@ -281,3 +281,43 @@ def test_cifar10_to_folder_refuses_repo(tmp_path):
                           capture_output=True, text=True, timeout=60)
   assert result.returncode == 2 and 'git work tree' in result.stderr
   assert not os.path.exists(os.path.join(REPO, 'runs', 'cifar10'))
+
+
+def _fake_cifar_npz(path, per_class: int = 6) -> None:
+  """A CIFAR-shaped npz whose 'JPEG' bytes name their split and row, to trace every file."""
+  arrays = {'class_names': np.array(['a', 'b'])}
+  for split in ('train', 'test'):
+    labels = np.repeat([0, 1], per_class)
+    blobs = [f'{split}-{i}'.encode() for i in range(len(labels))]
+    arrays[f'{split}_jpeg'] = np.frombuffer(b''.join(blobs), np.uint8)
+    arrays[f'{split}_offsets'] = np.cumsum([0] + [len(b) for b in blobs])
+    arrays[f'{split}_labels'] = labels
+  np.savez(path, **arrays)
+
+
+def _written(out, split) -> dict[str, set[bytes]]:
+  root = out / split
+  return {c.name: {f.read_bytes() for f in c.iterdir()} for c in root.iterdir()}
+
+
+def test_cifar10_to_folder_holdout_is_a_validation_split(tmp_path):
+  """--holdout_per_class: the 'test' split must be further training images, never the test set
+  and never the kept training images (else tuning on it would leak or be optimistic)."""
+  src = tmp_path / 'fake.npz'
+  _fake_cifar_npz(src)
+  script = os.path.join(REPO, 'experiments', 'cifar10_to_folder.py')
+  out = tmp_path / 'val'
+  subprocess.run([sys.executable, script, '--src', str(src), '--out', str(out),
+                  '--train_per_class', '2', '--holdout_per_class', '3'],
+                 check=True, timeout=60, capture_output=True)
+  assert _written(out, 'train') == {'a': {b'train-0', b'train-1'}, 'b': {b'train-6', b'train-7'}}
+  assert _written(out, 'test') == {'a': {b'train-2', b'train-3', b'train-4'},
+                                   'b': {b'train-8', b'train-9', b'train-10'}}
+  plain = tmp_path / 'plain'
+  subprocess.run([sys.executable, script, '--src', str(src), '--out', str(plain),
+                  '--train_per_class', '2', '--test_per_class', '1'],
+                 check=True, timeout=60, capture_output=True)
+  assert _written(plain, 'test') == {'a': {b'test-0'}, 'b': {b'test-6'}}
+  bad = subprocess.run([sys.executable, script, '--src', str(src), '--out', str(tmp_path / 'x'),
+                        '--holdout_per_class', '3'], capture_output=True, text=True, timeout=60)
+  assert bad.returncode == 2 and 'needs --train_per_class' in bad.stderr
