@@ -6,7 +6,7 @@ exactly rather than carrying them in state.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -67,18 +67,60 @@ def lars_mask(params: Any) -> Any:
   return jax.tree_util.tree_map_with_path(lambda p, _: not is_excluded(p), params)
 
 
+class _ClipState(NamedTuple):
+  count: jax.Array
+
+
+def _scale_by_clipped_trust_ratio(trust_coefficient: float,
+                                  learning_rate: optax.Schedule) -> optax.GradientTransformation:
+  """LARC-style trust ratio: the LARS step of a layer never exceeds plain SGD's at the same LR.
+
+  Scales each update u by min(tc * |w| / |u|, lr) / lr, so that after the LR a layer moves by
+  min(tc * |w| / |u|, lr) * u. Public CIFAR recipes (e.g. solo-learn's `clip_lr`) pair this with
+  a trust coefficient of 0.02: large early gradients are bounded by the trust ratio, small
+  later ones get plain SGD instead of an ever-growing relative step.
+  """
+  def init(params):
+    del params
+    return _ClipState(count=jnp.zeros([], jnp.int32))
+
+  def update(updates, state, params):
+    lr = learning_rate(state.count)
+
+    def scale(u, w):
+      u_norm, w_norm = jnp.linalg.norm(u), jnp.linalg.norm(w)
+      ratio = trust_coefficient * w_norm / jnp.where(u_norm > 0, u_norm, 1.0)
+      ratio = jnp.where((u_norm > 0) & (w_norm > 0), ratio, 1.0)
+      factor = jnp.minimum(ratio / jnp.maximum(lr, 1e-12), 1.0)
+      return (u * factor).astype(u.dtype)
+
+    return (jax.tree_util.tree_map(scale, updates, params),
+            _ClipState(count=optax.safe_increment(state.count)))
+
+  return optax.GradientTransformation(init, update)
+
+
 def make_optimizer(opt_cfg: Any, learning_rate: optax.Schedule) -> optax.GradientTransformation:
   """LARS as in the release: g + wd * w, then the trust ratio, then LR, then momentum.
 
   optax.lars composes exactly these transforms in this order (decay before the trust ratio,
-  momentum on the LR-scaled update), so the masks are all that BYOL adds.
+  momentum on the LR-scaled update), so the masks are all that BYOL adds. With
+  `trust_clip` the trust ratio is clipped LARC-style (see _scale_by_clipped_trust_ratio);
+  the paper's LARS has no clipping, so it is off except in the CIFAR recipe.
   """
   if opt_cfg.name != 'lars':
     raise ValueError(f'unknown optimizer {opt_cfg.name!r}; valid: lars')
-  return optax.lars(
-    learning_rate=learning_rate, weight_decay=opt_cfg.weight_decay, weight_decay_mask=lars_mask,
-    trust_coefficient=opt_cfg.trust_coefficient, eps=0.0, trust_ratio_mask=lars_mask,
-    momentum=opt_cfg.momentum, nesterov=False)
+  if not opt_cfg.get('trust_clip', False):
+    return optax.lars(
+      learning_rate=learning_rate, weight_decay=opt_cfg.weight_decay,
+      weight_decay_mask=lars_mask, trust_coefficient=opt_cfg.trust_coefficient, eps=0.0,
+      trust_ratio_mask=lars_mask, momentum=opt_cfg.momentum, nesterov=False)
+  return optax.chain(
+    optax.add_decayed_weights(opt_cfg.weight_decay, lars_mask),
+    optax.masked(_scale_by_clipped_trust_ratio(opt_cfg.trust_coefficient, learning_rate),
+                 lars_mask),
+    optax.scale_by_learning_rate(learning_rate),
+    optax.trace(decay=opt_cfg.momentum, nesterov=False))
 
 
 def ema_update(tau: jax.Array, target: Any, online: Any) -> Any:

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import pytest
 
 from byol_jax import optim
 
@@ -37,13 +38,16 @@ def test_tau_schedule_formula():
                              rtol=1e-7)
 
 
-def _opt_cfg(wd=0.1):
+def _opt_cfg(wd=0.1, tc=1e-3, clip=False):
   return ml_collections.ConfigDict(dict(name='lars', weight_decay=wd, momentum=0.9,
-                                        trust_coefficient=1e-3))
+                                        trust_coefficient=tc, trust_clip=clip))
 
 
-def _lars_reference(params, grads, lr, wd, tc, excluded):
-  """Hand-written float64 LARS step from zero momentum: update = -lr * trust * (g + wd w)."""
+def _lars_reference(params, grads, lr, wd, tc, excluded, clip=False):
+  """Hand-written float64 LARS step from zero momentum: update = -lr * trust * (g + wd w).
+
+  With clip (LARC): update = -min(trust, lr) * (g + wd w).
+  """
   out = {}
   for key, w in params.items():
     g = np.asarray(grads[key], np.float64)
@@ -53,28 +57,48 @@ def _lars_reference(params, grads, lr, wd, tc, excluded):
       continue
     g = g + wd * w
     trust = tc * np.linalg.norm(w) / np.linalg.norm(g)
-    out[key] = w - lr * trust * g
+    out[key] = w - (min(trust, lr) if clip else lr * trust) * g
   return out
 
 
-def test_lars_one_update_with_exclusion_masks():
-  """Weights get decay + trust ratio; biases and norm scale/offset get plain SGD-momentum."""
+def _one_update(cfg, lr, scale=1.0):
   rng = np.random.default_rng(0)
   params = {'conv': {'w': rng.normal(size=(3, 3, 2, 4))}, 'linear': {'w': rng.normal(size=(5, 3)),
             'b': rng.normal(size=(3,))}, 'bn': {'scale': rng.normal(size=(4,)),
             'offset': rng.normal(size=(4,))}}
-  grads = jax.tree_util.tree_map(lambda p: rng.normal(size=p.shape), params)
+  grads = jax.tree_util.tree_map(lambda p: scale * rng.normal(size=p.shape), params)
   to32 = lambda t: jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), t)
-  opt = optim.make_optimizer(_opt_cfg(0.1), lambda step: 0.5)
+  opt = optim.make_optimizer(cfg, lambda step: lr)
   state = opt.init(to32(params))
   updates, state = opt.update(to32(grads), state, to32(params))
   new = jax.tree_util.tree_map(lambda p, u: p + u, to32(params), updates)
   flat = lambda t: {'/'.join(str(k.key) for k in path): v for path, v in
                     jax.tree_util.tree_flatten_with_path(t)[0]}
   excluded = {k: k.endswith(('/b', '/scale', '/offset')) for k in flat(params)}
-  want = _lars_reference(flat(params), flat(grads), 0.5, 0.1, 1e-3, excluded)
+  want = _lars_reference(flat(params), flat(grads), lr, cfg.weight_decay, cfg.trust_coefficient,
+                         excluded, clip=cfg.trust_clip)
   for key, value in flat(new).items():
     np.testing.assert_allclose(np.asarray(value), want[key], rtol=2e-5, atol=1e-6, err_msg=key)
+  return flat(params), flat(new)
+
+
+def test_lars_one_update_with_exclusion_masks():
+  """Weights get decay + trust ratio; biases and norm scale/offset get plain SGD-momentum."""
+  _one_update(_opt_cfg(0.1), 0.5)
+
+
+@pytest.mark.parametrize('scale', [1.0, 1e-3])
+def test_clipped_lars_matches_reference_on_both_sides_of_the_clip(scale):
+  """trust_clip: a weight moves by min(tc |w| / |g|, lr) * g. With unit gradients and tc 0.02
+  the trust ratio (about 0.02) is below lr 0.5 (LARS side); with gradients 1000x smaller it is
+  about 20, above lr, so the step must be plain SGD's (clipped side)."""
+  params, new = _one_update(_opt_cfg(0.0, tc=0.02, clip=True), 0.5, scale)
+  w, moved = np.asarray(params['linear/w']), np.asarray(new['linear/w']) - params['linear/w']
+  relative = np.linalg.norm(moved) / np.linalg.norm(w)
+  if scale == 1.0:
+    np.testing.assert_allclose(relative, 0.02, rtol=1e-4)  # the trust ratio bounds the step
+  else:
+    assert 2e-4 < relative < 1e-3  # plain SGD: lr |g| / |w| = 0.5 * ~1e-3, not the 0.02 bound
 
 
 def test_lars_momentum_accumulates_scaled_updates():
@@ -102,3 +126,13 @@ def test_total_steps_and_steps_per_epoch():
   assert optim.total_steps(cfg, 1050) == 30
   cfg.steps = 7
   assert optim.total_steps(cfg, 1050) == 7
+
+
+def test_cifar10_preset_uses_the_clipped_trust_ratio():
+  """The CIFAR recipe's LARS is the clipped one at 0.02; ImageNet presets keep the paper's."""
+  from configs import byol
+  cifar = byol.get_config('cifar10').optimizer
+  _one_update(_opt_cfg(cifar.weight_decay, cifar.trust_coefficient, cifar.trust_clip), 0.5, 1e-3)
+  assert (cifar.trust_coefficient, cifar.trust_clip) == (0.02, True)
+  paper = byol.get_config('r50').optimizer
+  assert (paper.trust_coefficient, paper.trust_clip) == (1e-3, False)

@@ -14,14 +14,15 @@ from configs import byol
 
 def presets_table() -> str:
   """The README's presets table, generated from configs/byol.py."""
-  head = ('| preset | encoder | dataset | image px | batch | epochs | base LR | weight decay '
-          '| tau_base |\n|---|---|---|---|---|---|---|---|---|')
+  head = ('| preset | encoder | dataset | image px | batch | epochs | base LR | LARS trust '
+          '| weight decay | tau_base |\n|---|---|---|---|---|---|---|---|---|---|')
   rows = []
   for name in byol.PRESETS:
     c = byol.get_config(name)
     stem = ' (CIFAR stem)' if c.model.cifar_stem else ''
     rows.append(f'| `{name}` | ResNet-{c.model.depth} x{c.model.width:g}{stem} | {c.dataset} | '
                 f'{c.image_size} | {c.batch_size} | {c.epochs:g} | {c.optimizer.base_lr:g} | '
+                f'{c.optimizer.trust_coefficient:g}{" clipped" if c.optimizer.trust_clip else ""} | '
                 f'{c.optimizer.weight_decay:g} | {c.tau_base:g} |')
   return '\n'.join([head, *rows])
 
