@@ -20,9 +20,10 @@ def presets_table() -> str:
   for name in byol.PRESETS:
     c = byol.get_config(name)
     stem = ' (CIFAR stem)' if c.model.cifar_stem else ''
+    clip = ' clipped' if c.optimizer.trust_clip else ''
     rows.append(f'| `{name}` | ResNet-{c.model.depth} x{c.model.width:g}{stem} | {c.dataset} | '
                 f'{c.image_size} | {c.batch_size} | {c.epochs:g} | {c.optimizer.base_lr:g} | '
-                f'{c.optimizer.trust_coefficient:g}{" clipped" if c.optimizer.trust_clip else ""} | '
+                f'{c.optimizer.trust_coefficient:g}{clip} | '
                 f'{c.optimizer.weight_decay:g} | {c.tau_base:g} |')
   return '\n'.join([head, *rows])
 
