@@ -9,6 +9,10 @@
 #       ../shared/datasets/cifar10/cifar10_jpeg_bytes.npz .bench/
 # Then, with the device tool: carry [".whl", ".bench"], command:
 #   bash experiments/cifar10_gpu.sh 100        # EPOCHS (default 100)
+# Further arguments go to the trainer as config overrides (--config.eval_every_steps=485).
+# SKIP_PEER=1 skips the peer baseline (when the same device call has already run it);
+# TRAIN_TIMEOUT_S stops training gracefully (SIGTERM: the trainer saves and exits) after that
+# many seconds, and the table and plot are still made from the eval points reached.
 # On a CPU, TINY=1 runs the same steps with a tiny budget and no wheel install
 # (tests/experiments_test.py runs it without TensorFlow, as on the GPU host).
 #
@@ -19,6 +23,7 @@
 # CIFAR_NPZ: the JPEG copy (default .bench/...); CIFAR_FOLDER: where it is unpacked (reused).
 set -euo pipefail
 EPOCHS=${1:-100}
+shift $(( $# > 0 ? 1 : 0 ))
 OUT=${OUT:-$PWD/runs/cifar10_gpu}
 mkdir -p "$OUT"
 RUN=${RUN:-$(mktemp -d "${TMPDIR:-/tmp}/byol_cifar10_run.XXXXXX")}
@@ -45,18 +50,22 @@ fi
   echo "run folder: $RUN"
 } 2>&1 | tee "$OUT/env.log"
 if [ -f .bench/peer_byol_pytorch.py ] && python3 -c "import torch, byol_pytorch" 2>/dev/null \
-    && [ "${TINY:-0}" != 1 ]; then
+    && [ "${TINY:-0}" != 1 ] && [ "${SKIP_PEER:-0}" != 1 ]; then
   python3 .bench/peer_byol_pytorch.py --arch r18cifar --size 32 --batch 512 2>&1 \
     | tee "$OUT/peer.log" || echo "peer baseline failed; training goes on" | tee -a "$OUT/peer.log"
 else
-  echo "peer baseline skipped (needs torch, byol-pytorch and a GPU)" | tee "$OUT/peer.log"
+  echo "peer baseline skipped (SKIP_PEER=1, or no torch, byol-pytorch or GPU)" | tee "$OUT/peer.log"
 fi
 [ -d "$DATA/train" ] || python3 experiments/cifar10_to_folder.py --src "$SRC" --out "$DATA" \
   "${CONVERT[@]}"
 start=$(date +%s)
-python3 -m byol_jax.main --config=configs/byol.py:cifar10 --config.dataset="folder:$DATA" \
-  --config.epochs="$EPOCHS" --config.precision=bfloat16 --workdir="$RUN" "${EXTRA[@]}" \
-  2>&1 | tee "$OUT/train.log"
+LIMIT=()
+[ -n "${TRAIN_TIMEOUT_S:-}" ] && LIMIT=(timeout -s TERM "$TRAIN_TIMEOUT_S")
+"${LIMIT[@]}" python3 -m byol_jax.main --config=configs/byol.py:cifar10 \
+  --config.dataset="folder:$DATA" --config.epochs="$EPOCHS" --config.precision=bfloat16 \
+  --workdir="$RUN" "${EXTRA[@]}" "$@" 2>&1 | tee "$OUT/train.log" \
+  || echo "training stopped early (status $?; TRAIN_TIMEOUT_S=${TRAIN_TIMEOUT_S:-unset})" \
+     | tee -a "$OUT/train.log"
 echo "wall time of the training command: $(( $(date +%s) - start )) s" | tee -a "$OUT/train.log"
 cp "$RUN/metrics/eval.jsonl" "$RUN/metrics/train.jsonl" "$RUN/config.json" "$OUT/"
 {

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 
 import pytest
 from conftest import FAST_COMPILE, REPO
@@ -96,6 +97,24 @@ def test_ablation_script_runs_tiny(tmp_path):
     assert variant in stdout
   assert '(failed)' not in stdout
   assert len(os.listdir(out_dir)) == 7  # a log per variant and table.txt, no checkpoints
+
+
+@pytest.mark.slow
+@needs_cifar
+def test_gpu_session_script_runs_tiny(tmp_path):
+  """The one-call GPU session (benchmark, then CIFAR-10 for the time left) runs end to end
+  without TensorFlow and bundles everything into at most 8 files, the most a device call
+  brings back; a missing file here would be a result lost on the GPU."""
+  stdout, out_dir = _run_script('gpu_session.sh', tmp_path)
+  assert sorted(os.listdir(out_dir)) == [
+    'bench.tgz', 'bench_summary.txt', 'cifar.tgz', 'cifar_knn.png', 'cifar_table.txt',
+    'session.log']
+  summary = (out_dir / 'bench_summary.txt').read_text()
+  for tag in ('r50_bf16', 'cifar_bf16', 'r50_f32'):
+    assert f'| {tag} | n/a' not in summary, summary  # each of ours measured
+  assert '0 (init)' in (out_dir / 'cifar_table.txt').read_text()
+  with tarfile.open(out_dir / 'cifar.tgz') as tar:
+    assert 'cifar/eval.jsonl' in tar.getnames()
 
 
 # The cifar10 recipe narrowed for a 2-core CPU, as in the README's CPU result: ResNet-18 (CIFAR
