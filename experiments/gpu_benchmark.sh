@@ -11,7 +11,9 @@
 # It installs the wheels into /tmp/site, prints nvidia-smi and jax.devices(), times the peer
 # (ResNet-50 224 px batch 256, ResNet-18 CIFAR 32 px batch 512, bf16 autocast) and ours
 # (r50 batch 256 bf16 and float32, cifar10 batch 512 bf16; random images resident on the
-# device, sampled and augmented there), then prints a summary table with the ratios.
+# device, sampled and augmented there), then two diagnostics of the r50 bf16 step (network
+# update alone, augmentation alone), then prints a summary table with the ratios.
+# ONLY="peer_r50 r50_bf16 ..." runs just the runs named.
 # Logs, results.jsonl (one JSON line per run of ours) and summary.txt go to $OUT, or to
 # ./bench_out when OUT is unset. Targets are printed beside the figures, never asserted.
 #
@@ -65,10 +67,14 @@ else
 fi
 
 # run NAME LIMIT_S COMMAND...: runs with a timeout cut to the budget left, log in $OUT/NAME.log.
+# ONLY="name ..." keeps just the runs named (e.g. the diagnostics, when the rest is measured).
 failed=0
 run() {
   local name=$1 limit=$2 left=$((BUDGET_S - SECONDS))
   shift 2
+  if [[ -n "${ONLY:-}" && " $ONLY " != *" $name "* ]]; then
+    return 0
+  fi
   if (( left < 30 )); then
     echo "== $name skipped: the ${BUDGET_S} s budget is spent" | tee "$OUT/$name.log"
     return 1
@@ -101,6 +107,12 @@ ours cifar_bf16 150 --config=configs/byol.py:cifar10 --config.batch_size=$cifar_
   --config.precision=bfloat16
 ours r50_f32 200 --config=configs/byol.py:r50 --config.batch_size=$r50_batch \
   --config.precision=float32
+# Diagnostics of the r50 bf16 step: the network update alone on ready-made views (the bench
+# README's plain JAX step measured 2,646 img/s) and the device augmentation alone.
+ours r50_views_bf16 200 --config=configs/byol.py:r50 --config.batch_size=$r50_batch \
+  --config.precision=bfloat16 --data=views
+ours r50_aug_bf16 90 --config=configs/byol.py:r50 --config.batch_size=$r50_batch \
+  --config.precision=bfloat16 --mode=input
 
 "$PY" - "$OUT" << 'EOF' | tee "$OUT/summary.txt"
 """Summary table: our img/s beside the peer's, with the issue's targets (not asserted)."""
@@ -132,6 +144,8 @@ ROWS = (  # tag, peer log, target
   ('r50_bf16', 'peer_r50', '>= 3,500 img/s on an H200, >= 2.3x peer, peak < 40 GB'),
   ('cifar_bf16', 'peer_r18cifar', '>= 25,000 img/s, >= 1.35x peer'),
   ('r50_f32', None, '>= 1,600 img/s'),
+  ('r50_views_bf16', None, 'diagnostic: network update alone (plain JAX step: 2,646)'),
+  ('r50_aug_bf16', None, 'diagnostic: device augmentation alone'),
 )
 header = ('run', 'ours img/s', 'window img/s', 'peer img/s', 'window/peer', 'step ms',
           'peak GB', 'TFLOP/s', 'target (not asserted)')
