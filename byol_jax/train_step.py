@@ -45,6 +45,10 @@ class StepFns(NamedTuple):
   tau_fn: optax.Schedule
   loss: str
   infonce_temperature: float
+  # Steps whose metrics the trainer reads (step % log_every == 0, and the last one): only
+  # they pay for the collapse signals' eigendecomposition (see collapse_metrics).
+  log_every: int = 1
+  num_steps: int = 0
 
 
 def precision_dtype(name: str) -> jnp.dtype:
@@ -68,7 +72,29 @@ def make_step_fns(cfg: Any, num_classes: int, num_steps: int, steps_per_epoch: i
   optimizer = optim.make_optimizer(cfg.optimizer, lr_fn)
   if cfg.loss not in ('byol', 'infonce'):
     raise ValueError(f'unknown loss {cfg.loss!r}; valid: byol, infonce')
-  return StepFns(network, init_network, optimizer, lr_fn, tau_fn, cfg.loss, cfg.infonce_temperature)
+  return StepFns(network, init_network, optimizer, lr_fn, tau_fn, cfg.loss,
+                 cfg.infonce_temperature, max(1, int(cfg.log_every_steps)), num_steps)
+
+
+def is_logged_step(step: jax.Array, fns: StepFns) -> jax.Array:
+  """True on the steps (counted from 1) whose metrics the trainer fetches and writes."""
+  return (step % fns.log_every == 0) | (step == fns.num_steps)
+
+
+def collapse_metrics(projection: jax.Array, step: jax.Array, fns: StepFns,
+                     axis_name: str | None) -> dict[str, jax.Array]:
+  """The collapse signals on logged steps, NaN on the others.
+
+  Why: their eigendecomposition of a [dim, dim] gram is a chain of small solver kernels, a
+  fixed cost per step that the trainer only reads every `log_every` steps; lax.cond runs
+  one branch, so the other steps skip it. The predicate is the replicated step counter, so
+  every device takes the same branch and the collectives inside stay matched.
+  """
+  def skipped(_):
+    return dict(proj_std=jnp.float32(jnp.nan), proj_rank=jnp.float32(jnp.nan))
+
+  return jax.lax.cond(is_logged_step(step, fns),
+                      lambda z: losses.collapse_signals(z, axis_name), skipped, projection)
 
 
 def init_state(fns: StepFns, rng: jax.Array, image_shape: tuple[int, int, int]) -> TrainState:
@@ -135,7 +161,7 @@ def byol_update(state: TrainState, view1: jax.Array, view2: jax.Array, labels: j
   keep_old = lambda n, o: jnp.where(finite, n, o)
   new = new._replace(**{f: jax.tree_util.tree_map(keep_old, getattr(new, f), getattr(state, f))
                         for f in TrainState._fields if f not in ('step', 'rng')})
-  metrics.update(losses.collapse_signals(aux['projection'], axis_name))
+  metrics.update(collapse_metrics(aux['projection'], state.step + 1, fns, axis_name))
   metrics.update(lr=fns.lr_fn(state.step), tau=tau, nonfinite=1.0 - finite.astype(jnp.float32),
                  grad_norm=optax.global_norm(grads),
                  param_norm=optax.global_norm(state.online_params))

@@ -49,6 +49,33 @@ def test_eight_devices_match_one_device():
     for key in ('params', 'target', 'bn_state', 'opt', 'metrics'):
       assert r[key] < 2e-4, (loss, key, r[key])
     assert {'loss', 'lr', 'tau', 'probe_top1', 'proj_std', 'proj_rank'} <= set(r['metric_names'])
+    assert np.isnan(r['rank_by_step'][0]) and r['rank_by_step'][1] > 1, r['rank_by_step']
+
+
+def test_collapse_signals_only_on_logged_steps():
+  """The step computes proj_std/proj_rank on the steps the trainer logs (every
+  log_every_steps and the last) and NaN elsewhere; on a logged step they equal
+  losses.collapse_signals of the same projections. Breaks if the condition drifts from the
+  trainer's (train.py logs step % log_every_steps == 0 or the last step)."""
+  from byol_jax import losses
+  cfg = tiny_config()  # log_every_steps=2
+  mesh, fns, state = _setup(cfg)  # num_steps=10
+  logged = [s for s in range(1, 13) if bool(train_step.is_logged_step(jnp.int32(s), fns))]
+  assert logged == [2, 4, 6, 8, 10, 12]
+  fns5 = fns._replace(log_every=4, num_steps=10)
+  assert [s for s in range(1, 11) if bool(train_step.is_logged_step(jnp.int32(s), fns5))] \
+    == [4, 8, 10]
+  z = jax.random.normal(jax.random.PRNGKey(1), (32, 16))
+  skipped = train_step.collapse_metrics(z, jnp.int32(3), fns, None)
+  computed = train_step.collapse_metrics(z, jnp.int32(4), fns, None)
+  want = losses.collapse_signals(z)
+  assert np.isnan(float(skipped['proj_rank'])) and np.isnan(float(skipped['proj_std']))
+  for k in ('proj_std', 'proj_rank'):
+    np.testing.assert_allclose(float(computed[k]), float(want[k]), rtol=1e-6)
+  step = train_step.make_views_step(fns, mesh)
+  state, m1 = step(state, *train_step.shard_batch(_views(), mesh))
+  state, m2 = step(state, *train_step.shard_batch(_views(1), mesh))
+  assert np.isnan(float(m1['proj_rank'])) and float(m2['proj_rank']) > 1
 
 
 def test_target_ema_uses_online_params_after_the_update():

@@ -31,10 +31,17 @@ def run(devices, cfg, views, loss):
   return jax.device_get(state), history
 
 
+def _leaf_diff(x, y):
+  """Largest |x - y|; NaN where both are NaN counts as equal (the collapse signals of
+  unlogged steps), NaN on one side only as infinitely far."""
+  x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+  both = np.isnan(x) & np.isnan(y)
+  d = np.where(both, 0.0, np.abs(x - y))
+  return float(np.max(np.where(np.isnan(d), np.inf, d)))
+
+
 def max_diff(a, b):
-  diffs = jax.tree_util.tree_map(lambda x, y: float(np.max(np.abs(np.asarray(x, np.float64)
-                                                                 - np.asarray(y)))), a, b)
-  return max(jax.tree_util.tree_leaves(diffs))
+  return max(jax.tree_util.tree_leaves(jax.tree_util.tree_map(_leaf_diff, a, b)))
 
 
 def main():
@@ -56,7 +63,9 @@ def main():
       moved=max_diff(s1.online_params, train_step.init_state(
         train_step.make_step_fns(cfg, 10, 10, 5), jax.random.PRNGKey(0),
         (16, 16, 3)).online_params),
-      metric_names=sorted(m1[0]))
+      metric_names=sorted(m1[0]),
+      # log_every_steps=2: step 1 skips the collapse signals, step 2 computes them.
+      rank_by_step=[float(m['proj_rank']) for m in mn])
   print(json.dumps(out))
 
 
