@@ -100,6 +100,9 @@ def _scale_by_clipped_trust_ratio(trust_coefficient: float,
   return optax.GradientTransformation(init, update)
 
 
+OPTIMIZERS = ('lars', 'sgd')
+
+
 def make_optimizer(opt_cfg: Any, learning_rate: optax.Schedule) -> optax.GradientTransformation:
   """LARS as in the release: g + wd * w, then the trust ratio, then LR, then momentum.
 
@@ -107,9 +110,18 @@ def make_optimizer(opt_cfg: Any, learning_rate: optax.Schedule) -> optax.Gradien
   momentum on the LR-scaled update), so the masks are all that BYOL adds. With
   `trust_clip` the trust ratio is clipped LARC-style (see _scale_by_clipped_trust_ratio);
   the paper's LARS has no clipping, so it is off except in the CIFAR recipe.
+
+  name='sgd' is the momentum SGD of PyTorch BYOL benchmarks (lightly's CIFAR-10 one):
+  buffer = momentum * buffer + (g + wd * w), step = -LR * buffer. Weight decay skips norm
+  parameters and biases, as in LARS (PyTorch's SGD decays every parameter).
   """
-  if opt_cfg.name != 'lars':
-    raise ValueError(f'unknown optimizer {opt_cfg.name!r}; valid: lars')
+  if opt_cfg.name not in OPTIMIZERS:
+    raise ValueError(f'unknown optimizer {opt_cfg.name!r}; valid: {", ".join(OPTIMIZERS)}')
+  if opt_cfg.name == 'sgd':
+    return optax.chain(
+      optax.add_decayed_weights(opt_cfg.weight_decay, lars_mask),
+      optax.trace(decay=opt_cfg.momentum, nesterov=False),
+      optax.scale_by_learning_rate(learning_rate))
   if not opt_cfg.get('trust_clip', False):
     return optax.lars(
       learning_rate=learning_rate, weight_decay=opt_cfg.weight_decay,

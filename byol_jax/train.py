@@ -54,6 +54,9 @@ def validate(cfg: Any, num_devices: int) -> None:
                       f'{num_devices} devices')
   if cfg.optimizer.base_lr <= 0:
     raise ConfigError(f'optimizer.base_lr={cfg.optimizer.base_lr} must be positive')
+  if cfg.optimizer.name not in optim.OPTIMIZERS:
+    raise ConfigError(f'optimizer.name={cfg.optimizer.name!r}; valid: '
+                      f'{", ".join(optim.OPTIMIZERS)}')
   if cfg.epochs <= 0 and cfg.steps <= 0:
     raise ConfigError(f'epochs={cfg.epochs} must be positive (or set steps)')
   if cfg.model.depth not in train_step.networks.RESNET_LAYOUTS:

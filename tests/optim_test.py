@@ -113,6 +113,47 @@ def test_lars_momentum_accumulates_scaled_updates():
   np.testing.assert_allclose(np.asarray(u2['lin']['b']), [-0.095, -0.095], rtol=1e-6)
 
 
+def test_sgd_matches_pytorch_momentum_sgd_over_two_steps():
+  """optimizer.name='sgd' is PyTorch's momentum SGD (buffer = m * buffer + g + wd w; step
+  -lr * buffer), with decay skipping biases and norm parameters. Float64 reference, two
+  steps with a changing LR, so a momentum applied before or after the LR (as LARS does)
+  would fail here."""
+  rng = np.random.default_rng(1)
+  params = {'conv': {'w': rng.normal(size=(3, 3, 2, 4))}, 'bn': {'scale': rng.normal(size=(4,))},
+            'linear': {'b': rng.normal(size=(3,))}}
+  grads = [jax.tree_util.tree_map(lambda p: rng.normal(size=p.shape), params) for _ in range(2)]
+  lrs, wd, m = (0.5, 0.2), 0.1, 0.9
+  cfg = ml_collections.ConfigDict(dict(name='sgd', weight_decay=wd, momentum=m))
+  opt = optim.make_optimizer(cfg, lambda step: jnp.asarray(lrs)[step])
+  to32 = lambda t: jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), t)
+  w, state = to32(params), None
+  state = opt.init(w)
+  for g in grads:
+    updates, state = opt.update(to32(g), state, w)
+    w = jax.tree_util.tree_map(lambda p, u: p + u, w, updates)
+  cases = ((('conv', 'w'), True), (('bn', 'scale'), False), (('linear', 'b'), False))
+  for path, decayed in cases:
+    ref, buf = np.asarray(params[path[0]][path[1]], np.float64), 0.0
+    for lr, g in zip(lrs, grads, strict=True):
+      d = g[path[0]][path[1]] + (wd * ref if decayed else 0.0)
+      buf = m * buf + d
+      ref = ref - lr * buf
+    np.testing.assert_allclose(np.asarray(w[path[0]][path[1]]), ref, rtol=2e-5, atol=1e-6,
+                               err_msg='/'.join(path))
+
+
+def test_unknown_optimizer_is_refused():
+  """A typo in optimizer.name fails before anything is built, naming the valid ones."""
+  with pytest.raises(ValueError, match='lars, sgd'):
+    optim.make_optimizer(ml_collections.ConfigDict(dict(name='adam')), lambda step: 0.1)
+  from byol_jax import train
+  from configs import byol
+  cfg = byol.get_config('demo')
+  cfg.optimizer.name = 'adam'
+  with pytest.raises(train.ConfigError, match="optimizer.name='adam'; valid: lars, sgd"):
+    train.validate(cfg, 1)
+
+
 def test_ema_update():
   """target <- tau target + (1 - tau) online."""
   t = {'a': jnp.asarray([1.0, 2.0])}
