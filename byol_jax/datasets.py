@@ -36,6 +36,7 @@ import functools
 import io
 import os
 import re
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -368,11 +369,29 @@ def _report_skipped(where: str, skipped: list[str], total: int, strict: bool) ->
                   len(skipped), total, where, skipped[0])
 
 
+# Items timed one by one before choosing threads, and the per-item time from which they pay.
+_PROBE_ITEMS = 64
+_THREADS_FROM_SEC = 1e-3
+
+
 def _parallel_map(fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
-  """Maps fn over items in threads (Pillow releases the GIL while decoding), in order."""
+  """Maps fn over items in order; in threads only when one call is slow enough to gain.
+
+  Pillow releases the GIL while it decodes, so threads speed up large images (224 px
+  ImageNet-sized JPEGs: 3.6 ms each in threads vs 6.6 ms in a row on 2 cores). A 32 px
+  CIFAR image decodes in about 0.2 ms, nearly all of it Python holding the GIL, and there
+  threads only contend (0.30 ms vs 0.18 ms each); so the first items are timed in a row,
+  and the rest go to threads only if those took at least _THREADS_FROM_SEC each.
+  """
+  items = list(items)
+  start = time.perf_counter()
+  head = [fn(item) for item in items[:_PROBE_ITEMS]]
+  rest = items[_PROBE_ITEMS:]
+  if not rest or (time.perf_counter() - start) / len(head) < _THREADS_FROM_SEC:
+    return head + [fn(item) for item in rest]
   workers = min(32, (os.cpu_count() or 1) * 2)
   with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-    return list(pool.map(fn, items, chunksize=64))
+    return head + list(pool.map(fn, rest))
 
 
 def readable_subset(paths: Sequence[str], labels: np.ndarray, where: str,

@@ -321,3 +321,27 @@ def test_cifar10_to_folder_holdout_is_a_validation_split(tmp_path):
   bad = subprocess.run([sys.executable, script, '--src', str(src), '--out', str(tmp_path / 'x'),
                         '--holdout_per_class', '3'], capture_output=True, text=True, timeout=60)
   assert bad.returncode == 2 and 'needs --train_per_class' in bad.stderr
+
+
+def test_parallel_map_uses_threads_only_for_slow_items():
+  """Results come back in order either way; cheap calls (32 px decodes) stay in the calling
+  thread, where threads would only fight over the GIL, and slow ones (large decodes) go to
+  worker threads after the timed probe. Breaks if the choice is inverted or order is lost."""
+  import threading
+  import time
+
+  def traced(delay):
+    def fn(x):
+      if delay:
+        time.sleep(delay)
+      return x * 2, threading.current_thread() is threading.main_thread()
+    return fn
+
+  items = list(range(datasets._PROBE_ITEMS + 100))
+  fast = datasets._parallel_map(traced(0.0), items)
+  assert [v for v, _ in fast] == [2 * i for i in items] and all(main for _, main in fast)
+  slow = datasets._parallel_map(traced(2 * datasets._THREADS_FROM_SEC), items)
+  assert [v for v, _ in slow] == [2 * i for i in items]
+  on_main = [main for _, main in slow]
+  assert all(on_main[:datasets._PROBE_ITEMS]) and not any(on_main[datasets._PROBE_ITEMS:])
+  assert datasets._parallel_map(traced(0.0), []) == []
