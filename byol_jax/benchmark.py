@@ -280,14 +280,14 @@ def _flops(compiled: Any, lowered: Any) -> float | None:
   return None
 
 
-def _compile(timed: Timed) -> tuple[float | None, float | None]:
-  """Compiles the jitted function ahead of timing; seconds taken and FLOPs per device."""
+def _compile(timed: Timed) -> tuple[float | None, float | None, Any]:
+  """Compiles the jitted function ahead of timing; seconds, FLOPs per device, executable."""
   if timed.fn is None:
-    return None, None
+    return None, None, None
   start = time.perf_counter()
   lowered = timed.fn.lower(*timed.example_args)
   compiled = lowered.compile()  # fills the cache the calls below use
-  return time.perf_counter() - start, _flops(compiled, lowered)
+  return time.perf_counter() - start, _flops(compiled, lowered), compiled
 
 
 def _peak_memory_bytes(mesh: Mesh) -> int | None:
@@ -302,7 +302,7 @@ def _peak_memory_bytes(mesh: Mesh) -> int | None:
 
 def time_calls(timed: Timed, warmup: int, steps: int) -> dict[str, Any]:
   """Median of `steps` calls blocked one by one, then `steps` calls synchronised once."""
-  compile_s, flops = _compile(timed)
+  compile_s, flops, compiled = _compile(timed)
   carry = timed.carry
   with _count_compiles() as compiles:
     for _ in range(warmup):
@@ -323,7 +323,25 @@ def time_calls(timed: Timed, warmup: int, steps: int) -> dict[str, Any]:
   return dict(median_s=statistics.median(per_call), window_s=window, cores_used=cores,
               compile_s=compile_s,
               flops_per_device=flops, compiles=cache() if cache else None,
-              compiles_while_timing=len(compiles), carry=carry)
+              compiles_while_timing=len(compiles), carry=carry, compiled=compiled)
+
+
+def profile_calls(timed: Timed, carry: Any, compiled: Any, profile_dir: str,
+                  steps: int) -> None:
+  """Traces `steps` further calls into profile_dir (jax.profiler, with the plain-JSON
+  perfetto trace) beside the compiled program's HLO text, for `byol_jax.profile_summary`."""
+  from byol_jax import profile_summary
+  os.makedirs(profile_dir, exist_ok=True)
+  if compiled is not None:
+    with open(os.path.join(profile_dir, profile_summary.HLO_NAME), 'w') as f:
+      f.write(compiled.as_text())
+  with open(os.path.join(profile_dir, profile_summary.STEPS_NAME), 'w') as f:
+    f.write(str(steps))
+  carry = jax.block_until_ready(carry)
+  with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
+    for _ in range(steps):
+      carry = timed.call(carry)
+    jax.block_until_ready(carry)
 
 
 def _loss(carry: Any) -> float | None:
@@ -358,13 +376,21 @@ def _mesh_for(cfg: Any) -> Mesh:
 
 
 def run_benchmark(cfg: Any, *, data: str = 'resident', mode: str = 'step', steps: int = 20,
-                  warmup: int = 5, num_images: int = 0, tag: str = '') -> dict[str, Any]:
-  """Times the configured step (or its input) and returns the figures of the BENCH line."""
+                  warmup: int = 5, num_images: int = 0, tag: str = '',
+                  profile_dir: str | None = None, profile_steps: int = 5) -> dict[str, Any]:
+  """Times the configured step (or its input) and returns the figures of the BENCH line;
+  with profile_dir, then traces profile_steps more calls (after the timing, so the figures
+  never include the profiler's overhead)."""
   _check_request(cfg, data, mode, steps, warmup)
+  if profile_dir and (profile_steps < 1 or data == 'stream'):
+    raise BenchmarkError(f'--profile_dir needs --profile_steps >= 1 (got {profile_steps}) and '
+                         'a device-side --data (not stream)')
   mesh = _mesh_for(cfg)
   build = _step_timed if mode == 'step' else _input_timed
   timed = build(cfg, data, mesh, num_images)
   timing = time_calls(timed, warmup, steps)
+  if profile_dir:
+    profile_calls(timed, timing['carry'], timing['compiled'], profile_dir, profile_steps)
   median_s, flops = timing['median_s'], timing['flops_per_device']
   step_flops = flops * mesh.size if flops else None
   peak = _peak_memory_bytes(mesh)
@@ -423,13 +449,19 @@ def _run(argv: list[str], flag_values: Any) -> int:
   try:
     result = run_benchmark(cfg, data=flag_values.data, mode=flag_values.mode,
                            steps=flag_values.steps, warmup=flag_values.warmup,
-                           num_images=flag_values.num_images, tag=flag_values.tag)
+                           num_images=flag_values.num_images, tag=flag_values.tag,
+                           profile_dir=flag_values.profile_dir,
+                           profile_steps=flag_values.profile_steps)
   except (BenchmarkError, datasets.DataError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
   print(format_line(result), flush=True)
   if flag_values.output:
     append_json(flag_values.output, result)
+  if flag_values.profile_dir:
+    from byol_jax import profile_summary
+    print(f'profile of {flag_values.profile_steps} steps in {flag_values.profile_dir}:')
+    profile_summary.main([flag_values.profile_dir, '--top=10'])
   if not compiled_once(result):
     print(f'error: the timed function compiled {result["compiles"]} times '
           f'({result["compiles_while_timing"]} while timing); expected once', file=sys.stderr)
@@ -450,6 +482,9 @@ def main() -> None:
   flags.DEFINE_integer('num_images', 0, 'Resident random images; 0: max(4 * batch, 4096).')
   flags.DEFINE_string('output', None, 'Append the result to this JSON-lines file.')
   flags.DEFINE_string('tag', '', 'A name for this run, printed and saved with it.')
+  flags.DEFINE_string('profile_dir', None, 'After timing, trace --profile_steps more calls '
+                      'here; summarise with python -m byol_jax.profile_summary DIR.')
+  flags.DEFINE_integer('profile_steps', 5, 'Calls traced with --profile_dir.')
   cli.quiet_startup_logs()
   app.run(lambda argv: sys.exit(_run(argv, flags.FLAGS)), flags_parser=cli.parse_flags)
 

@@ -12,7 +12,9 @@
 # (ResNet-50 224 px batch 256, ResNet-18 CIFAR 32 px batch 512, bf16 autocast) and ours
 # (r50 batch 256 bf16 and float32, cifar10 batch 512 bf16; random images resident on the
 # device, sampled and augmented there), then two diagnostics of the r50 bf16 step (network
-# update alone, augmentation alone), then prints a summary table with the ratios.
+# update alone, augmentation alone), then prints a summary table with the ratios. The r50 and
+# cifar10 bf16 runs also trace 5 steps after timing (--profile_dir) and print where the
+# device time goes (byol_jax.profile_summary: by source file, by kind of op, top ops).
 # ONLY="peer_r50 r50_bf16 ..." runs just the runs named.
 # Logs, results.jsonl (one JSON line per run of ours) and summary.txt go to $OUT, or to
 # ./bench_out when OUT is unset. Targets are printed beside the figures, never asserted.
@@ -101,10 +103,10 @@ peer() {
 # Most important first, so a spent budget drops the least important run.
 peer peer_r50 --arch r50 --size 224 --batch 256
 ours r50_bf16 200 --config=configs/byol.py:r50 --config.batch_size=$r50_batch \
-  --config.precision=bfloat16
+  --config.precision=bfloat16 --profile_dir="$OUT/prof_r50_bf16"
 peer peer_r18cifar --arch r18cifar --size 32 --batch 512
 ours cifar_bf16 150 --config=configs/byol.py:cifar10 --config.batch_size=$cifar_batch \
-  --config.precision=bfloat16
+  --config.precision=bfloat16 --profile_dir="$OUT/prof_cifar_bf16"
 ours r50_f32 200 --config=configs/byol.py:r50 --config.batch_size=$r50_batch \
   --config.precision=float32
 # Diagnostics of the r50 bf16 step: the network update alone on ready-made views (the bench
@@ -113,6 +115,16 @@ ours r50_views_bf16 200 --config=configs/byol.py:r50 --config.batch_size=$r50_ba
   --config.precision=bfloat16 --data=views
 ours r50_aug_bf16 90 --config=configs/byol.py:r50 --config.batch_size=$r50_batch \
   --config.precision=bfloat16 --mode=input
+
+# The profiles keep what byol_jax.profile_summary reads (perfetto_trace.json.gz, hlo.txt;
+# the XPlane copies of the same trace are dropped), packed into one file, profiles.tgz,
+# since jax.profiler nests the trace too deep for a device call to bring it back.
+find "$OUT" \( -name '*.xplane.pb' -o -name '*.trace.json.gz' \) -delete 2>/dev/null
+profiles=$(cd "$OUT" && ls -d prof_* 2>/dev/null)
+if [[ -n "$profiles" ]]; then
+  # shellcheck disable=SC2086
+  tar -czf "$OUT/profiles.tgz" -C "$OUT" $profiles && (cd "$OUT" && rm -rf $profiles)
+fi
 
 "$PY" - "$OUT" << 'EOF' | tee "$OUT/summary.txt"
 """Summary table: our img/s beside the peer's, with the issue's targets (not asserted)."""

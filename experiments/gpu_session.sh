@@ -11,14 +11,15 @@
 # Then one device call, carry [".whl", ".bench"], timeout_s 600:
 #   bash experiments/gpu_session.sh
 # BUDGET_S (default 560) is the wall-clock budget of the whole call and BENCH_S (default 300)
-# the benchmark's share; MAX_EPOCHS (default 100) caps the CIFAR-10 run; ONLY picks benchmark
-# runs (see gpu_benchmark.sh) and CIFAR_FLAGS adds config overrides to the CIFAR-10 run.
+# the benchmark's share; MAX_EPOCHS (default 100; 0: the benchmark alone) caps the CIFAR-10
+# run; ONLY picks benchmark runs (see gpu_benchmark.sh) and CIFAR_FLAGS adds config
+# overrides to the CIFAR-10 run.
 # On one H200 (2026-11-26) the benchmark's share of 300 s ran both peers, r50 and cifar10 in
 # bf16, but not r50 in float32. TINY=1 checks the script on a CPU with tiny models
 # (tests/experiments_test.py).
 # $OUT (default runs/gpu_session) gets: session.log (everything printed), bench_summary.txt,
-# bench.tgz (every benchmark log and results.jsonl), cifar_table.txt, cifar_knn.png and
-# cifar.tgz (the CIFAR-10 run's logs, metrics and config).
+# bench.tgz (every benchmark log, results.jsonl and profiles.tgz), cifar_table.txt,
+# cifar_knn.png and cifar.tgz (the CIFAR-10 run's logs, metrics and config).
 set -uo pipefail
 BUDGET_S=${BUDGET_S:-560}
 BENCH_S=${BENCH_S:-300}

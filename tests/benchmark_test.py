@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 
 import numpy as np
 import pytest
@@ -159,8 +160,9 @@ def test_stream_step_trains_from_an_image_folder(image_folder):
 
 @pytest.mark.slow
 def test_gpu_benchmark_script_dry_run(tmp_path):
-  """experiments/gpu_benchmark.sh --dry-run runs its three runs of ours on CPU with tiny
-  models and writes results.jsonl and the summary table (peer skipped without a GPU)."""
+  """experiments/gpu_benchmark.sh --dry-run runs its five runs of ours on CPU with tiny
+  models and writes results.jsonl, the summary table and the two step profiles in one
+  profiles.tgz (peer skipped without a GPU)."""
   env = dict(os.environ, OUT=str(tmp_path / 'bench'), PYTHON=sys.executable,
              JAX_PLATFORMS='cpu')
   out = subprocess.run(['bash', os.path.join(REPO, 'experiments', 'gpu_benchmark.sh'),
@@ -168,8 +170,19 @@ def test_gpu_benchmark_script_dry_run(tmp_path):
                        timeout=900)
   assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
   records = [json.loads(line) for line in (tmp_path / 'bench' / 'results.jsonl').open()]
-  assert [r['tag'] for r in records] == ['r50_bf16', 'cifar_bf16', 'r50_f32']
-  assert [r['precision'] for r in records] == ['bfloat16', 'bfloat16', 'float32']
+  tags = ['r50_bf16', 'cifar_bf16', 'r50_f32', 'r50_views_bf16', 'r50_aug_bf16']
+  assert [r['tag'] for r in records] == tags
+  assert [r['precision'] for r in records] == ['bfloat16', 'bfloat16', 'float32', 'bfloat16',
+                                               'bfloat16']
+  assert [(r['data'], r['mode']) for r in records][3:] == [('views', 'step'),
+                                                           ('synthetic', 'input')]
   summary = (tmp_path / 'bench' / 'summary.txt').read_text()
-  for tag in ('r50_bf16', 'cifar_bf16', 'r50_f32'):
+  for tag in tags:
     assert f'| {tag} |' in summary
+  assert 'by source file' in out.stdout  # the profile summaries were printed
+  with tarfile.open(tmp_path / 'bench' / 'profiles.tgz') as tar:
+    names = tar.getnames()
+  for run in ('prof_r50_bf16', 'prof_cifar_bf16'):
+    assert f'{run}/hlo.txt' in names
+    assert any(n.startswith(run) and n.endswith('perfetto_trace.json.gz') for n in names)
+  assert not any(n.endswith('.xplane.pb') for n in names)

@@ -1,0 +1,205 @@
+"""Where a profiled step spends its device time: by source file, by kind of op, top ops.
+
+  python -m byol_jax.benchmark --config=configs/byol.py:r50 ... --profile_dir=DIR
+  python -m byol_jax.profile_summary DIR [--top=15]
+
+Why: a throughput target that is missed needs the next step to be obvious, and the GPU hosts
+have no TensorBoard profile plugin. The benchmark's `--profile_dir` writes a jax.profiler
+trace (`perfetto_trace.json.gz`, plain JSON) of a few steps and the compiled program's HLO
+text (`hlo.txt`); this reads only those two, with the standard library.
+
+Each device event that names its HLO instruction (`args.hlo_op`) is charged to:
+- the first frame of its instruction's stack trace inside this package (augment.py: the
+  views; networks.py: the encoder and heads; losses.py, optim.py, train_step.py: the rest),
+  or 'other' where the HLO text has no such frame;
+- the instruction's kind: its opcode, the custom-call target (cuDNN convolutions, cuBLAS
+  matmuls) or the fusion kind.
+On GPU the events are the kernels on the device's streams; on CPU, where there is no device
+track, the host events that carry `hlo_op` (the thunks) stand in for them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import sys
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+PACKAGE = 'byol_jax'
+TRACE_NAME = 'perfetto_trace.json.gz'
+HLO_NAME = 'hlo.txt'
+STEPS_NAME = 'profile_steps.txt'
+
+_INSTRUCTION = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*[^=]*?\s([a-z][\w\-]*)\(')
+_FRAME_ID = re.compile(r'stack_frame_id=(\d+)')
+_SOURCE_FILE = re.compile(r'source_file="([^"]+)"')
+_TARGET = re.compile(r'custom_call_target="([^"]+)"')
+_FUSION_KIND = re.compile(r'"kind":"([^"]+)"')
+_FUSION_KIND_ATTR = re.compile(r'\bkind=(k\w+)')
+
+
+class ProfileError(ValueError):
+  """A profile folder that cannot be summarised; printed as one line."""
+
+
+def _table(text: str, section: str) -> dict[int, dict[str, str]]:
+  """One of the HLO text's id tables (FileNames, FileLocations, StackFrames...)."""
+  out: dict[int, dict[str, str]] = {}
+  match = re.search(rf'^{section}\n((?:\d+ .*\n)+)', text, re.M)
+  for line in (match.group(1).splitlines() if match else []):
+    key, _, rest = line.partition(' ')
+    fields = dict(re.findall(r'(\w+)=("[^"]*"|\S+?)(?=[ }])', rest))
+    out[int(key)] = fields if fields else {'value': rest.strip().strip('"')}
+  return out
+
+
+def _frame_files(text: str) -> dict[int, list[str]]:
+  """stack_frame_id -> source files from the innermost frame outwards.
+
+  In the printed table a frame's caller is the frame numbered parent_frame_id - 1 (1 and 0:
+  none), read off JAX 0.10's output: that walk gives the Python call chains (e.g.
+  _sample_indices <- resident_views <- the step). JAX keeps only user frames, so the frame
+  itself is usually already in this package; the walk matters for the rest.
+  """
+  names = {k: v['value'] for k, v in _table(text, 'FileNames').items()}
+  locations = {k: names.get(int(v.get('file_name_id', 0)), '')
+               for k, v in _table(text, 'FileLocations').items()}
+  frames = _table(text, 'StackFrames')
+  out = {}
+  for frame_id in frames:
+    files, seen, current = [], set(), frame_id
+    while current in frames and current not in seen:
+      seen.add(current)
+      files.append(locations.get(int(frames[current].get('file_location_id', 0)), ''))
+      current = int(frames[current].get('parent_frame_id', 0)) - 1
+    out[frame_id] = files
+  return out
+
+
+def _package_file(files: Iterable[str]) -> str:
+  """The first file of this package in a stack, as 'augment.py'; 'other' if none."""
+  for path in files:
+    parts = path.replace('\\', '/').split('/')
+    if PACKAGE in parts[:-1]:
+      return parts[-1]
+  return 'other'
+
+
+def _kind(opcode: str, line: str) -> str:
+  if opcode == 'custom-call':
+    target = _TARGET.search(line)
+    return f'custom-call {target.group(1)}' if target else opcode
+  if opcode == 'fusion':
+    kind = _FUSION_KIND.search(line) or _FUSION_KIND_ATTR.search(line)
+    return f'fusion {kind.group(1)}' if kind else opcode
+  return opcode
+
+
+def parse_hlo(text: str) -> dict[str, tuple[str, str]]:
+  """HLO instruction name -> (kind, source file of this package or 'other')."""
+  frame_files = _frame_files(text)
+  out = {}
+  for line in text.splitlines():
+    match = _INSTRUCTION.match(line)
+    if not match:
+      continue
+    name, opcode = match.groups()
+    frame = _FRAME_ID.search(line)
+    source = _SOURCE_FILE.search(line)
+    files = frame_files.get(int(frame.group(1)), []) if frame else []
+    if source:
+      files = [source.group(1), *files]
+    out[name] = (_kind(opcode, line), _package_file(files))
+  return out
+
+
+def device_events(trace: dict[str, Any]) -> list[dict[str, Any]]:
+  """Complete events naming an HLO op: on device tracks if there are any, else all."""
+  events = trace.get('traceEvents', []) if isinstance(trace, dict) else trace
+  devices = {e['pid'] for e in events if e.get('ph') == 'M' and e.get('name') == 'process_name'
+             and str(e.get('args', {}).get('name', '')).startswith('/device:')}
+  named = [e for e in events if e.get('ph') == 'X' and 'hlo_op' in e.get('args', {})]
+  on_device = [e for e in named if e.get('pid') in devices]
+  return on_device or named
+
+
+def summarise(events: Sequence[dict[str, Any]], hlo: dict[str, tuple[str, str]],
+              steps: int) -> dict[str, Any]:
+  """Microseconds per step by source file, by kind and by op."""
+  by_source: collections.Counter = collections.Counter()
+  by_kind: collections.Counter = collections.Counter()
+  by_op: collections.Counter = collections.Counter()
+  for event in events:
+    op = event['args']['hlo_op']
+    kind, source = hlo.get(op, ('unknown', 'other'))
+    dur = float(event.get('dur', 0.0)) / steps
+    by_source[source] += dur
+    by_kind[kind] += dur
+    by_op[(op, kind, source)] += dur
+  return dict(total_us=sum(by_source.values()), by_source=by_source, by_kind=by_kind,
+              by_op=by_op, steps=steps, events=len(events))
+
+
+def format_summary(summary: dict[str, Any], top: int = 15) -> str:
+  total = summary['total_us'] or 1.0
+  lines = [f'device time per step: {summary["total_us"] / 1e3:.2f} ms '
+           f'({summary["events"]} op events over {summary["steps"]} steps)']
+
+  def section(title, counter, label):
+    lines.append(f'\n{title}')
+    lines.append(f'  {"ms/step":>9} {"share":>6}  {label}')
+    for key, us in counter.most_common(top):
+      text = key if isinstance(key, str) else '  '.join(key)
+      lines.append(f'  {us / 1e3:9.3f} {us / total:6.1%}  {text}')
+
+  section('by source file (first frame in byol_jax/)', summary['by_source'], 'file')
+  section('by kind of op', summary['by_kind'], 'kind')
+  section(f'top {top} ops', summary['by_op'], 'op  kind  file')
+  return '\n'.join(lines)
+
+
+def load(profile_dir: str) -> tuple[list[dict[str, Any]], dict[str, tuple[str, str]], int]:
+  """Events, parsed HLO and step count of a benchmark's --profile_dir."""
+  traces = sorted(glob.glob(os.path.join(profile_dir, '**', TRACE_NAME), recursive=True))
+  if not traces:
+    raise ProfileError(f'no {TRACE_NAME} under {profile_dir}: make one with '
+                       'python -m byol_jax.benchmark ... --profile_dir=DIR')
+  with gzip.open(traces[-1], 'rt') as f:
+    events = device_events(json.load(f))
+  if not events:
+    raise ProfileError(f'{traces[-1]} has no events naming an HLO op')
+  hlo_path = os.path.join(profile_dir, HLO_NAME)
+  hlo = {}
+  if os.path.exists(hlo_path):
+    with open(hlo_path) as f:
+      hlo = parse_hlo(f.read())
+  steps_path = os.path.join(profile_dir, STEPS_NAME)
+  steps = 1
+  if os.path.exists(steps_path):
+    with open(steps_path) as f:
+      steps = max(1, int(f.read().strip() or 1))
+  return events, hlo, steps
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('profile_dir')
+  parser.add_argument('--top', type=int, default=15)
+  args = parser.parse_args(argv)
+  try:
+    events, hlo, steps = load(args.profile_dir)
+  except (ProfileError, OSError, json.JSONDecodeError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  print(format_summary(summarise(events, hlo, steps), args.top))
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
