@@ -108,6 +108,12 @@ def test_missing_profile_is_one_line_error(tmp_path, capsys):
   assert 'no perfetto_trace.json.gz' in capsys.readouterr().err
 
 
+def test_profile_request_is_checked_before_building(tmp_path):
+  with pytest.raises(benchmark.BenchmarkError, match='profile_steps'):
+    benchmark.run_benchmark(tiny_config(), profile_dir=str(tmp_path), profile_steps=0)
+
+
+@pytest.mark.slow  # 25 s; experiments' gpu_benchmark dry run (slow too) also profiles
 def test_benchmark_profile_dir_end_to_end(tmp_path):
   """The benchmark's --profile_dir leaves a trace and the HLO text that the summary reads;
   on the resident step both the augmentation and the network show up, and the device time
@@ -120,8 +126,6 @@ def test_benchmark_profile_dir_end_to_end(tmp_path):
   assert summary['by_source']['augment.py'] > 0 and summary['by_source']['networks.py'] > 0
   assert 0.3 < summary['total_us'] / 1e3 / result['step_ms'] < 3.0, (summary['total_us'],
                                                                        result['step_ms'])
-  with pytest.raises(benchmark.BenchmarkError, match='profile_steps'):
-    benchmark.run_benchmark(tiny_config(), profile_dir=str(tmp_path), profile_steps=0)
 
 
 def test_trace_json_is_read_gzipped(tmp_path):

@@ -58,8 +58,7 @@ def test_collapse_signals_only_on_logged_steps():
   losses.collapse_signals of the same projections. Breaks if the condition drifts from the
   trainer's (train.py logs step % log_every_steps == 0 or the last step)."""
   from byol_jax import losses
-  cfg = tiny_config()  # log_every_steps=2
-  mesh, fns, state = _setup(cfg)  # num_steps=10
+  fns = train_step.make_step_fns(tiny_config(), 10, num_steps=10, steps_per_epoch=5)
   logged = [s for s in range(1, 13) if bool(train_step.is_logged_step(jnp.int32(s), fns))]
   assert logged == [2, 4, 6, 8, 10, 12]
   fns5 = fns._replace(log_every=4, num_steps=10)
@@ -72,10 +71,8 @@ def test_collapse_signals_only_on_logged_steps():
   assert np.isnan(float(skipped['proj_rank'])) and np.isnan(float(skipped['proj_std']))
   for k in ('proj_std', 'proj_rank'):
     np.testing.assert_allclose(float(computed[k]), float(want[k]), rtol=1e-6)
-  step = train_step.make_views_step(fns, mesh)
-  state, m1 = step(state, *train_step.shard_batch(_views(), mesh))
-  state, m2 = step(state, *train_step.shard_batch(_views(1), mesh))
-  assert np.isnan(float(m1['proj_rank'])) and float(m2['proj_rank']) > 1
+  # The step itself (NaN at step 1, computed at step 2, on 1 and 8 devices) is checked in
+  # test_eight_devices_match_one_device.
 
 
 def test_target_ema_uses_online_params_after_the_update():
