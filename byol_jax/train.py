@@ -19,6 +19,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -86,10 +87,15 @@ def _validate_faults(cfg: Any) -> None:
 
 
 def prepare_workdir(workdir: str) -> None:
-  """Creates the workdir and proves it writable before any compilation."""
+  """Creates the workdir and proves it writable before any compilation.
+
+  The probe file is named per host and process: the processes of a multi-process run
+  share the workdir, and one shared name let one process delete another's probe mid-check
+  (a flaky 'not writable: No such file or directory').
+  """
   try:
     os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, '.write_test')
+    probe = os.path.join(workdir, f'.write_test.{socket.gethostname()}.{os.getpid()}')
     with open(probe, 'w') as f:
       f.write('ok')
     os.remove(probe)

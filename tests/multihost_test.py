@@ -242,3 +242,17 @@ def test_launch_flags_are_checked():
     with pytest.raises(multihost.LaunchError, match=match):
       multihost.plan(*args, {})
 
+
+
+def test_workdir_check_is_safe_when_processes_share_the_workdir(tmp_path):
+  """Every process of a multi-process run proves the shared workdir writable at start-up.
+  With one probe name for all, one process could delete another's probe mid-check (seen as
+  a flaky 'not writable: No such file or directory'); here 4 processes check 300 times each
+  at once and none may fail."""
+  code = ('import sys\nfrom byol_jax import train\n'
+          'for _ in range(300):\n  train.prepare_workdir(sys.argv[1])\n')
+  procs = [subprocess.Popen([sys.executable, '-c', code, str(tmp_path)], cwd=REPO,
+                            stderr=subprocess.PIPE, text=True) for _ in range(4)]
+  errors = [p.communicate(timeout=120)[1] for p in procs]
+  assert all(p.returncode == 0 for p in procs), errors
+  assert os.listdir(tmp_path) == []  # no probe left behind
