@@ -489,7 +489,7 @@ def _loop(cfg, workdir, mesh, data, fns, state, faults, ckpt, preemption, num_st
   for step in range(start + 1, num_steps + 1):
     state, metrics = step_fn(state, *inputs(step))
     faults = count_faults(faults, metrics['nonfinite'], step)
-    if step % cfg.log_every_steps == 0 or step == num_steps:
+    if train_step.is_logged_step(step, fns):  # the steps whose collapse signals exist
       metrics, host_faults = jax.device_get((metrics, faults))
       metrics.update(progress.update(step), epoch=step / spe,
                      bad_steps_in_a_row=int(host_faults['bad_in_a_row']))

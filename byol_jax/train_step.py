@@ -76,8 +76,9 @@ def make_step_fns(cfg: Any, num_classes: int, num_steps: int, steps_per_epoch: i
                  cfg.infonce_temperature, max(1, int(cfg.log_every_steps)), num_steps)
 
 
-def is_logged_step(step: jax.Array, fns: StepFns) -> jax.Array:
-  """True on the steps (counted from 1) whose metrics the trainer fetches and writes."""
+def is_logged_step(step: int | jax.Array, fns: StepFns) -> bool | jax.Array:
+  """True on the steps (counted from 1) whose metrics the trainer fetches and writes; the
+  trainer's loop (Python ints) and the step (traced) both ask here."""
   return (step % fns.log_every == 0) | (step == fns.num_steps)
 
 
