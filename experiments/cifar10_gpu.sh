@@ -27,7 +27,8 @@ shift $(( $# > 0 ? 1 : 0 ))
 OUT=${OUT:-$PWD/runs/cifar10_gpu}
 mkdir -p "$OUT"
 RUN=${RUN:-$(mktemp -d "${TMPDIR:-/tmp}/byol_cifar10_run.XXXXXX")}
-if [ "${TINY:-0}" != 1 ] && [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+if [ "${TINY:-0}" != 1 ] && [ "${BYOL_WHEELS_INSTALLED:-0}" != 1 ] && [ -d .whl ] \
+    && ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi
