@@ -135,8 +135,30 @@ def adjust_brightness(image: Array, delta: Array | float) -> Array:
 
 def adjust_contrast(image: Array, factor: Array | float) -> Array:
   """Scales each channel about its spatial mean, like tf.image.adjust_contrast (no clipping)."""
-  mean = jnp.mean(image, axis=(-3, -2), keepdims=True)
+  mean = spatial_mean(image)
   return (image - mean) * factor + mean
+
+
+def spatial_mean(image: Array) -> Array:
+  """Per-channel mean over the H and W axes of [..., H, W, C], shaped [..., 1, 1, C].
+
+  On accelerators not jnp.mean over (H, W): with the 3 channels as the minor axis that is
+  a column reduction, which XLA on GPU ran far below memory bandwidth (H200 profile,
+  2026-11-26: about 1.5 ms per 256 images of 224 px, 18 of a ResNet-50 step's 125 ms for
+  the jitter's contrast slots). `_masked_row_mean` makes C row reductions over contiguous
+  memory instead. On CPU, where it measured 1.3x slower, the plain mean stays.
+  """
+  return jax.lax.platform_dependent(
+      image, cpu=lambda x: jnp.mean(x, axis=(-3, -2), keepdims=True), default=_masked_row_mean)
+
+
+def _masked_row_mean(image: Array) -> Array:
+  """spatial_mean as one sum of the flattened image per channel, other channels masked."""
+  *lead, height, width, channels = image.shape
+  flat = image.reshape(*lead, height * width * channels)
+  channel = jnp.arange(height * width * channels) % channels
+  sums = [jnp.sum(jnp.where(channel == c, flat, 0.0), axis=-1) for c in range(channels)]
+  return (jnp.stack(sums, axis=-1) / (height * width)).reshape(*lead, 1, 1, channels)
 
 
 def adjust_saturation(image: Array, factor: Array | float) -> Array:

@@ -116,6 +116,19 @@ def test_adjust_contrast_matches_tf(tf, factor):
   assert _max_abs(got, tf.image.adjust_contrast(x, factor)) < 1e-4
 
 
+@pytest.mark.parametrize('shape', [(7, 5, 3), (2, 9, 4, 3), (3, 6, 6, 1)])
+def test_masked_row_mean_matches_float64_mean(shape):
+  """The accelerators' contrast mean (one masked sum per channel over the flattened image)
+  must equal the float64 per-channel spatial mean, batched or not, and under vmap. Breaks
+  if the channel mask is misaligned with the HWC layout (channels mixed) or the count is
+  wrong; CPU runs the plain mean, so only this test covers the GPU/TPU path."""
+  x = np.random.RandomState(3).uniform(0, 1, shape).astype(np.float32)
+  want = x.astype(np.float64).mean(axis=(-3, -2), keepdims=True)
+  assert _max_abs(jax.jit(augment._masked_row_mean)(x), want) < 1e-6
+  assert _max_abs(jax.vmap(augment._masked_row_mean)(x[None])[0], want) < 1e-6
+  assert _max_abs(augment.spatial_mean(x), want) < 1e-6
+
+
 @pytest.mark.parametrize('factor', [0.0, 0.5, 0.8, 1.2, 3.0])
 def test_adjust_saturation_matches_tf(tf, factor):
   """Fails if the RGB-space saturation differs from tf's HSV scale-and-clip of S."""
