@@ -102,3 +102,92 @@ def test_encoder_alone_matches_network_embedding():
   enc = networks.build_encoder(cfg)
   feats, _ = enc.apply(networks.encoder_subtree(params), networks.encoder_subtree(state), None, x)
   np.testing.assert_allclose(np.asarray(feats), np.asarray(full['embedding']), rtol=1e-5)
+
+
+def _bn_loss_and_grads(use_haiku, dtype, axis_name=None):
+  """Loss, new state and gradients (params, input) of one BatchNorm, ours or Haiku's own."""
+
+  def forward(x):
+    if use_haiku:
+      bn = hk.BatchNorm(True, True, 0.9, eps=1e-5, name='batch_norm',
+                        cross_replica_axis=axis_name)
+      return bn(x.astype(jnp.float32), is_training=True).astype(x.dtype)
+    return networks._batch_norm(x, True, axis_name, 0.9, 1e-5)
+
+  net = hk.transform_with_state(forward)
+  rng = np.random.RandomState(0)
+  x = jnp.asarray(rng.normal(2.0, 3.0, (16, 5, 5, 7)), dtype)
+  weights = jnp.asarray(rng.normal(0.0, 1.0, (16, 5, 5, 7)), jnp.float32)
+  params, state = net.init(jax.random.PRNGKey(0), x)
+  params = {'batch_norm': {'scale': params['batch_norm']['scale'] + 0.3,
+                           'offset': params['batch_norm']['offset'] - 0.2}}
+
+  def loss(p, x):
+    y, new_state = net.apply(p, state, None, x)
+    return jnp.sum(y.astype(jnp.float32) * weights), new_state
+
+  (value, new_state), grads = jax.value_and_grad(loss, (0, 1), has_aux=True)(params, x)
+  return value, new_state, grads, params
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_batch_norm_matches_haiku_batch_norm_and_its_gradient(dtype):
+  """Our training-mode BN (closed-form backward from the input in its own dtype) must give
+  Haiku's BatchNorm-on-float32 output, moving averages, parameter names and gradients (the
+  library's autodiff is the reference). Breaks on a wrong backward formula (e.g. a missing
+  E[dy * xhat] term), swapped scale/offset gradients or renamed parameters or state, which
+  would also break every existing checkpoint."""
+  want = _bn_loss_and_grads(True, dtype)
+  got = _bn_loss_and_grads(False, dtype)
+  assert jax.tree_util.tree_structure(got[1]) == jax.tree_util.tree_structure(want[1])
+  assert jax.tree_util.tree_structure(got[2]) == jax.tree_util.tree_structure(want[2])
+  assert float(got[0]) == pytest.approx(float(want[0]), rel=1e-6)
+  for a, b in zip(jax.tree_util.tree_leaves(got[1:3]), jax.tree_util.tree_leaves(want[1:3]),
+                  strict=True):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    tol = 1e-4 * max(1.0, float(np.max(np.abs(b))))
+    if dtype == jnp.bfloat16 and a.shape == (16, 5, 5, 7):  # the input gradient is bf16
+      tol = 2 ** -7 * float(np.max(np.abs(b)))
+    np.testing.assert_allclose(a, b, atol=tol)
+
+
+def test_batch_norm_gradient_with_a_named_axis_matches_haiku():
+  """The cross-replica path (pmean of the statistics and of the backward's means) on a
+  one-device mesh: the same numbers as Haiku's cross-replica BatchNorm. The 8-device step
+  equivalence test (train_step_test) checks that the statistics span all devices."""
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ('batch',))
+  specs = jax.sharding.PartitionSpec()
+
+  def run(use_haiku):
+    fn = jax.shard_map(lambda: _bn_loss_and_grads(use_haiku, jnp.float32, 'batch')[2],
+                       mesh=mesh, in_specs=(), out_specs=specs, check_vma=False)
+    return jax.jit(fn)()
+
+  for a, b in zip(jax.tree_util.tree_leaves(run(False)), jax.tree_util.tree_leaves(run(True)),
+                  strict=True):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
+
+
+def test_bfloat16_network_saves_no_float32_activations_for_backward():
+  """The point of the custom BatchNorm backward: a bf16 network keeps no float32 copy of
+  its activations between the forward and backward passes (hk.BatchNorm on the float32
+  cast saved one per BN layer: twice the bf16 activation's bytes, written and read back).
+  Breaks if the normalisation is differentiated by autodiff again."""
+  import contextlib
+  import io
+
+  from jax.ad_checkpoint import print_saved_residuals
+  net = networks.build_network(_model_cfg(), 10, dtype=jnp.bfloat16)
+  x = jnp.zeros((4, 16, 16, 3), jnp.float32)
+  params, state = net.init(jax.random.PRNGKey(0), x, is_training=True)
+
+  def loss(p):
+    return jnp.sum(net.apply(p, state, None, x, is_training=True)[0]['prediction'])
+
+  printed = io.StringIO()
+  with contextlib.redirect_stdout(printed):  # lines like 'bf16[4,16,16,8] output of ...'
+    print_saved_residuals(loss, params)
+  types = [line.split(' ')[0] for line in printed.getvalue().splitlines()]
+  activations = [t for t in types if t.count(',') == 3 and '[4,' in t]
+  assert any(t.startswith('bf16[') for t in activations), types
+  assert not [t for t in activations if t.startswith('f32[')], activations
