@@ -33,6 +33,10 @@ GRAYSCALE_WEIGHTS = (0.2989, 0.5870, 0.1140)
 
 # Names of the colour-jitter ops; an order is a permutation of their indices.
 JITTER_OPS = ('brightness', 'contrast', 'saturation', 'hue')
+# How `brightness` b jitters: 'additive' adds U(-b, b) (the release, tf.image's
+# adjust_brightness); 'multiplicative' scales by 1 + U(-b, b) (torchvision's ColorJitter,
+# which the PyTorch CIFAR-10 recipes use: much milder on dark images).
+BRIGHTNESS_MODES = ('additive', 'multiplicative')
 _HUE = JITTER_OPS.index('hue')
 
 
@@ -47,6 +51,7 @@ def default_augment_config() -> ml_collections.ConfigDict:
           flip_prob=0.5,
           color_jitter_prob=0.8,
           brightness=0.4,
+          brightness_mode='additive',  # Or 'multiplicative' (torchvision); see BRIGHTNESS_MODES.
           contrast=0.4,
           saturation=0.2,
           hue=0.1,
@@ -261,8 +266,12 @@ def apply_color_jitter(
     contrast_factor: Array | float,
     saturation_factor: Array | float,
     hue_delta: Array | float,
+    brightness_factor: Array | float = 1.0,
 ) -> Array:
   """Applies the four jitter ops in `order` (indices into JITTER_OPS), clipping after each.
+
+  Brightness is image * brightness_factor + brightness_delta (one of the two is neutral,
+  see BRIGHTNESS_MODES).
 
   Equivalent to a loop of lax.switch over the order, but under vmap that would evaluate all four
   ops (two with HSV) at each of the four steps. Here hue runs once: three slots before it and
@@ -271,7 +280,7 @@ def apply_color_jitter(
   """
   order = jnp.asarray(order)
   hue_pos = jnp.argmax(order == _HUE)
-  params = (brightness_delta, contrast_factor, saturation_factor)
+  params = (brightness_factor, brightness_delta, contrast_factor, saturation_factor)
   for pos in range(3):  # Slots before hue.
     image = _cheap_jitter_step(image, jnp.where(pos < hue_pos, order[pos], _HUE), params)
   image = adjust_hue(image, hue_delta)
@@ -282,10 +291,10 @@ def apply_color_jitter(
 
 def _cheap_jitter_step(image: Array, op: Array, params: tuple) -> Array:
   """Applies op (brightness, contrast or saturation) then clips; op == hue means identity."""
-  brightness_delta, contrast_factor, saturation_factor = params
+  brightness_factor, brightness_delta, contrast_factor, saturation_factor = params
   out = jnp.where(
       op == 0,
-      adjust_brightness(image, brightness_delta),
+      adjust_brightness(image * brightness_factor, brightness_delta),
       jnp.where(
           op == 1,
           adjust_contrast(image, contrast_factor),
@@ -343,10 +352,15 @@ def _random_jitter(image: Array, u: Array, cfg: ml_collections.ConfigDict) -> Ar
   """Colour jitter with strengths from cfg, parameters and order taken from the uniforms u."""
   ub, uc, us, uh = 2.0 * u[_U_PARAMS] - 1.0  # Each in [-1, 1).
   order = jnp.argsort(u[_U_ORDER])
+  mode = cfg.get('brightness_mode', 'additive')
+  if mode not in BRIGHTNESS_MODES:
+    raise ValueError(f'augment.brightness_mode={mode!r}; valid: {", ".join(BRIGHTNESS_MODES)}')
+  additive = mode == 'additive'
   return apply_color_jitter(
       image,
       order,
-      brightness_delta=cfg.brightness * ub,
+      brightness_delta=cfg.brightness * ub if additive else 0.0,
+      brightness_factor=1.0 if additive else 1.0 + cfg.brightness * ub,
       contrast_factor=1.0 + cfg.contrast * uc,
       saturation_factor=1.0 + cfg.saturation * us,
       hue_delta=cfg.hue * uh,

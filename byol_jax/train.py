@@ -74,6 +74,11 @@ def validate(cfg: Any, num_devices: int) -> None:
     raise ConfigError(str(e)) from None
   if cfg.loss not in ('byol', 'infonce'):
     raise ConfigError(f'loss={cfg.loss!r}; valid: byol, infonce')
+  from byol_jax import augment  # local: keeps the import graph of this module small
+  mode = cfg.augment.get('brightness_mode', 'additive')
+  if mode not in augment.BRIGHTNESS_MODES:
+    raise ConfigError(f'augment.brightness_mode={mode!r}; valid: '
+                      f'{", ".join(augment.BRIGHTNESS_MODES)}')
   _validate_faults(cfg)
 
 

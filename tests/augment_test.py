@@ -556,3 +556,48 @@ def test_eval_view_centre_crop():
   assert _max_abs(raw[3:-3, 3:-3, 0], np.broadcast_to(want_red[3:-3], (out - 6, out - 6))) < 1e-2
   assert _max_abs(raw[3:-3, 3:-3, 1], want_green[3:-3, None]) < 1e-2
   assert _max_abs(raw[..., 2], 100.0) < 1e-2
+
+
+# ---------------------------------------------------------------------------------------------
+# Brightness mode.
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('factor', [0.6, 1.0, 1.4])
+def test_multiplicative_brightness_is_torchvision_scaling(factor):
+  """brightness_factor scales every value and clips, torchvision's adjust_brightness
+  (a blend with black: clamp(x * factor, 0, 1)); with the other ops neutral the jitter is
+  that alone. Breaks if the factor is added rather than multiplied or left unclipped."""
+  x = _images(5)
+  got = _jit(lambda x: augment.apply_color_jitter(
+    x, jnp.arange(4), brightness_delta=0.0, contrast_factor=1.0, saturation_factor=1.0,
+    hue_delta=0.0, brightness_factor=factor))(x)
+  assert _max_abs(got, np.clip(np.asarray(x) * factor, 0.0, 1.0)) < 1e-5
+
+
+@pytest.mark.parametrize('mode', augment.BRIGHTNESS_MODES)
+def test_brightness_mode_routes_the_jitter(mode):
+  """Black crops with brightness jitter alone: scaling keeps them black, adding a delta
+  lifts about half of them. Breaks if the config's mode is ignored."""
+  crops = np.zeros((64, 2, 4, 4, 3), np.uint8)
+  cfg = _quiet_config(color_jitter_prob=1.0, contrast=0.0, saturation=0.0, hue=0.0,
+                      brightness_mode=mode)
+  view1, _ = _jit(lambda r, c: augment.finish_views(r, c, cfg))(jax.random.key(3), crops)
+  lifted = _unnormalize(view1, cfg).max(axis=(1, 2, 3)) > 1e-4
+  if mode == 'multiplicative':
+    assert not lifted.any()
+  else:
+    assert 0.3 < lifted.mean() < 0.7
+
+
+def test_unknown_brightness_mode_is_a_config_error():
+  """Fails if a mistyped mode reaches compilation instead of stopping with one line."""
+  from byol_jax import train
+  from configs import byol
+  cfg = byol.get_config('demo')
+  cfg.augment.brightness_mode = 'gamma'
+  with pytest.raises(train.ConfigError, match="brightness_mode='gamma'; valid: additive"):
+    train.validate(cfg, 1)
+  with pytest.raises(ValueError, match='brightness_mode'):
+    augment.finish_views(jax.random.key(0), np.zeros((1, 2, 4, 4, 3), np.uint8),
+                         _quiet_config(color_jitter_prob=1.0, brightness_mode='gamma'))
