@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -97,6 +98,41 @@ def test_ablation_script_runs_tiny(tmp_path):
     assert variant in stdout
   assert '(failed)' not in stdout
   assert len(os.listdir(out_dir)) == 7  # a log per variant and table.txt, no checkpoints
+
+
+@pytest.mark.slow
+@needs_cifar
+def test_cifar10_sweep_script_runs_variants_side_by_side(tmp_path):
+  """Two recipe variants run at once and come back as at most 8 files: the summary names
+  each with its last kNN top-1 and overrides, the figure has both curves, runs.tgz holds
+  each variant's metrics but no checkpoints (hundreds of MB on the GPU)."""
+  stdout, out_dir = _run_script('cifar10_sweep.sh', tmp_path, '1', 'base:',
+                                'sgd:--config.optimizer.name=sgd --config.optimizer.base_lr=0.1')
+  assert sorted(os.listdir(out_dir)) == ['knn.png', 'runs.tgz', 'summary.txt', 'sweep.log']
+  summary = (out_dir / 'summary.txt').read_text()
+  assert re.search(r'^base +kNN top-1 0\.\d{4} at epoch', summary, re.M), summary
+  assert re.search(r'^sgd +kNN top-1 0\.\d{4} .*optimizer.name=sgd', summary, re.M), summary
+  with tarfile.open(out_dir / 'runs.tgz') as tar:
+    names = tar.getnames()
+  assert {'base/eval.jsonl', 'sgd/eval.jsonl', 'sgd/sgd.log'} <= set(names)
+  assert not [n for n in names if 'checkpoints' in n]
+  with open(tmp_path / 'runs' / 'sgd' / 'config.json') as f:
+    assert json.load(f)['optimizer']['name'] == 'sgd'
+
+
+@pytest.mark.parametrize('variant, message', [
+  ('no_colon', "bad variant 'no_colon'"), ('bad name:', "bad variant 'bad name:'")])
+def test_cifar10_sweep_rejects_bad_variants_before_any_work(tmp_path, variant, message):
+  """A mistyped variant stops the sweep at once with one line (exit 2), not after minutes of
+  training the other variants."""
+  out = subprocess.run(['bash', 'experiments/cifar10_sweep.sh', '1', 'ok:', variant],
+                       cwd=REPO, env=dict(os.environ, OUT=str(tmp_path / 'out')),
+                       capture_output=True, text=True, timeout=60)
+  assert out.returncode == 2 and message in out.stdout + out.stderr
+  duplicate = subprocess.run(['bash', 'experiments/cifar10_sweep.sh', '1', 'a:', 'a:'],
+                             cwd=REPO, env=dict(os.environ, OUT=str(tmp_path / 'out2')),
+                             capture_output=True, text=True, timeout=60)
+  assert duplicate.returncode == 2 and "'a' used twice" in duplicate.stdout
 
 
 @pytest.mark.slow
