@@ -15,9 +15,14 @@ Design choices:
 - Gaussian blur pads with zeros by default (the 'SAME' depthwise convolution of the released
   BYOL/SimCLR code); 'reflect' (torchvision's choice) is available through `gaussian_blur`.
 - Colour jitter applies brightness, contrast, saturation and hue in a random order. Under vmap
-  a `lax.switch` evaluates every branch at every step (8 HSV round trips per image), so instead
-  saturation is done in RGB (exactly equivalent to scaling S in HSV and clipping it) and the
-  only HSV op, hue, is evaluated once; the three cheap RGB ops fill slots before and after it.
+  a `lax.switch` evaluates every branch at every step, so the order is laid out statically
+  instead: contrast (a per-image reduction, slow on GPUs) and hue (the HSV maths) are
+  evaluated at two pivot slots only; brightness and saturation (cheap elementwise ops) fill
+  the gaps before, between and after them. Saturation is done in RGB (exactly equivalent to
+  scaling S in HSV and clipping it).
+- `jitter_style` picks the colour ops' definitions: 'tf' (the release's tf.image ops, the
+  default) or 'torchvision' (ColorJitter's, which the PyTorch CIFAR-10 recipes use; milder on
+  dark images, see JITTER_STYLES).
 """
 
 import math
@@ -33,11 +38,14 @@ GRAYSCALE_WEIGHTS = (0.2989, 0.5870, 0.1140)
 
 # Names of the colour-jitter ops; an order is a permutation of their indices.
 JITTER_OPS = ('brightness', 'contrast', 'saturation', 'hue')
-# How `brightness` b jitters: 'additive' adds U(-b, b) (the release, tf.image's
-# adjust_brightness); 'multiplicative' scales by 1 + U(-b, b) (torchvision's ColorJitter,
-# which the PyTorch CIFAR-10 recipes use: much milder on dark images).
-BRIGHTNESS_MODES = ('additive', 'multiplicative')
-_HUE = JITTER_OPS.index('hue')
+_BRIGHTNESS, _CONTRAST, _SATURATION, _HUE = range(4)
+# Definitions of the jitter ops (hue is the same HSV rotation in both):
+# - 'tf': the release's tf.image ops. Brightness adds U(-b, b); contrast scales each channel
+#   about its own mean; saturation scales HSV saturation.
+# - 'torchvision': ColorJitter's. Brightness scales by 1 + U(-b, b) (much milder on dark
+#   images); contrast blends with the mean of the grayscale image; saturation blends with
+#   the grayscale image.
+JITTER_STYLES = ('tf', 'torchvision')
 
 
 def default_augment_config() -> ml_collections.ConfigDict:
@@ -51,7 +59,7 @@ def default_augment_config() -> ml_collections.ConfigDict:
           flip_prob=0.5,
           color_jitter_prob=0.8,
           brightness=0.4,
-          brightness_mode='additive',  # Or 'multiplicative' (torchvision); see BRIGHTNESS_MODES.
+          jitter_style='tf',  # Or 'torchvision'; see JITTER_STYLES.
           contrast=0.4,
           saturation=0.2,
           hue=0.1,
@@ -180,6 +188,23 @@ def adjust_saturation(image: Array, factor: Array | float) -> Array:
   return v - scale * (v - image)
 
 
+def scale_brightness(image: Array, factor: Array | float) -> Array:
+  """Scales every value, like torchvision's adjust_brightness before its clamp."""
+  return image * factor
+
+
+def blend_contrast(image: Array, factor: Array | float) -> Array:
+  """Scales about the grayscale image's mean, like torchvision's adjust_contrast (no clamp)."""
+  mean = jnp.mean(rgb_to_grayscale(image), axis=(-3, -2, -1), keepdims=True)
+  return mean + factor * (image - mean)
+
+
+def blend_saturation(image: Array, factor: Array | float) -> Array:
+  """Scales about the pixel's grayscale value, like torchvision's adjust_saturation (no clamp)."""
+  gray = rgb_to_grayscale(image)
+  return gray + factor * (image - gray)
+
+
 def adjust_hue(image: Array, delta: Array | float) -> Array:
   """Rotates the HSV hue by delta (in turns), like tf.image.adjust_hue."""
   r, g, b = image[..., 0], image[..., 1], image[..., 2]
@@ -197,10 +222,12 @@ def adjust_hue(image: Array, delta: Array | float) -> Array:
 
 
 def rgb_to_grayscale(image: Array) -> Array:
-  """Luma with tf.image.rgb_to_grayscale's weights; returns [..., 1] like TensorFlow."""
-  return jnp.tensordot(image, jnp.array(GRAYSCALE_WEIGHTS, image.dtype), axes=((-1,), (0,)))[
-      ..., None
-  ]
+  """Luma with tf.image.rgb_to_grayscale's weights; returns [..., 1] like TensorFlow.
+
+  A sum over the channel axis rather than a dot with the weights: on GPUs XLA sends the dot
+  to a matrix unit that rounds float32 to TF32 and cannot fuse it with the jitter around it.
+  """
+  return jnp.sum(image * jnp.array(GRAYSCALE_WEIGHTS, image.dtype), axis=-1, keepdims=True)
 
 
 def solarize(image: Array, threshold: float = 0.5) -> Array:
@@ -259,49 +286,50 @@ def _blur_axis(image: Array, weights: Array, axis: int, mode: str) -> Array:
 # ---------------------------------------------------------------------------------------------
 
 
+# The (brightness, contrast, saturation) ops of each style; hue is shared.
+_STYLE_OPS = {
+    'tf': (adjust_brightness, adjust_contrast, adjust_saturation),
+    'torchvision': (scale_brightness, blend_contrast, blend_saturation),
+}
+
+
 def apply_color_jitter(
     image: Array,
     order: Array,
-    brightness_delta: Array | float,
-    contrast_factor: Array | float,
-    saturation_factor: Array | float,
-    hue_delta: Array | float,
-    brightness_factor: Array | float = 1.0,
+    brightness: Array | float,
+    contrast: Array | float,
+    saturation: Array | float,
+    hue: Array | float,
+    style: str = 'tf',
 ) -> Array:
   """Applies the four jitter ops in `order` (indices into JITTER_OPS), clipping after each.
 
-  Brightness is image * brightness_factor + brightness_delta (one of the two is neutral,
-  see BRIGHTNESS_MODES).
-
-  Equivalent to a loop of lax.switch over the order, but under vmap that would evaluate all four
-  ops (two with HSV) at each of the four steps. Here hue runs once: three slots before it and
-  three after it each select brightness, contrast or saturation (or nothing), so the cheap RGB ops
-  are what is repeated. Saturation and hue leave values in [0, 1], so no clip follows hue.
+  brightness is the added delta ('tf') or the factor ('torchvision'); contrast and saturation
+  are factors; hue is the rotation in turns. Equivalent to a loop over the order, but laid out
+  for vmap, where a data-dependent choice evaluates every candidate: contrast and hue fill two
+  pivot slots (each evaluates both), and brightness and saturation, which are cheap, get a
+  slot each in the three gaps around the pivots. So each image costs two contrast means, not
+  one per slot. Hue leaves values in [0, 1], so no clip follows it.
   """
-  order = jnp.asarray(order)
-  hue_pos = jnp.argmax(order == _HUE)
-  params = (brightness_factor, brightness_delta, contrast_factor, saturation_factor)
-  for pos in range(3):  # Slots before hue.
-    image = _cheap_jitter_step(image, jnp.where(pos < hue_pos, order[pos], _HUE), params)
-  image = adjust_hue(image, hue_delta)
-  for pos in range(1, 4):  # Slots after hue.
-    image = _cheap_jitter_step(image, jnp.where(pos > hue_pos, order[pos], _HUE), params)
+  if style not in _STYLE_OPS:
+    raise ValueError(f'jitter_style={style!r}; valid: {", ".join(JITTER_STYLES)}')
+  adjust_b, adjust_c, adjust_s = _STYLE_OPS[style]
+  place = jnp.argsort(jnp.asarray(order))  # place[op]: where op comes in the order.
+  first_pivot = jnp.where(place[_CONTRAST] < place[_HUE], _CONTRAST, _HUE)
+  pivots = (first_pivot, _CONTRAST + _HUE - first_pivot)
+  first_cheap = jnp.where(place[_BRIGHTNESS] < place[_SATURATION], _BRIGHTNESS, _SATURATION)
+  cheap_ops = (first_cheap, _BRIGHTNESS + _SATURATION - first_cheap)
+  for gap in range(3):
+    if gap:
+      pivot = pivots[gap - 1]
+      image = jnp.where(pivot == _CONTRAST, jnp.clip(adjust_c(image, contrast), 0.0, 1.0),
+                        adjust_hue(image, hue))
+    for op in cheap_ops:
+      op_gap = (place[op] > place[_CONTRAST]).astype(jnp.int32) + (place[op] > place[_HUE])
+      cheap = jnp.where(op == _BRIGHTNESS, adjust_b(image, brightness),
+                        adjust_s(image, saturation))
+      image = jnp.where(op_gap == gap, jnp.clip(cheap, 0.0, 1.0), image)
   return image
-
-
-def _cheap_jitter_step(image: Array, op: Array, params: tuple) -> Array:
-  """Applies op (brightness, contrast or saturation) then clips; op == hue means identity."""
-  brightness_factor, brightness_delta, contrast_factor, saturation_factor = params
-  out = jnp.where(
-      op == 0,
-      adjust_brightness(image * brightness_factor, brightness_delta),
-      jnp.where(
-          op == 1,
-          adjust_contrast(image, contrast_factor),
-          adjust_saturation(image, saturation_factor),
-      ),
-  )
-  return jnp.where(op == _HUE, image, jnp.clip(out, 0.0, 1.0))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -351,19 +379,15 @@ def augment_view(
 def _random_jitter(image: Array, u: Array, cfg: ml_collections.ConfigDict) -> Array:
   """Colour jitter with strengths from cfg, parameters and order taken from the uniforms u."""
   ub, uc, us, uh = 2.0 * u[_U_PARAMS] - 1.0  # Each in [-1, 1).
-  order = jnp.argsort(u[_U_ORDER])
-  mode = cfg.get('brightness_mode', 'additive')
-  if mode not in BRIGHTNESS_MODES:
-    raise ValueError(f'augment.brightness_mode={mode!r}; valid: {", ".join(BRIGHTNESS_MODES)}')
-  additive = mode == 'additive'
+  style = cfg.get('jitter_style', 'tf')
   return apply_color_jitter(
       image,
-      order,
-      brightness_delta=cfg.brightness * ub if additive else 0.0,
-      brightness_factor=1.0 if additive else 1.0 + cfg.brightness * ub,
-      contrast_factor=1.0 + cfg.contrast * uc,
-      saturation_factor=1.0 + cfg.saturation * us,
-      hue_delta=cfg.hue * uh,
+      jnp.argsort(u[_U_ORDER]),
+      brightness=cfg.brightness * ub + (1.0 if style == 'torchvision' else 0.0),
+      contrast=1.0 + cfg.contrast * uc,
+      saturation=1.0 + cfg.saturation * us,
+      hue=cfg.hue * uh,
+      style=style,
   )
 
 

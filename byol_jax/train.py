@@ -75,10 +75,10 @@ def validate(cfg: Any, num_devices: int) -> None:
   if cfg.loss not in ('byol', 'infonce'):
     raise ConfigError(f'loss={cfg.loss!r}; valid: byol, infonce')
   from byol_jax import augment  # local: keeps the import graph of this module small
-  mode = cfg.augment.get('brightness_mode', 'additive')
-  if mode not in augment.BRIGHTNESS_MODES:
-    raise ConfigError(f'augment.brightness_mode={mode!r}; valid: '
-                      f'{", ".join(augment.BRIGHTNESS_MODES)}')
+  style = cfg.augment.get('jitter_style', 'tf')
+  if style not in augment.JITTER_STYLES:
+    raise ConfigError(f'augment.jitter_style={style!r}; valid: '
+                      f'{", ".join(augment.JITTER_STYLES)}')
   _validate_faults(cfg)
 
 

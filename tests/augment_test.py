@@ -5,6 +5,7 @@ installed, e.g. on the accelerator machines), the blur against a float64 direct 
 the crop sampler against the paper's distributions and a NumPy version of torchvision's loop.
 """
 
+import colorsys
 import functools
 import itertools
 import math
@@ -559,45 +560,70 @@ def test_eval_view_centre_crop():
 
 
 # ---------------------------------------------------------------------------------------------
-# Brightness mode.
+# Jitter styles: torchvision's ColorJitter against float64 formulas and colorsys.
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize('factor', [0.6, 1.0, 1.4])
-def test_multiplicative_brightness_is_torchvision_scaling(factor):
-  """brightness_factor scales every value and clips, torchvision's adjust_brightness
-  (a blend with black: clamp(x * factor, 0, 1)); with the other ops neutral the jitter is
-  that alone. Breaks if the factor is added rather than multiplied or left unclipped."""
-  x = _images(5)
-  got = _jit(lambda x: augment.apply_color_jitter(
-    x, jnp.arange(4), brightness_delta=0.0, contrast_factor=1.0, saturation_factor=1.0,
-    hue_delta=0.0, brightness_factor=factor))(x)
-  assert _max_abs(got, np.clip(np.asarray(x) * factor, 0.0, 1.0)) < 1e-5
+def _torchvision_op(name: str, x: np.ndarray, p: float) -> np.ndarray:
+  """torchvision.transforms.functional's op on a float64 HWC image, clamped as it does.
+
+  Written from torchvision's definitions (blends with black, the grayscale mean and the
+  grayscale image; hue through the standard library's colorsys), not from our code.
+  """
+  gray = (0.2989 * x[..., 0] + 0.587 * x[..., 1] + 0.114 * x[..., 2])[..., None]
+  if name == 'brightness':
+    out = p * x
+  elif name == 'contrast':
+    out = p * x + (1 - p) * gray.mean()
+  elif name == 'saturation':
+    out = p * x + (1 - p) * gray
+  else:
+    hsv = np.array([colorsys.rgb_to_hsv(*px) for px in x.reshape(-1, 3)])
+    hsv[:, 0] = np.mod(hsv[:, 0] + p, 1.0)
+    out = np.array([colorsys.hsv_to_rgb(*px) for px in hsv]).reshape(x.shape)
+  return np.clip(out, 0.0, 1.0)
 
 
-@pytest.mark.parametrize('mode', augment.BRIGHTNESS_MODES)
-def test_brightness_mode_routes_the_jitter(mode):
-  """Black crops with brightness jitter alone: scaling keeps them black, adding a delta
-  lifts about half of them. Breaks if the config's mode is ignored."""
+def test_torchvision_style_in_every_order_matches_sequential_reference():
+  """Fails if a torchvision-style op has the wrong formula (e.g. contrast about each channel's
+  mean, saturation in HSV, brightness added) or the slots misplace an op in some order."""
+  x = _images(6, (10, 9, 3))
+  params = dict(brightness=1.3, contrast=0.7, saturation=1.35, hue=0.07)
+  orders = np.array(list(itertools.permutations(range(4))), np.int32)
+  jitter = lambda order: augment.apply_color_jitter(x, order, *params.values(),
+                                                    style='torchvision')
+  got = _jit(jax.vmap(jitter))(orders)
+  for order, got_one in zip(orders, got, strict=True):
+    want = x.astype(np.float64)
+    for op in order:
+      name = augment.JITTER_OPS[op]
+      want = _torchvision_op(name, want, params[name])
+    assert _max_abs(got_one, want) < 1e-5, order
+
+
+@pytest.mark.parametrize('style', augment.JITTER_STYLES)
+def test_jitter_style_routes_the_brightness(style):
+  """Black crops with brightness jitter alone: torchvision's scaling keeps them black, the
+  release's added delta lifts about half of them. Breaks if the config's style is ignored."""
   crops = np.zeros((64, 2, 4, 4, 3), np.uint8)
   cfg = _quiet_config(color_jitter_prob=1.0, contrast=0.0, saturation=0.0, hue=0.0,
-                      brightness_mode=mode)
+                      jitter_style=style)
   view1, _ = _jit(lambda r, c: augment.finish_views(r, c, cfg))(jax.random.key(3), crops)
   lifted = _unnormalize(view1, cfg).max(axis=(1, 2, 3)) > 1e-4
-  if mode == 'multiplicative':
+  if style == 'torchvision':
     assert not lifted.any()
   else:
     assert 0.3 < lifted.mean() < 0.7
 
 
-def test_unknown_brightness_mode_is_a_config_error():
-  """Fails if a mistyped mode reaches compilation instead of stopping with one line."""
+def test_unknown_jitter_style_is_a_config_error():
+  """Fails if a mistyped style reaches compilation instead of stopping with one line."""
   from byol_jax import train
   from configs import byol
   cfg = byol.get_config('demo')
-  cfg.augment.brightness_mode = 'gamma'
-  with pytest.raises(train.ConfigError, match="brightness_mode='gamma'; valid: additive"):
+  cfg.augment.jitter_style = 'pil'
+  with pytest.raises(train.ConfigError, match="jitter_style='pil'; valid: tf, torchvision"):
     train.validate(cfg, 1)
-  with pytest.raises(ValueError, match='brightness_mode'):
+  with pytest.raises(ValueError, match='jitter_style'):
     augment.finish_views(jax.random.key(0), np.zeros((1, 2, 4, 4, 3), np.uint8),
-                         _quiet_config(color_jitter_prob=1.0, brightness_mode='gamma'))
+                         _quiet_config(color_jitter_prob=1.0, jitter_style='pil'))
