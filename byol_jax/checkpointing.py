@@ -58,8 +58,8 @@ _TMP_MARK = ocp.path.step.TMP_DIR_SUFFIX
 # may change between runs and is only reported.
 TRAJECTORY_FIELDS = (
   'model', 'optimizer', 'batch_size', 'epochs', 'steps', 'seed', 'dataset', 'image_size',
-  'loss', 'infonce_temperature', 'tau_base', 'augment', 'precision', 'demo', 'input_mode',
-  'shuffle_buffer',
+  'loss', 'infonce_temperature', 'tau_base', 'tau_schedule', 'augment', 'precision', 'demo',
+  'input_mode', 'shuffle_buffer',
 )
 
 

@@ -55,6 +55,9 @@ def validate(cfg: Any, num_devices: int) -> None:
                       f'{num_devices} devices')
   if cfg.optimizer.base_lr <= 0:
     raise ConfigError(f'optimizer.base_lr={cfg.optimizer.base_lr} must be positive')
+  if cfg.get('tau_schedule', 'cosine') not in optim.TAU_SCHEDULES:
+    raise ConfigError(f'tau_schedule={cfg.tau_schedule!r}; valid: '
+                      f'{", ".join(optim.TAU_SCHEDULES)}')
   if cfg.optimizer.name not in optim.OPTIMIZERS:
     raise ConfigError(f'optimizer.name={cfg.optimizer.name!r}; valid: '
                       f'{", ".join(optim.OPTIMIZERS)}')

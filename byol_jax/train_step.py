@@ -68,7 +68,7 @@ def make_step_fns(cfg: Any, num_classes: int, num_steps: int, steps_per_epoch: i
   warmup = min(int(round(cfg.optimizer.warmup_epochs * steps_per_epoch)), num_steps)
   peak = optim.scaled_lr(cfg.optimizer.base_lr, cfg.batch_size)
   lr_fn = optim.learning_rate_schedule(peak, warmup, num_steps)
-  tau_fn = optim.tau_schedule(cfg.tau_base, num_steps)
+  tau_fn = optim.tau_schedule(cfg.tau_base, num_steps, cfg.get('tau_schedule', 'cosine'))
   optimizer = optim.make_optimizer(cfg.optimizer, lr_fn)
   if cfg.loss not in ('byol', 'infonce'):
     raise ValueError(f'unknown loss {cfg.loss!r}; valid: byol, infonce')

@@ -57,6 +57,7 @@ def _base(epochs: int) -> ml_collections.ConfigDict:
     optimizer=dict(name='lars', base_lr=base_lr, weight_decay=weight_decay, momentum=0.9,
                    trust_coefficient=1e-3, trust_clip=False, warmup_epochs=10),
     tau_base=tau,
+    tau_schedule='cosine',  # or 'constant' (see optim.tau_schedule)
     augment=augment.default_augment_config(),
     precision='float32',
     log_every_steps=100, eval_every_steps=0, eval_at_init=False,

@@ -38,6 +38,16 @@ def test_tau_schedule_formula():
                              rtol=1e-7)
 
 
+def test_constant_tau_schedule_stays_at_tau_base():
+  """'constant' keeps tau_base at every step (lightly's fixed 0.99); an unknown kind is refused.
+  Breaks if the kind is ignored (the cosine would reach 1 at the end)."""
+  fn = optim.tau_schedule(0.99, 1000, 'constant')
+  for step in (0, 500, 1000, 5000):
+    np.testing.assert_allclose(float(fn(step)), 0.99, rtol=1e-7)
+  with pytest.raises(ValueError, match="tau_schedule='linear'"):
+    optim.tau_schedule(0.99, 1000, 'linear')
+
+
 def _opt_cfg(wd=0.1, tc=1e-3, clip=False):
   return ml_collections.ConfigDict(dict(name='lars', weight_decay=wd, momentum=0.9,
                                         trust_coefficient=tc, trust_clip=clip))
@@ -151,6 +161,10 @@ def test_unknown_optimizer_is_refused():
   cfg = byol.get_config('demo')
   cfg.optimizer.name = 'adam'
   with pytest.raises(train.ConfigError, match="optimizer.name='adam'; valid: lars, sgd"):
+    train.validate(cfg, 1)
+  cfg = byol.get_config('demo')
+  cfg.tau_schedule = 'linear'
+  with pytest.raises(train.ConfigError, match="tau_schedule='linear'; valid: cosine, constant"):
     train.validate(cfg, 1)
 
 
