@@ -63,6 +63,15 @@ TRAJECTORY_FIELDS = (
 )
 
 
+# Trajectory fields added after runs were first saved, with the value that reproduces how the
+# code behaved before each existed: a run saved without the field resumes when the current
+# config holds that value (and is refused, naming the field, when it holds another).
+ADDED_FIELD_DEFAULTS = {
+  'tau_schedule': 'cosine',  # 2026-11-27
+  'augment.jitter_style': 'tf',  # 2026-11-27
+}
+
+
 class CheckpointError(RuntimeError):
   """A checkpoint could not be written or read; the message says which one and why."""
 
@@ -176,6 +185,7 @@ def config_differences(saved: Any, current: Any) -> tuple[list[str], list[str]]:
   """(trajectory changes, other changes) between two configs, as 'field (old -> new)'."""
   a = _flatten(config_to_dict(saved) if not isinstance(saved, dict) else saved)
   b = _flatten(config_to_dict(current) if not isinstance(current, dict) else current)
+  a = {**{k: v for k, v in ADDED_FIELD_DEFAULTS.items() if k in b}, **a}
   missing = '<unset>'
   changed = [k for k in sorted(set(a) | set(b)) if a.get(k, missing) != b.get(k, missing)]
   fmt = lambda k: f'{k} ({a.get(k, missing)!r} -> {b.get(k, missing)!r})'

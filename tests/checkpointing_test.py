@@ -403,6 +403,19 @@ def test_config_survives_the_json_round_trip():
   assert checkpointing.config_differences(cfg, back) == ([], [])
 
 
+def test_runs_saved_before_a_field_existed_resume_at_its_old_behaviour():
+  """A config saved before tau_schedule / augment.jitter_style existed matches the current
+  one when it holds the values that reproduce the old code, and differs (naming the field)
+  otherwise. Breaks if an upgrade makes every older run unresumable, or hides a change."""
+  cfg = tiny_config()
+  old = checkpointing.config_to_dict(cfg)
+  del old['tau_schedule'], old['augment']['jitter_style']
+  assert checkpointing.config_differences(old, cfg) == ([], [])
+  cfg.tau_schedule = 'constant'
+  trajectory, _ = checkpointing.config_differences(old, cfg)
+  assert trajectory == ["tau_schedule ('cosine' -> 'constant')"]
+
+
 def test_deterministic_sets_the_xla_flag_before_jax_starts(monkeypatch):
   """deterministic=True must add the GPU flag to XLA_FLAGS, and refuse once JAX started."""
   cfg = tiny_config(deterministic=True)
