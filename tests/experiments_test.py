@@ -12,6 +12,7 @@ from conftest import FAST_COMPILE, REPO
 from PIL import Image
 
 sys.path.insert(0, os.path.join(REPO, 'experiments'))
+import bn_traffic  # noqa: E402
 import results_table  # noqa: E402
 
 CIFAR = os.path.join(os.environ.get('BYOL_SHARED', os.path.join(os.path.dirname(REPO), 'shared')),
@@ -42,6 +43,22 @@ def test_results_table_reads_metrics(tmp_path):
   assert '456' in lines[3] and '0.5000' in lines[3] and '123' in lines[2]
   assert lines[4].split()[:5] == ['4.0', '40', '19', '789', '0.6000']
   assert results_table.main(['--workdir', str(tmp_path / 'nothing')]) == 2
+
+
+def test_bn_traffic_counts_resnet18_cifar_by_hand():
+  """ResNet-18 with the CIFAR stem at 32 px, counted by hand: the stem and stage 1 normalise
+  5 maps of 32x32x64; stages 2-4 five each (two blocks of two, plus the projection shortcut)
+  at 16x16x128, 8x8x256 and 4x4x512; the projector and predictor one 4096 vector each.
+  Breaks if the trace misses BatchNorm layers (nested jaxprs) or counts other ops."""
+  from configs import byol
+  cfg = byol.get_config('cifar10')
+  sizes = bn_traffic.bn_input_sizes(cfg.model, 32)
+  want = [32 * 32 * 64] * 5 + [16 * 16 * 128] * 5 + [8 * 8 * 256] * 5 + [4 * 4 * 512] * 5
+  assert sizes == want + [4096, 4096]
+  cfg.batch_size, cfg.precision = 512, 'bfloat16'
+  f = bn_traffic.floor(cfg, bandwidth_tbs=1.0)
+  assert f['step_bytes'] == 2 * 512 * sum(sizes) * 2 * (8 + 3)
+  assert abs(f['floor_ms'] - f['step_bytes'] / 1e9) < 1e-9
 
 
 # What the GPU host (../shared/bench/README.md) lacks and the scripts must run without.
