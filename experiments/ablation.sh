@@ -2,6 +2,9 @@
 # Normalisation ablation on CIFAR-10, every variant of configs/ablation.py with one budget,
 # then a table of kNN top-1 per variant (plus the randomly initialised encoder).
 #   bash experiments/ablation.sh 20          # EPOCHS per variant (default 20)
+# The variants run side by side (PARALLEL at once, default all six), each with its share of
+# the accelerator's memory: on one GPU their start-up (data decoding, compilation) overlaps
+# and the six fit one device call, where one after the other they took about 140 s each.
 # Preparation and TINY=1 as in experiments/cifar10_gpu.sh. $OUT (default runs/ablation) gets
 # one log per variant and table.txt (7 files, small enough to come back from a device call);
 # the runs (checkpoints) go to $RUNS, by default a fresh folder under /tmp.
@@ -10,6 +13,7 @@ EPOCHS=${1:-20}
 OUT=${OUT:-$PWD/runs/ablation}
 mkdir -p "$OUT"
 RUNS=${RUNS:-$(mktemp -d "${TMPDIR:-/tmp}/byol_ablation.XXXXXX")}
+mkdir -p "$RUNS"
 if [ "${TINY:-0}" != 1 ] && [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -28,12 +32,25 @@ fi
 [ -d "$DATA/train" ] || python3 experiments/cifar10_to_folder.py --src "$SRC" --out "$DATA" \
   "${CONVERT[@]}"
 VARIANTS=$(python3 -c "from configs import ablation; print(' '.join(ablation.VARIANTS))")
+read -r -a names <<< "$VARIANTS"
+PARALLEL=${PARALLEL:-${#names[@]}}
+(( PARALLEL >= 1 )) || { echo "PARALLEL=$PARALLEL must be at least 1"; exit 2; }
+export XLA_PYTHON_CLIENT_MEM_FRACTION=$(python3 -c "print(round(0.9 / $PARALLEL, 3))")
+for v in "${names[@]}"; do
+  while (( $(jobs -rp | wc -l) >= PARALLEL )); do wait -n || true; done
+  echo "== $v started $(date +%T)"
+  ( rc=0
+    python3 -m byol_jax.main --config="configs/ablation.py:$v" --config.dataset="folder:$DATA" \
+      --config.epochs="$EPOCHS" --config.precision=bfloat16 --workdir="$RUNS/$v" "${EXTRA[@]}" \
+      > "$OUT/$v.log" 2>&1 || rc=$?
+    echo "$rc" > "$RUNS/$v.rc" ) &
+done
+wait
 failed=0
-for v in $VARIANTS; do
-  python3 -m byol_jax.main --config="configs/ablation.py:$v" --config.dataset="folder:$DATA" \
-    --config.epochs="$EPOCHS" --config.precision=bfloat16 --workdir="$RUNS/$v" "${EXTRA[@]}" \
-    > "$OUT/$v.log" 2>&1 || { echo "$v failed, see $OUT/$v.log"; tail -5 "$OUT/$v.log"
-                             failed=$((failed + 1)); }
+for v in "${names[@]}"; do
+  if [ "$(cat "$RUNS/$v.rc" 2>/dev/null)" != 0 ]; then
+    echo "$v failed, see $OUT/$v.log"; tail -5 "$OUT/$v.log"; failed=$((failed + 1))
+  fi
 done
 python3 - "$RUNS" $VARIANTS <<'PY' | tee "$OUT/table.txt"
 import json, os, sys

@@ -170,26 +170,26 @@ def test_gpu_session_script_runs_tiny(tmp_path):
     assert 'cifar/eval.jsonl' in tar.getnames()
 
 
-# The cifar10 recipe narrowed for a 2-core CPU, as in the README's CPU result: ResNet-18 (CIFAR
-# stem) at width 1/4, 512-wide heads, batch 128, one warmup epoch (the recipe's 10 would cover
-# the whole budget), on the first 500 training and 200 test images of each class.
+# The cifar10 recipe narrowed for a 2-core CPU: its optimiser, schedule shape, tau and
+# augmentations, but the demo's network (ResNet-10 at half width with the ImageNet stem:
+# 8x8 maps after the stem, about 4x cheaper per image than ResNet-18's CIFAR stem at a
+# quarter width, which left kNN where it started after 4 epochs), 512-wide heads, batch 128
+# and one warmup epoch, on the first 500 training and 200 test images of each class.
 CPU_RECIPE = ('--config=configs/byol.py:cifar10', '--config.batch_size=128',
-              '--config.model.width=0.25', '--config.model.projector_hidden=512',
+              '--config.model.depth=10', '--config.model.width=0.5',
+              '--config.model.cifar_stem=False', '--config.model.projector_hidden=512',
               '--config.model.predictor_hidden=512', '--config.optimizer.warmup_epochs=1')
 
 
 @pytest.mark.slow
 @needs_cifar
 def test_cifar10_recipe_trains_on_a_subset(tmp_path):
-  """The cifar10 recipe (narrowed for CPU) trains on 5,000 real images without collapsing.
+  """The cifar10 recipe (narrowed for CPU) learns on 5,000 real images: kNN top-1 of the
+  trained encoder rises above the initial encoder's (issue 7's CPU check), and the run does
+  not collapse (the BYOL loss falls, the projections keep their spread and rank).
 
-  2 epochs (78 steps): about 4-6 minutes on 2 cores. XLA's CPU optimisations stay on here
+  10 epochs (390 steps), about 5 minutes on 2 idle cores. XLA's CPU optimisations stay on
   (the tests' fast-compile flag halves the step speed of a model this size).
-  Asserted: the BYOL loss falls, the projections keep their spread and rank, and the trained
-  encoder's kNN top-1 stays well above chance (0.1). NOT asserted, because it does not hold
-  at a CPU budget: kNN above the initial encoder's (issue 7's CPU check). The initial encoder,
-  with its BatchNorm statistics re-estimated, scores 0.2915 on these 2,000 test images; the
-  trained one 0.283 after these 2 epochs and 0.2895 after 4 (README, CIFAR-10 on a CPU).
   """
   folder = tmp_path / 'cifar'
   subprocess.run([sys.executable, 'experiments/cifar10_to_folder.py', '--src', CIFAR, '--out',
@@ -197,7 +197,7 @@ def test_cifar10_recipe_trains_on_a_subset(tmp_path):
                  cwd=REPO, check=True, capture_output=True)
   workdir = tmp_path / 'run'
   cmd = [sys.executable, '-m', 'byol_jax.main', *CPU_RECIPE, f'--config.dataset=folder:{folder}',
-         f'--workdir={workdir}', '--config.epochs=2', '--config.eval_every_steps=0',
+         f'--workdir={workdir}', '--config.epochs=10', '--config.eval_every_steps=0',
          '--config.log_every_steps=1']
   xla_flags = os.environ.get('XLA_FLAGS', '').replace(FAST_COMPILE, '').strip()
   out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1200,
@@ -207,9 +207,10 @@ def test_cifar10_recipe_trains_on_a_subset(tmp_path):
     train = [json.loads(line) for line in f]
   with open(workdir / 'metrics' / 'eval.jsonl') as f:
     last = [json.loads(line) for line in f][-1]
-  summary = dict(loss=[round(r['loss'], 3) for r in train], knn=last)
-  assert train[-1]['step'] == last['step'] == 78, summary
-  assert train[-1]['loss'] < 0.6 * train[0]['loss'], summary  # step 1 -> step 78
+  summary = dict(loss=[round(r['loss'], 3) for r in train[::10]], knn=last)
+  assert train[-1]['step'] == last['step'] == 390, summary
+  assert train[-1]['loss'] < 0.6 * train[0]['loss'], summary  # step 1 -> step 390
   assert min(r['proj_std'] for r in train) > 0.03, summary  # healthy 0.0625, collapsed 0
-  assert train[-1]['proj_rank'] > 10, summary  # of 256; 35 when written
-  assert 0.2 < last['knn_top1'] and 0.2 < last['knn_top1_init'], summary
+  assert train[-1]['proj_rank'] > 10, summary  # of 256
+  # 2,000 test images: a standard error of about 0.01 on each accuracy.
+  assert last['knn_top1'] > last['knn_top1_init'] + 0.03, summary
