@@ -4,7 +4,8 @@
 #   bash experiments/ablation.sh 20          # EPOCHS per variant (default 20)
 # The variants run side by side (PARALLEL at once, default all six), each with its share of
 # the accelerator's memory: on one GPU their start-up (data decoding, compilation) overlaps
-# and the six fit one device call, where one after the other they took about 140 s each.
+# and the six fit one device call; one after the other, each paid its own start-up (about
+# 100 s in the H200 CIFAR-10 runs of the README: decoding, initialising, compiling).
 # Preparation and TINY=1 as in experiments/cifar10_gpu.sh. $OUT (default runs/ablation) gets
 # one log per variant and table.txt (7 files, small enough to come back from a device call);
 # the runs (checkpoints) go to $RUNS, by default a fresh folder under /tmp.
