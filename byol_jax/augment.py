@@ -39,13 +39,6 @@ GRAYSCALE_WEIGHTS = (0.2989, 0.5870, 0.1140)
 # Names of the colour-jitter ops; an order is a permutation of their indices.
 JITTER_OPS = ('brightness', 'contrast', 'saturation', 'hue')
 _BRIGHTNESS, _CONTRAST, _SATURATION, _HUE = range(4)
-# Definitions of the jitter ops (hue is the same HSV rotation in both):
-# - 'tf': the release's tf.image ops. Brightness adds U(-b, b); contrast scales each channel
-#   about its own mean; saturation scales HSV saturation.
-# - 'torchvision': ColorJitter's. Brightness scales by 1 + U(-b, b) (much milder on dark
-#   images); contrast blends with the mean of the grayscale image; saturation blends with
-#   the grayscale image.
-JITTER_STYLES = ('tf', 'torchvision')
 
 
 def default_augment_config() -> ml_collections.ConfigDict:
@@ -286,11 +279,18 @@ def _blur_axis(image: Array, weights: Array, axis: int, mode: str) -> Array:
 # ---------------------------------------------------------------------------------------------
 
 
-# The (brightness, contrast, saturation) ops of each style; hue is shared.
+# The (brightness, contrast, saturation) ops of each jitter style; hue is the same HSV
+# rotation in both.
+# - 'tf': the release's tf.image ops. Brightness adds U(-b, b); contrast scales each channel
+#   about its own mean; saturation scales HSV saturation.
+# - 'torchvision': ColorJitter's. Brightness scales by 1 + U(-b, b) (much milder on dark
+#   images); contrast blends with the mean of the grayscale image; saturation blends with
+#   the grayscale image.
 _STYLE_OPS = {
     'tf': (adjust_brightness, adjust_contrast, adjust_saturation),
     'torchvision': (scale_brightness, blend_contrast, blend_saturation),
 }
+JITTER_STYLES = tuple(_STYLE_OPS)
 
 
 def apply_color_jitter(
@@ -319,13 +319,15 @@ def apply_color_jitter(
   pivots = (first_pivot, _CONTRAST + _HUE - first_pivot)
   first_cheap = jnp.where(place[_BRIGHTNESS] < place[_SATURATION], _BRIGHTNESS, _SATURATION)
   cheap_ops = (first_cheap, _BRIGHTNESS + _SATURATION - first_cheap)
+  # The gap (0: before both pivots, 1: between, 2: after) each cheap op falls in.
+  gaps = [(place[op] > place[_CONTRAST]).astype(jnp.int32) + (place[op] > place[_HUE])
+          for op in cheap_ops]
   for gap in range(3):
     if gap:
       pivot = pivots[gap - 1]
       image = jnp.where(pivot == _CONTRAST, jnp.clip(adjust_c(image, contrast), 0.0, 1.0),
                         adjust_hue(image, hue))
-    for op in cheap_ops:
-      op_gap = (place[op] > place[_CONTRAST]).astype(jnp.int32) + (place[op] > place[_HUE])
+    for op, op_gap in zip(cheap_ops, gaps, strict=True):
       cheap = jnp.where(op == _BRIGHTNESS, adjust_b(image, brightness),
                         adjust_s(image, saturation))
       image = jnp.where(op_gap == gap, jnp.clip(cheap, 0.0, 1.0), image)
