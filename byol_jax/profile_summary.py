@@ -23,6 +23,12 @@ XLA on GPU replays runs of thunks as CUDA graphs: every kernel of such a run nam
 fusion kernel is named after its instruction (`input_reduce_fusion_12` is
 `input_reduce_fusion.12`); a library kernel (cuDNN convolutions, cuBLAS matmuls) gets a kind
 from its name and the source that holds most of its command buffer's resolved time.
+
+The memory traffic section divides each fusion's bytes at its boundary (its result and
+operand shapes in the HLO text) by its device time. Fusions are XLA's memory-bound passes
+(BatchNorm, ReLU, casts), so their achieved bandwidth against the device's peak says how
+much of their time is left to win. The count is exact for element-wise passes and an upper
+bound for a fusion that reads only a slice of an operand; library calls are not counted.
 """
 
 from __future__ import annotations
@@ -49,6 +55,10 @@ _SOURCE_FILE = re.compile(r'source_file="([^"]+)"')
 _TARGET = re.compile(r'custom_call_target="([^"]+)"')
 _FUSION_KIND = re.compile(r'"kind":"([^"]+)"')
 _FUSION_KIND_ATTR = re.compile(r'\bkind=(k\w+)')
+_DEFINITION = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s([a-z][\w\-]*)\((.*)$')
+_ARRAY = re.compile(r'\b([a-z]+\d*(?:e\d+m\d+\w*)?)\[([\d,]*)\]')
+_OPERAND = re.compile(r'%([\w.\-]+)')
+_BITS = re.compile(r'(\d+)')
 
 
 class ProfileError(ValueError):
@@ -124,6 +134,60 @@ def parse_hlo(text: str) -> dict[str, tuple[str, str]]:
       files = [source.group(1), *files]
     out[name] = (_kind(opcode, line), _package_file(files))
   return out
+
+
+def shape_bytes(shape: str) -> int:
+  """Bytes of an HLO shape, a tuple's arrays summed: 'bf16[2,3]{1,0}' -> 12."""
+  bits = 0
+  for dtype, dims in _ARRAY.findall(shape):
+    # pred and the f8 types (f8e4m3fn...) are one byte; the rest say their width (s4, bf16).
+    width = _BITS.search(dtype)
+    element = int(width.group(1)) if width else 0
+    if dtype == 'pred' or dtype.startswith('f8'):
+      element = 8
+    count = 1
+    for dim in filter(None, dims.split(',')):
+      count *= int(dim)
+    bits += element * count
+  return (bits + 7) // 8
+
+
+def fusion_bytes(text: str) -> dict[str, int]:
+  """Fusion instruction name -> bytes of its result plus its operands."""
+  shapes, operands = {}, {}
+  for line in text.splitlines():
+    match = _DEFINITION.match(line)
+    if not match:
+      continue
+    name, shape, opcode, rest = match.groups()
+    shapes[name] = shape
+    if opcode == 'fusion':  # operands end where the attributes begin
+      operands[name] = _OPERAND.findall(rest.split('), ', 1)[0])
+  return {name: shape_bytes(shapes[name]) + sum(shape_bytes(shapes.get(o, '')) for o in args)
+          for name, args in operands.items()}
+
+
+def traffic(events: Sequence[dict[str, Any]], hlo: dict[str, tuple[str, str]],
+            sizes: dict[str, int], steps: int) -> dict[str, tuple[float, float]]:
+  """(bytes, device us) per step of the fusions: 'all fusions', per kind, per source file."""
+  out: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0.0])
+  for event, (op, kind, source) in zip(events, resolve(events, hlo), strict=True):
+    if op in sizes:
+      for key in ('all fusions', kind, source):
+        out[key][0] += sizes[op] / steps
+        out[key][1] += float(event.get('dur', 0.0)) / steps
+  return {key: (b, us) for key, (b, us) in out.items()}
+
+
+def format_traffic(table: dict[str, tuple[float, float]], peak_tbs: float | None = None) -> str:
+  peak = f'  {"of peak":>7}' if peak_tbs else ''
+  lines = ['\nmemory traffic of fusions (bytes at their boundary / their device time)',
+           f'  {"GB/step":>9} {"ms/step":>9} {"TB/s":>6}{peak}  fusions of (kind or file)']
+  for key, (nbytes, us) in sorted(table.items(), key=lambda kv: -kv[1][1]):
+    tbs = nbytes / us / 1e6 if us else 0.0
+    share = f'  {tbs / peak_tbs:7.0%}' if peak_tbs else ''
+    lines.append(f'  {nbytes / 1e9:9.2f} {us / 1e3:9.3f} {tbs:6.2f}{share}  {key}')
+  return '\n'.join(lines)
 
 
 def device_events(trace: dict[str, Any]) -> list[dict[str, Any]]:
@@ -240,17 +304,36 @@ def load(profile_dir: str) -> tuple[list[dict[str, Any]], dict[str, tuple[str, s
   return events, hlo, steps
 
 
+def load_fusion_bytes(profile_dir: str) -> dict[str, int]:
+  """fusion_bytes of the folder's HLO text; empty without one."""
+  path = os.path.join(profile_dir, HLO_NAME)
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return fusion_bytes(f.read())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('profile_dir')
   parser.add_argument('--top', type=int, default=15)
+  parser.add_argument('--peak_tbs', type=float, default=None,
+                      help="the device's peak memory bandwidth in TB/s (H200: 4.8, H100 SXM: "
+                      '3.35), to print each fusion kind\'s share of it')
   args = parser.parse_args(argv)
+  if args.peak_tbs is not None and args.peak_tbs <= 0:
+    print(f'error: --peak_tbs must be positive, got {args.peak_tbs}', file=sys.stderr)
+    return 2
   try:
     events, hlo, steps = load(args.profile_dir)
+    sizes = load_fusion_bytes(args.profile_dir)
   except (ProfileError, OSError, json.JSONDecodeError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
   print(format_summary(summarise(events, hlo, steps), args.top))
+  table = traffic(events, hlo, sizes, steps)
+  if table:
+    print(format_traffic(table, args.peak_tbs))
   return 0
 
 

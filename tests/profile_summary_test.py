@@ -149,6 +149,10 @@ def test_benchmark_profile_dir_end_to_end(tmp_path):
   assert steps == 2 and hlo
   summary = profile_summary.summarise(events, hlo, steps)
   assert summary['by_source']['augment.py'] > 0 and summary['by_source']['networks.py'] > 0
+  # The compiled program's fusions are found with their bytes, and their time is charged.
+  traffic = profile_summary.traffic(events, hlo, profile_summary.load_fusion_bytes(
+    str(tmp_path)), steps)
+  assert traffic['all fusions'][0] > 0 and traffic['all fusions'][1] > 0, traffic
   assert 0.3 < summary['total_us'] / 1e3 / result['step_ms'] < 3.0, (summary['total_us'],
                                                                        result['step_ms'])
 
@@ -163,3 +167,67 @@ def test_trace_json_is_read_gzipped(tmp_path):
   (tmp_path / profile_summary.STEPS_NAME).write_text('2')
   events, hlo, steps = profile_summary.load(str(tmp_path))
   assert len(events) == 7 and steps == 2 and 'fusion.7' in hlo
+
+
+# GPU-style fusions: operands without shapes, a /*index=N*/ comment among them (which an
+# earlier hand count missed, undercounting by half), a tuple result, and an old-style
+# operand that prints its own shape.
+TRAFFIC_HLO = '''ENTRY %main (p: bf16[4,8]) -> bf16[4,8] {
+  %p = bf16[4,8]{1,0} parameter(0)
+  %q = f32[8]{0} parameter(1)
+  %loop_fusion.1 = (bf16[4,8]{1,0}, f32[8]{0}) fusion(%p, %q, /*index=2*/%p), kind=kLoop, calls=%f1
+  %gte.1 = bf16[4,8]{1,0} get-tuple-element(%loop_fusion.1), index=0
+  %input_reduce_fusion.2 = f32[8]{0} fusion(bf16[4,8]{1,0} %gte.1), kind=kInput, calls=%f2
+  ROOT %custom-call.3 = bf16[4,8]{1,0} custom-call(%gte.1), custom_call_target="__cudnn$convForward"
+}
+'''
+
+
+def test_shape_bytes_counts_every_array_of_a_shape():
+  """Element widths from the dtype (pred and f8 one byte, s4 half), tuples summed, scalars
+  one element; a wrong width would misstate every bandwidth in the traffic table."""
+  assert profile_summary.shape_bytes('bf16[2,3]{1,0}') == 12
+  assert profile_summary.shape_bytes('(f32[4]{0}, pred[8]{0})') == 24
+  assert profile_summary.shape_bytes('f32[]') == 4
+  assert profile_summary.shape_bytes('f8e4m3fn[10]{0}') == 10
+  assert profile_summary.shape_bytes('s4[8]{0}') == 4
+  assert profile_summary.shape_bytes('u8[0]{0}') == 0
+
+
+def test_fusion_bytes_are_result_plus_every_operand():
+  """Hand count: loop_fusion.1 writes 64 + 32 bytes and reads p (64), q (32) and p again
+  after the index comment (64) = 256; the reduce reads 64 and writes 32 = 96. Library calls
+  are not fusions and get no entry."""
+  sizes = profile_summary.fusion_bytes(TRAFFIC_HLO)
+  assert sizes == {'loop_fusion.1': 256, 'input_reduce_fusion.2': 96}
+
+
+def test_traffic_divides_bytes_per_step_by_device_time():
+  """Two steps of two fusions: per step 256 B in 2 us (loop) and 96 B in 1 us (reduce), that
+  is 1.28e-4 and 9.6e-5 TB/s, each charged to its kind and its source file; the conv is not
+  counted."""
+  hlo = profile_summary.parse_hlo(TRAFFIC_HLO)
+  events = [dict(ph='X', dur=dur, name='k', args=dict(hlo_op=op)) for op, dur in
+            [('loop_fusion.1', 2.0), ('input_reduce_fusion.2', 1.0), ('custom-call.3', 50.0)] * 2]
+  table = profile_summary.traffic(events, hlo, profile_summary.fusion_bytes(TRAFFIC_HLO), 2)
+  assert table['fusion kLoop'] == pytest.approx((256.0, 2.0))
+  assert table['fusion kInput'] == pytest.approx((96.0, 1.0))
+  assert table['all fusions'] == pytest.approx((352.0, 3.0))
+  assert table['other'] == pytest.approx((352.0, 3.0))  # no stack frames in this HLO
+  text = profile_summary.format_traffic(table, peak_tbs=1e-4)
+  # 256 B / 2 us = 1.28e-4 TB/s: 128% of a 1e-4 TB/s "peak".
+  assert '128%' in text and 'fusion kLoop' in text
+
+
+def test_main_prints_traffic_and_rejects_a_bad_peak(tmp_path, capsys):
+  """The command line adds the traffic table after the time tables; a non-positive peak
+  bandwidth is a one-line error, not a division by zero."""
+  with gzip.open(tmp_path / profile_summary.TRACE_NAME, 'wt') as f:
+    json.dump(dict(traceEvents=[dict(ph='X', dur=4.0, name='k', args=dict(hlo_op=op))
+                                for op in ('loop_fusion.1', 'input_reduce_fusion.2')]), f)
+  (tmp_path / profile_summary.HLO_NAME).write_text(TRAFFIC_HLO)
+  assert profile_summary.main([str(tmp_path), '--peak_tbs=4.8']) == 0
+  out = capsys.readouterr().out
+  assert 'memory traffic of fusions' in out and 'all fusions' in out
+  assert profile_summary.main([str(tmp_path), '--peak_tbs=0']) == 2
+  assert capsys.readouterr().err.strip().startswith('error: --peak_tbs')
