@@ -123,6 +123,58 @@ def _bn_backward(eps, axis_name, residuals, cotangents):
 batch_norm_train.defvjp(_bn_forward, _bn_backward)
 
 
+@jax.custom_vjp
+def stem_max_pool(x: jax.Array) -> jax.Array:
+  """3x3 max-pool, stride 2, SAME padding over [B, H, W, C]: the ImageNet stem's, as
+  hk.max_pool computes it.
+
+  Only the gradient differs in how it is computed, not in value: each window's gradient
+  goes to the first maximum in row-major window order, as XLA's select-and-scatter does
+  (after the ReLU, all-zero windows are common, so the tie rule matters). Written as nine
+  strided selections that XLA fuses into one element-wise pass; the scatter that autodiff
+  emits took 2.5 ms of a 107 ms ResNet-50 step on an H200 (0.6 TB/s, 2026-11-27 profile).
+  """
+  return _max_pool_forward(x)[0]
+
+
+_POOL = ((1, 3, 3, 1), (1, 2, 2, 1))  # Window and strides, NHWC.
+
+
+def _pool_pads(x: jax.Array) -> list[tuple[int, int]]:
+  return jax.lax.padtype_to_pads(x.shape, _POOL[0], _POOL[1], 'SAME')
+
+
+def _max_pool_forward(x):
+  y = jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, _POOL[0], _POOL[1], 'SAME')
+  return y, (x, y)
+
+
+def _max_pool_backward(residuals, dy):
+  x, y = residuals
+  pads = _pool_pads(x)
+  padded = jnp.pad(x, pads, constant_values=-jnp.inf)
+  height, width = padded.shape[1:3]
+  out_h, out_w = y.shape[1:3]
+  zero = jnp.zeros((), dy.dtype)
+  dx, taken = None, jnp.zeros(y.shape, bool)
+  for a in range(3):
+    for b in range(3):
+      rows = slice(a, a + 2 * (out_h - 1) + 1, 2)
+      cols = slice(b, b + 2 * (out_w - 1) + 1, 2)
+      first = (padded[:, rows, cols] == y) & ~taken
+      taken = taken | first
+      # Back onto the padded grid at stride 2 (interior padding), not a scatter.
+      placed = jax.lax.pad(jnp.where(first, dy, zero), zero, (
+        (0, 0, 0), (a, height - a - 2 * out_h + 1, 1), (b, width - b - 2 * out_w + 1, 1),
+        (0, 0, 0)))
+      dx = placed if dx is None else dx + placed
+  (_, _), (top, _), (left, _), (_, _) = pads
+  return (dx[:, top:top + x.shape[1], left:left + x.shape[2]],)
+
+
+stem_max_pool.defvjp(_max_pool_forward, _max_pool_backward)
+
+
 def _norm(kind: str, x: jax.Array, is_training: bool, axis_name: str | None, bn_decay: float,
           bn_eps: float) -> jax.Array:
   if kind == 'batchnorm':
@@ -196,7 +248,7 @@ class ResNet(hk.Module):
     else:
       x = _conv(stem, 7, 2, 'stem_conv')(x)
       x = jax.nn.relu(self._bn(x, is_training, 'stem_bn'))
-      x = hk.max_pool(x, window_shape=(1, 3, 3, 1), strides=(1, 2, 2, 1), padding='SAME')
+      x = stem_max_pool(x)
     for stage, num_blocks in enumerate(self.blocks):
       channels = _scaled(64 * 2**stage, self.width)
       for b in range(num_blocks):
