@@ -49,13 +49,13 @@ TRACE_NAME = 'perfetto_trace.json.gz'
 HLO_NAME = 'hlo.txt'
 STEPS_NAME = 'profile_steps.txt'
 
-_INSTRUCTION = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*[^=]*?\s([a-z][\w\-]*)\(')
+# One HLO instruction: name, result shape, opcode, and the rest (operands, attributes).
+_INSTRUCTION = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*([^=]*?)\s([a-z][\w\-]*)\((.*)$')
 _FRAME_ID = re.compile(r'stack_frame_id=(\d+)')
 _SOURCE_FILE = re.compile(r'source_file="([^"]+)"')
 _TARGET = re.compile(r'custom_call_target="([^"]+)"')
 _FUSION_KIND = re.compile(r'"kind":"([^"]+)"')
 _FUSION_KIND_ATTR = re.compile(r'\bkind=(k\w+)')
-_DEFINITION = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s([a-z][\w\-]*)\((.*)$')
 _ARRAY = re.compile(r'\b([a-z]+\d*(?:e\d+m\d+\w*)?)\[([\d,]*)\]')
 _OPERAND = re.compile(r'%([\w.\-]+)')
 _BITS = re.compile(r'(\d+)')
@@ -126,7 +126,7 @@ def parse_hlo(text: str) -> dict[str, tuple[str, str]]:
     match = _INSTRUCTION.match(line)
     if not match:
       continue
-    name, opcode = match.groups()
+    name, _, opcode, _ = match.groups()
     frame = _FRAME_ID.search(line)
     source = _SOURCE_FILE.search(line)
     files = frame_files.get(int(frame.group(1)), []) if frame else []
@@ -156,7 +156,7 @@ def fusion_bytes(text: str) -> dict[str, int]:
   """Fusion instruction name -> bytes of its result plus its operands."""
   shapes, operands = {}, {}
   for line in text.splitlines():
-    match = _DEFINITION.match(line)
+    match = _INSTRUCTION.match(line)
     if not match:
       continue
     name, shape, opcode, rest = match.groups()

@@ -54,7 +54,6 @@ for line in open(path):
 print(1 if tiny else max(0, min(cap, int((left - 125) * 0.85 * rate / 50000))))
 EOF
 )
-# EPOCHS fixes the count instead (a complete schedule of a set length; the time limit stays).
 epochs=${EPOCHS:-$epochs}
 echo "== CIFAR-10: ${left} s left, ${epochs} epochs"
 if (( epochs > 0 )); then
