@@ -5,7 +5,8 @@
 # running one after the other with a start-up each. Throughput is shared: the images/s in
 # the tables are each run's share, not the recipe's speed alone.
 #   bash experiments/cifar10_sweep.sh EPOCHS 'NAME:--config.x=1 --config.y=2' 'NAME2:...'
-# A variant with no overrides ('base:') is the preset as it is. Preparation and TINY=1 as in
+# A variant with no overrides ('base:') is the preset as it is. A variant named torch* runs
+# the independent PyTorch BYOL instead, its overrides being that script's flags. Preparation and TINY=1 as in
 # experiments/cifar10_gpu.sh; TRAIN_TIMEOUT_S is passed on (graceful stop of every run).
 # $OUT (default runs/cifar10_sweep) gets at most 8 files: sweep.log, summary.txt (the last
 # kNN top-1 of each variant with its overrides, then every variant's table), knn.png (all
@@ -45,13 +46,33 @@ CONVERT=()
 # Each process may take its share of the GPU's memory (JAX takes 75% by default).
 export XLA_PYTHON_CLIENT_MEM_FRACTION=$(python3 -c "print(round(0.9 / $#, 3))")
 
+# A variant named torch* is the independent PyTorch BYOL (experiments/torch_byol_reference.py,
+# bf16 autocast on the GPU) with its own flags, e.g. 'torch_lightly:--preset lightly'.
+run_torch_reference() {
+  local name=$1; shift
+  local tiny=()
+  [ "${TINY:-0}" = 1 ] && tiny=(--batch_size 16 --depth 10 --width 0.125 --hidden 32
+                                --proj_dim 16 --eval_every_epochs 1 --log_every_steps 2)
+  mkdir -p "$WORK/$name"
+  python3 experiments/torch_byol_reference.py --data "$CIFAR_FOLDER" \
+    --workdir "$WORK/$name/run" --epochs "$EPOCHS" --precision bfloat16 \
+    ${TRAIN_TIMEOUT_S:+--timeout_s "$TRAIN_TIMEOUT_S"} "${tiny[@]}" "$@" || return 1
+  python3 experiments/results_table.py --workdir "$WORK/$name/run" > "$WORK/$name/table.txt"
+  cp "$WORK/$name/run/metrics/eval.jsonl" "$WORK/$name/run/metrics/train.jsonl" \
+    "$WORK/$name/run/config.json" "$WORK/$name/"
+}
+
 pids=()
 for variant in "$@"; do
   name=${variant%%:*}
   read -r -a overrides <<< "${variant#*:}"
   echo "== $name: ${overrides[*]:-(the preset as it is)}"
-  SKIP_PEER=1 OUT="$WORK/$name" RUN="$WORK/$name/run" \
-    bash experiments/cifar10_gpu.sh "$EPOCHS" "${overrides[@]}" > "$WORK/$name.log" 2>&1 &
+  if [[ $name == torch* ]]; then
+    run_torch_reference "$name" "${overrides[@]}" > "$WORK/$name.log" 2>&1 &
+  else
+    SKIP_PEER=1 OUT="$WORK/$name" RUN="$WORK/$name/run" \
+      bash experiments/cifar10_gpu.sh "$EPOCHS" "${overrides[@]}" > "$WORK/$name.log" 2>&1 &
+  fi
   pids+=($!)
 done
 failed=0

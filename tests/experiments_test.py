@@ -120,18 +120,23 @@ def test_ablation_script_runs_tiny(tmp_path):
 @pytest.mark.slow
 @needs_cifar
 def test_cifar10_sweep_script_runs_variants_side_by_side(tmp_path):
-  """Two recipe variants run at once and come back as at most 8 files: the summary names
-  each with its last kNN top-1 and overrides, the figure has both curves, runs.tgz holds
-  each variant's metrics but no checkpoints (hundreds of MB on the GPU)."""
+  """Two recipe variants and the PyTorch reference run at once and come back as at most 8
+  files: the summary names each with its last kNN top-1 and overrides, the figure has every
+  curve, runs.tgz holds each variant's metrics but no checkpoints (hundreds of MB on the
+  GPU)."""
   stdout, out_dir = _run_script('cifar10_sweep.sh', tmp_path, '1', 'base:',
-                                'sgd:--config.optimizer.name=sgd --config.optimizer.base_lr=0.1')
+                                'sgd:--config.optimizer.name=sgd --config.optimizer.base_lr=0.1',
+                                'torch:--preset lightly --threads 1')
   assert sorted(os.listdir(out_dir)) == ['knn.png', 'runs.tgz', 'summary.txt', 'sweep.log']
   summary = (out_dir / 'summary.txt').read_text()
   assert re.search(r'^base +kNN top-1 0\.\d{4} at epoch', summary, re.M), summary
   assert re.search(r'^sgd +kNN top-1 0\.\d{4} .*optimizer.name=sgd', summary, re.M), summary
   with tarfile.open(out_dir / 'runs.tgz') as tar:
     names = tar.getnames()
-  assert {'base/eval.jsonl', 'sgd/eval.jsonl', 'sgd/sgd.log'} <= set(names)
+  assert re.search(r'^torch +kNN top-1 0\.\d{4} at epoch 1\.0 .*--preset lightly', summary,
+                   re.M), summary
+  assert {'base/eval.jsonl', 'sgd/eval.jsonl', 'sgd/sgd.log', 'torch/eval.jsonl',
+          'torch/torch.log'} <= set(names)
   assert not [n for n in names if 'checkpoints' in n]
   with open(tmp_path / 'runs' / 'sgd' / 'config.json') as f:
     assert json.load(f)['optimizer']['name'] == 'sgd'
