@@ -187,10 +187,44 @@ def _norm(kind: str, x: jax.Array, is_training: bool, axis_name: str | None, bn_
   raise ValueError(f'unknown norm {kind!r}; valid: {", ".join(NORM_KINDS)}')
 
 
-def _conv(channels: int, kernel: int, stride: int, name: str) -> hk.Conv2D:
-  init = hk.initializers.VarianceScaling(2.0, 'fan_out', 'truncated_normal')
+# How conv and linear layers are initialised (`model.weight_init`):
+# - 'release': the BYOL release's: He normal (fan_out, truncated) for convolutions, Haiku's
+#   truncated normal with std 1/sqrt(fan_in) and zero biases for linear layers;
+# - 'pytorch': PyTorch's layer defaults (kaiming_uniform with a=sqrt(5)): weights and biases
+#   U(-1/sqrt(fan_in), 1/sqrt(fan_in)), as in PyTorch recipes that keep them (lightly's
+#   CIFAR-10 ResNet). Convolutions start about 2.4x smaller than 'release'. That matters
+#   under plain SGD: a weight followed by BatchNorm (or by the loss's normalisation) is
+#   scale-invariant, so its effective learning rate is LR / |w|^2. LARS's trust ratio
+#   cancels the scale, except where `trust_clip` falls back to SGD's step.
+WEIGHT_INITS = ('release', 'pytorch')
+
+
+def _check_weight_init(kind: str) -> None:
+  if kind not in WEIGHT_INITS:
+    raise ValueError(f'unknown weight_init {kind!r}; valid: {", ".join(WEIGHT_INITS)}')
+
+
+def _pytorch_uniform() -> hk.initializers.Initializer:
+  """U(-1/sqrt(fan_in), 1/sqrt(fan_in)): variance 1/(3 fan_in)."""
+  return hk.initializers.VarianceScaling(1.0 / 3.0, 'fan_in', 'uniform')
+
+
+def _conv(channels: int, kernel: int, stride: int, name: str,
+          weight_init: str = 'release') -> hk.Conv2D:
+  if weight_init == 'pytorch':
+    init = _pytorch_uniform()
+  else:
+    init = hk.initializers.VarianceScaling(2.0, 'fan_out', 'truncated_normal')
   return hk.Conv2D(channels, kernel, stride=stride, with_bias=False, padding='SAME',
                    w_init=init, name=name)
+
+
+def _linear(size: int, fan_in: int, name: str, weight_init: str = 'release') -> hk.Linear:
+  if weight_init == 'pytorch':
+    bound = 1.0 / np.sqrt(fan_in)
+    return hk.Linear(size, w_init=_pytorch_uniform(),
+                     b_init=hk.initializers.RandomUniform(-bound, bound), name=name)
+  return hk.Linear(size, name=name)
 
 
 class ResNet(hk.Module):
@@ -203,10 +237,13 @@ class ResNet(hk.Module):
 
   def __init__(self, depth: int, width: float = 1.0, cifar_stem: bool = False,
                zero_init_last_bn: bool = True, bn_decay: float = 0.9, bn_eps: float = 1e-5,
-               axis_name: str | None = None, name: str = 'encoder'):
+               axis_name: str | None = None, name: str = 'encoder',
+               weight_init: str = 'release'):
     super().__init__(name=name)
     if depth not in RESNET_LAYOUTS:
       raise ValueError(f'unknown ResNet depth {depth}; valid: {sorted(RESNET_LAYOUTS)}')
+    _check_weight_init(weight_init)
+    self.weight_init = weight_init
     self.blocks, self.bottleneck = RESNET_LAYOUTS[depth]
     self.width = width
     self.cifar_stem = cifar_stem
@@ -226,7 +263,7 @@ class ResNet(hk.Module):
     shortcut = x
     out_channels = channels * 4 if self.bottleneck else channels
     if project:
-      shortcut = _conv(out_channels, 1, stride, f'{name}_shortcut_conv')(x)
+      shortcut = _conv(out_channels, 1, stride, f'{name}_shortcut_conv', self.weight_init)(x)
       shortcut = self._bn(shortcut, is_training, f'{name}_shortcut_bn')
     if self.bottleneck:
       specs = ((channels, 1, 1), (channels, 3, stride), (out_channels, 1, 1))
@@ -234,7 +271,7 @@ class ResNet(hk.Module):
       specs = ((channels, 3, stride), (out_channels, 3, 1))
     for i, (ch, k, s) in enumerate(specs):
       last = i == len(specs) - 1
-      x = _conv(ch, k, s, f'{name}_conv_{i}')(x)
+      x = _conv(ch, k, s, f'{name}_conv_{i}', self.weight_init)(x)
       x = self._bn(x, is_training, f'{name}_bn_{i}', last=last)
       if not last:
         x = jax.nn.relu(x)
@@ -243,10 +280,10 @@ class ResNet(hk.Module):
   def __call__(self, x: jax.Array, is_training: bool) -> jax.Array:
     stem = _scaled(64, self.width)
     if self.cifar_stem:
-      x = _conv(stem, 3, 1, 'stem_conv')(x)
+      x = _conv(stem, 3, 1, 'stem_conv', self.weight_init)(x)
       x = jax.nn.relu(self._bn(x, is_training, 'stem_bn'))
     else:
-      x = _conv(stem, 7, 2, 'stem_conv')(x)
+      x = _conv(stem, 7, 2, 'stem_conv', self.weight_init)(x)
       x = jax.nn.relu(self._bn(x, is_training, 'stem_bn'))
       x = stem_max_pool(x)
     for stage, num_blocks in enumerate(self.blocks):
@@ -271,19 +308,22 @@ class MLP(hk.Module):
   """Linear -> norm -> ReLU -> Linear, the projector and predictor of BYOL."""
 
   def __init__(self, hidden: int, output: int, norm: str, bn_decay: float = 0.9,
-               bn_eps: float = 1e-5, axis_name: str | None = None, name: str | None = None):
+               bn_eps: float = 1e-5, axis_name: str | None = None, name: str | None = None,
+               weight_init: str = 'release'):
     super().__init__(name=name)
     if norm not in NORM_KINDS:
       raise ValueError(f'unknown norm {norm!r}; valid: {", ".join(NORM_KINDS)}')
+    _check_weight_init(weight_init)
     self.hidden, self.output, self.norm = hidden, output, norm
     self.bn = (bn_decay, bn_eps, axis_name)
+    self.weight_init = weight_init
 
   def __call__(self, x: jax.Array, is_training: bool) -> jax.Array:
     bn_decay, bn_eps, axis_name = self.bn
-    x = hk.Linear(self.hidden, name='linear_0')(x)
+    x = _linear(self.hidden, x.shape[-1], 'linear_0', self.weight_init)(x)
     x = _norm(self.norm, x, is_training, axis_name, bn_decay, bn_eps)
     x = jax.nn.relu(x)
-    return hk.Linear(self.output, name='linear_1')(x)
+    return _linear(self.output, self.hidden, 'linear_1', self.weight_init)(x)
 
 
 def _cast_getter(dtype: jnp.dtype) -> Callable[..., Any]:
@@ -320,17 +360,21 @@ def build_network(model_cfg: Any, num_classes: int, axis_name: str | None = None
   `images` are normalised float images (see `augment.normalize`).
   """
   cfg = model_cfg
+  weight_init = cfg.get('weight_init', 'release')  # configs saved before the option: release
+  _check_weight_init(weight_init)
 
   def forward(images: jax.Array, is_training: bool) -> dict[str, jax.Array]:
     cast = dtype != jnp.float32
     with (_mixed_precision(dtype) if cast else contextlib.nullcontext()):
       encoder = ResNet(cfg.depth, cfg.width, cfg.cifar_stem, cfg.zero_init_last_bn,
-                       cfg.bn_decay, cfg.bn_eps, axis_name)
+                       cfg.bn_decay, cfg.bn_eps, axis_name, weight_init=weight_init)
       embedding = encoder(images.astype(dtype), is_training)
       projector = MLP(cfg.projector_hidden, cfg.projection_dim, cfg.projector_norm,
-                      cfg.bn_decay, cfg.bn_eps, axis_name, name='projector')
+                      cfg.bn_decay, cfg.bn_eps, axis_name, name='projector',
+                      weight_init=weight_init)
       predictor = MLP(cfg.predictor_hidden, cfg.projection_dim, cfg.predictor_norm,
-                      cfg.bn_decay, cfg.bn_eps, axis_name, name='predictor')
+                      cfg.bn_decay, cfg.bn_eps, axis_name, name='predictor',
+                      weight_init=weight_init)
       projection = projector(embedding, is_training)
       prediction = predictor(projection, is_training)
     logits = hk.Linear(num_classes, name='probe')(jax.lax.stop_gradient(embedding)

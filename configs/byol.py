@@ -40,6 +40,7 @@ ARG_KEYS = ('epochs',)
 def _model(depth: int, width: float, cifar_stem: bool) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
     depth=depth, width=float(width), cifar_stem=cifar_stem, zero_init_last_bn=True,
+    weight_init='release',  # or 'pytorch' (see networks.WEIGHT_INITS)
     bn_decay=0.9, bn_eps=1e-5, projector_hidden=4096, predictor_hidden=4096,
     projection_dim=256, projector_norm='batchnorm', predictor_norm='batchnorm'))
 

@@ -321,6 +321,11 @@ def color_jitter(x: torch.Tensor, gen: torch.Generator, brightness: float, contr
   """torchvision's ColorJitter per image: factors and the order of the four ops drawn per
   image; each op clamps to [0, 1] (hue keeps values there)."""
   factors, order = jitter_draw(x.shape[0], gen, x.device, brightness, contrast, saturation, hue)
+  return apply_jitter(x, factors, order)
+
+
+def apply_jitter(x: torch.Tensor, factors: list[torch.Tensor], order: torch.Tensor
+                 ) -> torch.Tensor:
   for slot in range(4):
     op = _per_image(order[:, slot])
     x = sum(torch.where(op == k, fn(x, f), torch.zeros_like(x))
@@ -328,20 +333,36 @@ def color_jitter(x: torch.Tensor, gen: torch.Generator, brightness: float, contr
   return x
 
 
-def augment(images: torch.Tensor, gen: torch.Generator, size: int, cfg: dict,
-            solarize_prob: float) -> torch.Tensor:
-  """One view of uint8 [n, H, W, 3] images: float [n, 3, size, size], normalised."""
-  x = images.permute(0, 3, 1, 2).float() / 255.0
-  n, _, height, width = x.shape
-  x = resized_crops(x, crop_boxes(n, height, width, gen, x.device), size)
-  u = torch.rand(n, 4, generator=gen, device=x.device)
+def draw_view(images: torch.Tensor, gen: torch.Generator, cfg: dict) -> tuple:
+  """Every random choice of one view of a batch: crop boxes, flip/jitter/grayscale/solarise
+  uniforms, jitter factors and orders (drawn apart from `apply_view`, which is pure)."""
+  n, height, width = images.shape[:3]
+  boxes = crop_boxes(n, height, width, gen, images.device)
+  u = torch.rand(n, 4, generator=gen, device=images.device)
+  factors, order = jitter_draw(n, gen, images.device, 0.4, 0.4, cfg['saturation'], 0.1)
+  return boxes, u, *factors, order
+
+
+def apply_view(images: torch.Tensor, boxes: torch.Tensor, u: torch.Tensor,
+               brightness: torch.Tensor, contrast: torch.Tensor, saturation: torch.Tensor,
+               hue: torch.Tensor, order: torch.Tensor, size: int, solarize_prob: float
+               ) -> torch.Tensor:
+  """One view of uint8 [n, H, W, 3] images from its draws: float [n, 3, size, size],
+  normalised. Crop, flip (p 0.5), jitter (p 0.8), grayscale (p 0.2), solarise."""
+  x = resized_crops(images.permute(0, 3, 1, 2).float() / 255.0, boxes, size)
   x = torch.where(_per_image(u[:, 0] < 0.5), x.flip(3), x)
-  jittered = color_jitter(x, gen, 0.4, 0.4, cfg['saturation'], 0.1)
+  jittered = apply_jitter(x, [brightness, contrast, saturation, hue], order)
   x = torch.where(_per_image(u[:, 1] < 0.8), jittered, x)
   x = torch.where(_per_image(u[:, 2] < 0.2), grayscale(x).expand_as(x), x)
   if solarize_prob > 0:
     x = torch.where(_per_image(u[:, 3] < solarize_prob), torch.where(x >= 0.5, 1 - x, x), x)
   return normalise(x)
+
+
+def augment(images: torch.Tensor, gen: torch.Generator, size: int, cfg: dict,
+            solarize_prob: float, view_fn=apply_view) -> torch.Tensor:
+  """One view of a batch; view_fn may be a torch.compile'd apply_view (same values)."""
+  return view_fn(images, *draw_view(images, gen, cfg), size=size, solarize_prob=solarize_prob)
 
 
 def normalise(x: torch.Tensor) -> torch.Tensor:
@@ -442,6 +463,9 @@ def parse_args(argv):
   p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
   p.add_argument('--timeout_s', type=float, default=0, help='stop training after this long')
   p.add_argument('--threads', type=int, default=0, help='CPU threads (0: torch default)')
+  p.add_argument('--compile', action='store_true',
+                 help='torch.compile the augmentation (fuses its ~750 small ops per view on '
+                      'a GPU; falls back to eager if compiling fails)')
   for key, value in PRESETS['lightly'].items():  # every preset value; unset = the preset's
     kind = {bool: _boolean, int: int, float: float, str: str}[type(value)]
     p.add_argument(f'--{key}', type=kind, default=None)
@@ -460,6 +484,19 @@ def _boolean(text: str) -> bool:
 def peak_lr(cfg: dict, batch: int) -> float:
   """The linear scaling rule of the preset's source: base_lr * batch / lr_batch."""
   return cfg['base_lr'] * batch / cfg['lr_batch']
+
+
+def _two_views(batch, gen, size, cfg, view_fn):
+  """The two views; if a compiled view_fn fails (first call), says so and goes on eager."""
+  try:
+    return (augment(batch, gen, size, cfg, 0.0, view_fn),
+            augment(batch, gen, size, cfg, cfg['solarize2'], view_fn), view_fn)
+  except Exception as error:  # torch.compile raises many types; eager is the same maths
+    if view_fn is apply_view:
+      raise
+    print(f'torch.compile failed ({type(error).__name__}: {str(error)[:200]}); eager from '
+          'here', flush=True)
+    return _two_views(batch, gen, size, cfg, apply_view)
 
 
 def _append(path: str, record: dict) -> None:
@@ -511,6 +548,8 @@ def train(argv: list[str] | None = None) -> dict:
   autocast = (torch.autocast('cuda', dtype=torch.bfloat16)
               if args.precision == 'bfloat16' and device.type == 'cuda' else None)
 
+  view_fn = torch.compile(apply_view, dynamic=False) if args.compile else apply_view
+
   def evaluate() -> float:
     return knn_top1(features(model.backbone, train_x, device), train_labels,
                     features(model.backbone, test_x, device), test_labels, len(classes))
@@ -531,8 +570,7 @@ def train(argv: list[str] | None = None) -> dict:
       for group in opt.param_groups:
         group['lr'] = lr
       with torch.no_grad():
-        v1 = augment(batch, gen, size, cfg, 0.0)
-        v2 = augment(batch, gen, size, cfg, cfg['solarize2'])
+        v1, v2, view_fn = _two_views(batch, gen, size, cfg, view_fn)
       if device.type == 'cuda':
         v1 = v1.contiguous(memory_format=torch.channels_last)
         v2 = v2.contiguous(memory_format=torch.channels_last)

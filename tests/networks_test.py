@@ -60,6 +60,46 @@ def test_zero_init_last_bn_makes_blocks_identity_residuals():
     assert last and all(float(jnp.abs(s - value).max()) == 0.0 for s in last)
 
 
+def _init_params(weight_init):
+  cfg = _model_cfg()
+  cfg.width, cfg.projector_hidden, cfg.predictor_hidden = 0.5, 512, 512
+  cfg.weight_init = weight_init
+  net = networks.build_network(cfg, num_classes=3)
+  return jax.jit(lambda: net.init(jax.random.PRNGKey(0), jnp.zeros((2, 16, 16, 3)), True)[0])()
+
+
+def test_pytorch_weight_init_is_uniform_within_one_over_sqrt_fan_in():
+  """'pytorch' must give PyTorch's layer defaults, U(+-1/sqrt(fan_in)) for conv and linear
+  weights and linear biases; 'release' He normal (fan_out) convolutions, zero biases. A
+  wrong fan or distribution moves the std or the bound (each layer checked)."""
+  torch_like, release = _init_params('pytorch'), _init_params('release')
+  checked = 0
+  for name, leaves in torch_like.items():
+    if name.endswith('probe') or 'w' not in leaves:
+      continue
+    w = np.asarray(leaves['w'], np.float64)
+    fan_in = int(np.prod(w.shape[:-1]))
+    bound = 1 / np.sqrt(fan_in)
+    assert np.abs(w).max() <= bound, name
+    if w.size >= 4096:
+      assert np.std(w) == pytest.approx(bound / np.sqrt(3), rel=0.08), name
+      if w.ndim == 4:
+        fan_out = int(np.prod(w.shape[:2])) * w.shape[-1]
+        release_std = np.std(np.asarray(release[name]['w'], np.float64))
+        assert release_std == pytest.approx(np.sqrt(2 / fan_out), rel=0.08), name
+      checked += 1
+    if 'b' in leaves:
+      b = np.asarray(leaves['b'])
+      assert np.abs(b).max() <= bound and np.abs(b).max() > 0.5 * bound, name
+      assert not np.any(np.asarray(release[name]['b'])), name
+  assert checked >= 8
+
+
+def test_unknown_weight_init_is_refused():
+  with pytest.raises(ValueError, match="unknown weight_init 'xavier'"):
+    _init_params('xavier')
+
+
 def _model_cfg(norm='batchnorm'):
   return ml_collections.ConfigDict(dict(
     depth=10, width=0.125, cifar_stem=True, zero_init_last_bn=True, bn_decay=0.9, bn_eps=1e-5,

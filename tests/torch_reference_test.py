@@ -180,3 +180,25 @@ def test_tiny_run_writes_byol_jax_metrics(tmp_path, preset):
 def test_missing_folder_is_a_one_line_error(tmp_path):
   with pytest.raises(SystemExit, match='no folder'):
     ref.train(['--data', str(tmp_path / 'nothing'), '--workdir', str(tmp_path / 'run')])
+
+
+def test_failed_compiled_views_fall_back_to_eager(capsys):
+  """A torch.compile failure on the GPU host must cost a message, not the run."""
+  def broken(*args, **kwargs):
+    raise RuntimeError('no compiler')
+  batch = torch.randint(0, 256, (4, 8, 8, 3), dtype=torch.uint8)
+  cfg = dict(ref.PRESETS['lightly'])
+  v1, v2, fn = ref._two_views(batch, _gen(), 8, cfg, broken)
+  assert fn is ref.apply_view and v1.shape == v2.shape == (4, 3, 8, 8)
+  assert 'torch.compile failed (RuntimeError: no compiler)' in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_compiled_view_equals_eager():
+  """The --compile path must compute the same views (float rounding aside)."""
+  batch = torch.randint(0, 256, (32, 16, 16, 3), dtype=torch.uint8, generator=_gen())
+  draws = ref.draw_view(batch, _gen(3), dict(ref.PRESETS['solo']))
+  eager = ref.apply_view(batch, *draws, size=16, solarize_prob=0.2)
+  compiled = torch.compile(ref.apply_view, dynamic=False)(batch, *draws, size=16,
+                                                          solarize_prob=0.2)
+  torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=0)
