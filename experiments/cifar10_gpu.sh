@@ -9,7 +9,8 @@
 #       ../shared/datasets/cifar10/cifar10_jpeg_bytes.npz .bench/
 # Then, with the device tool: carry [".whl", ".bench"], command:
 #   bash experiments/cifar10_gpu.sh 100        # EPOCHS (default 100)
-# Further arguments go to the trainer as config overrides (--config.eval_every_steps=485).
+# Further arguments go to the trainer as config overrides (--config.eval_every_steps=485);
+# --config=configs/byol.py:cifar10_lightly among them picks that preset instead of cifar10.
 # SKIP_PEER=1 skips the peer baseline (when the same device call has already run it);
 # TRAIN_TIMEOUT_S stops training gracefully (SIGTERM: the trainer saves and exits) after that
 # many seconds, and the table and plot are still made from the eval points reached.
@@ -62,9 +63,16 @@ fi
 start=$(date +%s)
 LIMIT=()
 [ -n "${TRAIN_TIMEOUT_S:-}" ] && LIMIT=(timeout -s TERM "$TRAIN_TIMEOUT_S")
-"${LIMIT[@]}" python3 -m byol_jax.main --config=configs/byol.py:cifar10 \
+# A --config=configs/byol.py:PRESET among the overrides picks another preset (e.g.
+# cifar10_lightly); the rest stay overrides of it.
+CONFIG=configs/byol.py:cifar10
+OVERRIDES=()
+for arg in "$@"; do
+  case $arg in --config=*) CONFIG=${arg#--config=} ;; *) OVERRIDES+=("$arg") ;; esac
+done
+"${LIMIT[@]}" python3 -m byol_jax.main --config="$CONFIG" \
   --config.dataset="folder:$DATA" --config.epochs="$EPOCHS" --config.precision=bfloat16 \
-  --workdir="$RUN" "${EXTRA[@]}" "$@" 2>&1 | tee "$OUT/train.log" \
+  --workdir="$RUN" "${EXTRA[@]}" "${OVERRIDES[@]}" 2>&1 | tee "$OUT/train.log" \
   || echo "training stopped early (status $?; TRAIN_TIMEOUT_S=${TRAIN_TIMEOUT_S:-unset})" \
      | tee -a "$OUT/train.log"
 echo "wall time of the training command: $(( $(date +%s) - start )) s" | tee -a "$OUT/train.log"

@@ -125,12 +125,13 @@ def test_cifar10_sweep_script_runs_variants_side_by_side(tmp_path):
   curve, runs.tgz holds each variant's metrics but no checkpoints (hundreds of MB on the
   GPU)."""
   stdout, out_dir = _run_script('cifar10_sweep.sh', tmp_path, '1', 'base:',
-                                'sgd:--config.optimizer.name=sgd --config.optimizer.base_lr=0.1',
+                                'sgd:--config=configs/byol.py:cifar10_lightly '
+                                '--config.optimizer.base_lr=0.1',
                                 'torch:--preset lightly --threads 1')
   assert sorted(os.listdir(out_dir)) == ['knn.png', 'runs.tgz', 'summary.txt', 'sweep.log']
   summary = (out_dir / 'summary.txt').read_text()
   assert re.search(r'^base +kNN top-1 0\.\d{4} at epoch', summary, re.M), summary
-  assert re.search(r'^sgd +kNN top-1 0\.\d{4} .*optimizer.name=sgd', summary, re.M), summary
+  assert re.search(r'^sgd +kNN top-1 0\.\d{4} .*cifar10_lightly', summary, re.M), summary
   with tarfile.open(out_dir / 'runs.tgz') as tar:
     names = tar.getnames()
   assert re.search(r'^torch +kNN top-1 0\.\d{4} at epoch 1\.0 .*--preset lightly', summary,
@@ -139,7 +140,8 @@ def test_cifar10_sweep_script_runs_variants_side_by_side(tmp_path):
           'torch/torch.log'} <= set(names)
   assert not [n for n in names if 'checkpoints' in n]
   with open(tmp_path / 'runs' / 'sgd' / 'config.json') as f:
-    assert json.load(f)['optimizer']['name'] == 'sgd'
+    config = json.load(f)  # the preset picked among the overrides, then overridden
+  assert (config['preset'], config['optimizer']['base_lr']) == ('cifar10_lightly', 0.1)
 
 
 @pytest.mark.parametrize('variant, message', [

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 
 from byol_jax import optim
@@ -191,3 +192,29 @@ def test_cifar10_preset_uses_the_clipped_trust_ratio():
   assert (cifar.trust_coefficient, cifar.trust_clip) == (0.02, True)
   paper = byol.get_config('r50').optimizer
   assert (paper.trust_coefficient, paper.trust_clip) == (1e-3, False)
+
+
+def test_cifar10_lightly_preset_makes_lightlys_sgd_update():
+  """Our summed 2 - 2cos loss has 4x the gradient of lightly's mean -cos loss, so the preset's
+  (LR, weight decay) must turn 4g into lightly's PyTorch SGD step with LR 0.06 x 512/128 and
+  weight decay 5e-4, momentum included (two steps, float64 reference)."""
+  from configs import byol
+  cfg = byol.get_config('cifar10_lightly')
+  lr = optim.scaled_lr(cfg.optimizer.base_lr, cfg.batch_size)
+  opt = optim.make_optimizer(cfg.optimizer, optax.constant_schedule(lr))
+  w = {'conv': {'w': jnp.array([1.0, -2.0, 0.5])}}
+  grads = [np.array([0.3, 0.1, -0.2]), np.array([-0.1, 0.4, 0.2])]
+  state, params = opt.init(w), w
+  want, buf = np.array([1.0, -2.0, 0.5]), np.zeros(3)
+  for g in grads:  # torch.optim.SGD: buf = 0.9 buf + (g + wd w); w -= lr buf
+    updates, state = opt.update({'conv': {'w': jnp.asarray(4 * g, jnp.float32)}}, state, params)
+    params = optax.apply_updates(params, updates)
+    buf = 0.9 * buf + (g + 5e-4 * want)
+    want = want - 0.06 * 512 / 128 * buf
+  np.testing.assert_allclose(np.asarray(params['conv']['w']), want, rtol=1e-6)
+  assert (cfg.tau_schedule, cfg.tau_base, cfg.optimizer.warmup_epochs) == ('constant', 0.99, 0)
+  assert (cfg.model.weight_init, cfg.model.zero_init_last_bn) == ('pytorch', False)
+  assert (cfg.model.projector_hidden, cfg.model.predictor_hidden) == (1024, 1024)
+  aug = cfg.augment
+  assert (aug.jitter_style, aug.saturation, aug.view2.solarize_prob, aug.blur) == (
+    'torchvision', 0.4, 0.0, False)

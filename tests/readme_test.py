@@ -14,17 +14,19 @@ from configs import byol
 
 def presets_table() -> str:
   """The README's presets table, generated from configs/byol.py."""
-  head = ('| preset | encoder | dataset | image px | batch | epochs | base LR | LARS trust '
+  head = ('| preset | encoder | dataset | image px | batch | epochs | base LR | optimizer '
           '| weight decay | tau_base |\n|---|---|---|---|---|---|---|---|---|---|')
   rows = []
   for name in byol.PRESETS:
     c = byol.get_config(name)
     stem = ' (CIFAR stem)' if c.model.cifar_stem else ''
     clip = ' clipped' if c.optimizer.trust_clip else ''
+    opt = (f'LARS {c.optimizer.trust_coefficient:g}{clip}' if c.optimizer.name == 'lars'
+           else 'SGD')
+    tau = f'{c.tau_base:g}' + (' constant' if c.tau_schedule == 'constant' else '')
     rows.append(f'| `{name}` | ResNet-{c.model.depth} x{c.model.width:g}{stem} | {c.dataset} | '
                 f'{c.image_size} | {c.batch_size} | {c.epochs:g} | {c.optimizer.base_lr:g} | '
-                f'{c.optimizer.trust_coefficient:g}{clip} | '
-                f'{c.optimizer.weight_decay:g} | {c.tau_base:g} |')
+                f'{opt} | {c.optimizer.weight_decay:g} | {tau} |')
   return '\n'.join([head, *rows])
 
 
