@@ -59,7 +59,7 @@ _TMP_MARK = ocp.path.step.TMP_DIR_SUFFIX
 TRAJECTORY_FIELDS = (
   'model', 'optimizer', 'batch_size', 'epochs', 'steps', 'seed', 'dataset', 'image_size',
   'loss', 'infonce_temperature', 'tau_base', 'tau_schedule', 'augment', 'precision', 'demo',
-  'input_mode', 'shuffle_buffer',
+  'input_mode', 'shuffle_buffer', 'target_init',
 )
 
 
@@ -69,6 +69,9 @@ TRAJECTORY_FIELDS = (
 ADDED_FIELD_DEFAULTS = {
   'tau_schedule': 'cosine',  # 2026-11-27
   'augment.jitter_style': 'tf',  # 2026-11-27
+  'model.weight_init': 'release',  # 2026-11-27
+  'optimizer.decay_all_params': False,  # 2026-11-27
+  'target_init': 'random',  # 2026-11-27
 }
 
 

@@ -125,22 +125,24 @@ def make_optimizer(opt_cfg: Any, learning_rate: optax.Schedule) -> optax.Gradien
 
   name='sgd' is the momentum SGD of PyTorch BYOL benchmarks (lightly's CIFAR-10 one):
   buffer = momentum * buffer + (g + wd * w), step = -LR * buffer. Weight decay skips norm
-  parameters and biases, as in LARS (PyTorch's SGD decays every parameter).
+  parameters and biases, as in LARS, unless `decay_all_params` (PyTorch's SGD decays every
+  parameter); the trust ratio always skips them.
   """
   if opt_cfg.name not in OPTIMIZERS:
     raise ValueError(f'unknown optimizer {opt_cfg.name!r}; valid: {", ".join(OPTIMIZERS)}')
+  decay_mask = None if opt_cfg.get('decay_all_params', False) else lars_mask
   if opt_cfg.name == 'sgd':
     return optax.chain(
-      optax.add_decayed_weights(opt_cfg.weight_decay, lars_mask),
+      optax.add_decayed_weights(opt_cfg.weight_decay, decay_mask),
       optax.trace(decay=opt_cfg.momentum, nesterov=False),
       optax.scale_by_learning_rate(learning_rate))
   if not opt_cfg.get('trust_clip', False):
     return optax.lars(
       learning_rate=learning_rate, weight_decay=opt_cfg.weight_decay,
-      weight_decay_mask=lars_mask, trust_coefficient=opt_cfg.trust_coefficient, eps=0.0,
-      trust_ratio_mask=lars_mask, momentum=opt_cfg.momentum, nesterov=False)
+      weight_decay_mask=decay_mask or True, trust_coefficient=opt_cfg.trust_coefficient,
+      eps=0.0, trust_ratio_mask=lars_mask, momentum=opt_cfg.momentum, nesterov=False)
   return optax.chain(
-    optax.add_decayed_weights(opt_cfg.weight_decay, lars_mask),
+    optax.add_decayed_weights(opt_cfg.weight_decay, decay_mask),
     optax.masked(_scale_by_clipped_trust_ratio(opt_cfg.trust_coefficient, learning_rate),
                  lars_mask),
     optax.scale_by_learning_rate(learning_rate),

@@ -23,6 +23,7 @@ from jax.sharding import PartitionSpec as P
 from byol_jax import augment, losses, networks, optim
 
 AXIS = 'data'
+TARGET_INITS = ('random', 'copy')
 
 
 class TrainState(NamedTuple):
@@ -49,6 +50,7 @@ class StepFns(NamedTuple):
   # they pay for the collapse signals' eigendecomposition (see collapse_metrics).
   log_every: int = 1
   num_steps: int = 0
+  target_init: str = 'random'  # or 'copy' (see init_state)
 
 
 def precision_dtype(name: str) -> jnp.dtype:
@@ -72,8 +74,12 @@ def make_step_fns(cfg: Any, num_classes: int, num_steps: int, steps_per_epoch: i
   optimizer = optim.make_optimizer(cfg.optimizer, lr_fn)
   if cfg.loss not in ('byol', 'infonce'):
     raise ValueError(f'unknown loss {cfg.loss!r}; valid: byol, infonce')
+  target_init = cfg.get('target_init', 'random')
+  if target_init not in TARGET_INITS:
+    raise ValueError(f'unknown target_init {target_init!r}; valid: {", ".join(TARGET_INITS)}')
   return StepFns(network, init_network, optimizer, lr_fn, tau_fn, cfg.loss,
-                 cfg.infonce_temperature, max(1, int(cfg.log_every_steps)), num_steps)
+                 cfg.infonce_temperature, max(1, int(cfg.log_every_steps)), num_steps,
+                 target_init)
 
 
 def is_logged_step(step: int | jax.Array, fns: StepFns) -> bool | jax.Array:
@@ -99,11 +105,15 @@ def collapse_metrics(projection: jax.Array, step: jax.Array, fns: StepFns,
 
 
 def init_state(fns: StepFns, rng: jax.Array, image_shape: tuple[int, int, int]) -> TrainState:
-  """Fresh state. The target gets its own random init, as in the original release."""
+  """Fresh state. The target gets its own random init, as in the original release, or with
+  `target_init='copy'` starts equal to the online network (PyTorch implementations)."""
   online_rng, target_rng, state_rng = jax.random.split(rng, 3)
   dummy = jnp.zeros((2, *image_shape), jnp.float32)
   online_params, online_state = fns.init_network.init(online_rng, dummy, is_training=True)
-  target_params, target_state = fns.init_network.init(target_rng, dummy, is_training=True)
+  if fns.target_init == 'copy':  # own buffers: the step donates the state, each once
+    target_params, target_state = jax.tree_util.tree_map(jnp.copy, (online_params, online_state))
+  else:
+    target_params, target_state = fns.init_network.init(target_rng, dummy, is_training=True)
   return TrainState(step=jnp.zeros((), jnp.int32), rng=state_rng,
                     online_params=online_params, online_state=online_state,
                     target_params=target_params, target_state=target_state,

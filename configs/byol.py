@@ -58,7 +58,11 @@ def _base(epochs: int) -> ml_collections.ConfigDict:
     model=_model(50, 1, False),
     loss='byol', infonce_temperature=0.1,
     optimizer=dict(name='lars', base_lr=base_lr, weight_decay=weight_decay, momentum=0.9,
-                   trust_coefficient=1e-3, trust_clip=False, warmup_epochs=10),
+                   trust_coefficient=1e-3, trust_clip=False, warmup_epochs=10,
+                   decay_all_params=False),  # True: decay biases and norm parameters too
+    # 'random': the target gets its own random init (the release); 'copy': starts as the
+    # online network (PyTorch implementations, lightly's).
+    target_init='random',
     tau_base=tau,
     tau_schedule='cosine',  # or 'constant' (see optim.tau_schedule)
     augment=augment.default_augment_config(),
@@ -173,7 +177,8 @@ def _cifar10_lightly(epochs: int) -> ml_collections.ConfigDict:
     effective LR of LR / |w|^2, and with the release's 2.4x larger convolutions this recipe
     left the encoder where it started on a 10-epoch CPU budget, where the PyTorch reference
     (experiments/torch_byol_reference.py) and this preset learn alike (README, Results).
-  Left out: lightly also decays the BatchNorm parameters and biases.
+  - Weight decay on every parameter, biases and BatchNorm's included (PyTorch's SGD), and
+    a target that starts as a copy of the online network.
   """
   cfg = _cifar10(epochs)
   cfg.preset = 'cifar10_lightly'
@@ -181,6 +186,8 @@ def _cifar10_lightly(epochs: int) -> ml_collections.ConfigDict:
   cfg.optimizer.base_lr = 0.03
   cfg.optimizer.weight_decay = 2e-3
   cfg.optimizer.warmup_epochs = 0
+  cfg.optimizer.decay_all_params = True
+  cfg.target_init = 'copy'
   cfg.tau_schedule = 'constant'
   cfg.model.projector_hidden = cfg.model.predictor_hidden = 1024
   cfg.model.weight_init = 'pytorch'

@@ -404,16 +404,19 @@ def test_config_survives_the_json_round_trip():
 
 
 def test_runs_saved_before_a_field_existed_resume_at_its_old_behaviour():
-  """A config saved before tau_schedule / augment.jitter_style existed matches the current
-  one when it holds the values that reproduce the old code, and differs (naming the field)
+  """A config saved before a field existed (tau_schedule, augment.jitter_style,
+  model.weight_init, optimizer.decay_all_params, target_init) matches the current one when
+  it holds the values that reproduce the old code, and differs (naming the field)
   otherwise. Breaks if an upgrade makes every older run unresumable, or hides a change."""
   cfg = tiny_config()
   old = checkpointing.config_to_dict(cfg)
-  del old['tau_schedule'], old['augment']['jitter_style']
+  del old['tau_schedule'], old['augment']['jitter_style'], old['model']['weight_init']
+  del old['optimizer']['decay_all_params'], old['target_init']
   assert checkpointing.config_differences(old, cfg) == ([], [])
   cfg.tau_schedule = 'constant'
+  cfg.target_init = 'copy'
   trajectory, _ = checkpointing.config_differences(old, cfg)
-  assert trajectory == ["tau_schedule ('cosine' -> 'constant')"]
+  assert trajectory == ["target_init ('random' -> 'copy')", "tau_schedule ('cosine' -> 'constant')"]
 
 
 def test_deterministic_sets_the_xla_flag_before_jax_starts(monkeypatch):

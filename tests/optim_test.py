@@ -197,22 +197,30 @@ def test_cifar10_preset_uses_the_clipped_trust_ratio():
 def test_cifar10_lightly_preset_makes_lightlys_sgd_update():
   """Our summed 2 - 2cos loss has 4x the gradient of lightly's mean -cos loss, so the preset's
   (LR, weight decay) must turn 4g into lightly's PyTorch SGD step with LR 0.06 x 512/128 and
-  weight decay 5e-4, momentum included (two steps, float64 reference)."""
+  weight decay 5e-4 on every parameter (a weight, a bias, a BN scale), momentum included
+  (two steps, float64 reference)."""
   from configs import byol
   cfg = byol.get_config('cifar10_lightly')
   lr = optim.scaled_lr(cfg.optimizer.base_lr, cfg.batch_size)
   opt = optim.make_optimizer(cfg.optimizer, optax.constant_schedule(lr))
-  w = {'conv': {'w': jnp.array([1.0, -2.0, 0.5])}}
-  grads = [np.array([0.3, 0.1, -0.2]), np.array([-0.1, 0.4, 0.2])]
-  state, params = opt.init(w), w
-  want, buf = np.array([1.0, -2.0, 0.5]), np.zeros(3)
+  start = {'conv': {'w': np.array([1.0, -2.0, 0.5])}, 'linear': {'b': np.array([0.2, -0.4])},
+           'bn': {'scale': np.array([1.5])}}
+  grads = [{'conv': {'w': np.array([0.3, 0.1, -0.2])}, 'linear': {'b': np.array([0.1, 0.0])},
+            'bn': {'scale': np.array([-0.3])}}] * 2
+  tree = jax.tree_util.tree_map
+  params = tree(lambda x: jnp.asarray(x, jnp.float32), start)
+  state, want, buf = opt.init(params), start, tree(np.zeros_like, start)
   for g in grads:  # torch.optim.SGD: buf = 0.9 buf + (g + wd w); w -= lr buf
-    updates, state = opt.update({'conv': {'w': jnp.asarray(4 * g, jnp.float32)}}, state, params)
+    updates, state = opt.update(tree(lambda x: jnp.asarray(4 * x, jnp.float32), g), state,
+                                params)
     params = optax.apply_updates(params, updates)
-    buf = 0.9 * buf + (g + 5e-4 * want)
-    want = want - 0.06 * 512 / 128 * buf
-  np.testing.assert_allclose(np.asarray(params['conv']['w']), want, rtol=1e-6)
+    buf = tree(lambda b, x, w: 0.9 * b + (x + 5e-4 * w), buf, g, want)
+    want = tree(lambda w, b: w - 0.06 * 512 / 128 * b, want, buf)
+  tree(lambda got, w: np.testing.assert_allclose(np.asarray(got), w, rtol=1e-6), params, want)
   assert (cfg.tau_schedule, cfg.tau_base, cfg.optimizer.warmup_epochs) == ('constant', 0.99, 0)
+  assert cfg.target_init == 'copy'
+  default = byol.get_config('cifar10')
+  assert (default.optimizer.decay_all_params, default.target_init) == (False, 'random')
   assert (cfg.model.weight_init, cfg.model.zero_init_last_bn) == ('pytorch', False)
   assert (cfg.model.projector_hidden, cfg.model.predictor_hidden) == (1024, 1024)
   aug = cfg.augment
