@@ -175,8 +175,9 @@ def _cifar10_lightly(epochs: int) -> ml_collections.ConfigDict:
   - PyTorch's default layer init and no zero-init of the last BN of each block (lightly's
     ResNet keeps PyTorch's defaults). Under SGD a weight followed by BatchNorm has an
     effective LR of LR / |w|^2, and with the release's 2.4x larger convolutions this recipe
-    left the encoder where it started on a 10-epoch CPU budget, where the PyTorch reference
-    (experiments/torch_byol_reference.py) and this preset learn alike (README, Results).
+    left the encoder where it started on a 10-epoch CPU budget, where the independent
+    PyTorch reference (experiments/torch_byol_reference.py) learns, and this preset learns
+    at least as well (README, "The PyTorch cross-check").
   - Weight decay on every parameter, biases and BatchNorm's included (PyTorch's SGD), and
     a target that starts as a copy of the online network.
   """
