@@ -481,6 +481,31 @@ def _boolean(text: str) -> bool:
   return text.lower() in ('1', 'true', 'yes')
 
 
+def make_optimizer(cfg: dict, params: list, lr: float) -> torch.optim.Optimizer:
+  if cfg['optimizer'] == 'sgd':  # PyTorch's SGD: weight decay on every parameter
+    return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=cfg['weight_decay'])
+  return LARS(params, lr=lr, momentum=0.9, weight_decay=cfg['weight_decay'], trust=cfg['trust'])
+
+
+def byol_step(model: BYOL, opt: torch.optim.Optimizer, v1: torch.Tensor, v2: torch.Tensor,
+              lr: float, tau: float, loss_kind: str, autocast) -> torch.Tensor:
+  """One update: online on both views, target on both, the loss, the optimiser, the EMA."""
+  for group in opt.param_groups:
+    group['lr'] = lr
+  if v1.is_cuda:
+    v1 = v1.contiguous(memory_format=torch.channels_last)
+    v2 = v2.contiguous(memory_format=torch.channels_last)
+  with autocast or contextlib.nullcontext():
+    p1, p2 = model.online(v1), model.online(v2)
+    z1, z2 = model.target(v1), model.target(v2)
+  loss = byol_loss(p1.float(), p2.float(), z1.float(), z2.float(), loss_kind)
+  opt.zero_grad(set_to_none=True)
+  loss.backward()
+  opt.step()
+  model.update_target(tau)
+  return loss
+
+
 def peak_lr(cfg: dict, batch: int) -> float:
   """The linear scaling rule of the preset's source: base_lr * batch / lr_batch."""
   return cfg['base_lr'] * batch / cfg['lr_batch']
@@ -537,12 +562,7 @@ def train(argv: list[str] | None = None) -> dict:
   total = int(round(args.epochs * steps_per_epoch))
   warmup = int(round(cfg['warmup_epochs'] * steps_per_epoch))
   peak = peak_lr(cfg, args.batch_size)
-  params = list(model.online_parameters())
-  if cfg['optimizer'] == 'sgd':
-    opt = torch.optim.SGD(params, lr=peak, momentum=0.9, weight_decay=cfg['weight_decay'])
-  else:
-    opt = LARS(params, lr=peak, momentum=0.9, weight_decay=cfg['weight_decay'],
-               trust=cfg['trust'])
+  opt = make_optimizer(cfg, list(model.online_parameters()), peak)
   gen = torch.Generator(device=device)
   gen.manual_seed(args.seed)
   autocast = (torch.autocast('cuda', dtype=torch.bfloat16)
@@ -567,22 +587,10 @@ def train(argv: list[str] | None = None) -> dict:
         break
       batch = images[perm[b * args.batch_size:(b + 1) * args.batch_size]]
       lr = lr_at(step, peak, warmup, total)
-      for group in opt.param_groups:
-        group['lr'] = lr
+      tau = tau_at(step, cfg['tau'], total, cfg['tau_schedule'])
       with torch.no_grad():
         v1, v2, view_fn = _two_views(batch, gen, size, cfg, view_fn)
-      if device.type == 'cuda':
-        v1 = v1.contiguous(memory_format=torch.channels_last)
-        v2 = v2.contiguous(memory_format=torch.channels_last)
-      with autocast or contextlib.nullcontext():
-        p1, p2 = model.online(v1), model.online(v2)
-        z1, z2 = model.target(v1), model.target(v2)
-      loss = byol_loss(p1.float(), p2.float(), z1.float(), z2.float(), cfg['loss'])
-      opt.zero_grad(set_to_none=True)
-      loss.backward()
-      opt.step()
-      tau = tau_at(step, cfg['tau'], total, cfg['tau_schedule'])
-      model.update_target(tau)
+      loss = byol_step(model, opt, v1, v2, lr, tau, cfg['loss'], autocast)
       step += 1
       if step % args.log_every_steps == 0 or step == total:
         loss_value = loss.item()  # syncs
@@ -606,7 +614,7 @@ def train(argv: list[str] | None = None) -> dict:
         _append(os.path.join(metrics, 'eval.jsonl'), record)
         print(f'epoch {step / steps_per_epoch:.1f}: kNN top-1 {acc:.4f}', flush=True)
         result = dict(record)
-        last_log = time.time()  # the evaluation's time is not training throughput
+        last_log, last_log_step = time.time(), step  # evaluating is not training throughput
       if timed_out:
         print(f'stopped after {args.timeout_s} s at step {step} of {total}', flush=True)
         return result
