@@ -139,7 +139,8 @@ def make_optimizer(opt_cfg: Any, learning_rate: optax.Schedule) -> optax.Gradien
   if not opt_cfg.get('trust_clip', False):
     return optax.lars(
       learning_rate=learning_rate, weight_decay=opt_cfg.weight_decay,
-      weight_decay_mask=decay_mask or True, trust_coefficient=opt_cfg.trust_coefficient,
+      weight_decay_mask=True if decay_mask is None else decay_mask,
+      trust_coefficient=opt_cfg.trust_coefficient,
       eps=0.0, trust_ratio_mask=lars_mask, momentum=opt_cfg.momentum, nesterov=False)
   return optax.chain(
     optax.add_decayed_weights(opt_cfg.weight_decay, decay_mask),
