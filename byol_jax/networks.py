@@ -36,41 +36,61 @@ NORM_PARAM_NAMES = ('scale', 'offset')
 def _batch_norm(
   x: jax.Array, is_training: bool, axis_name: str | None, decay: float, eps: float,
   scale_init: hk.initializers.Initializer | None = None, name: str | None = None,
+  groups: int = 1,
 ) -> jax.Array:
-  """BatchNorm computed in float32 whatever the compute dtype, so bf16 keeps exact stats."""
+  """BatchNorm computed in float32 whatever the compute dtype, so bf16 keeps exact stats.
+
+  `groups` > 1 splits the batch into that many equal consecutive groups (the views of one
+  fused pass), each normalised by its own statistics, as separate calls would be.
+  """
   bn = _BatchNorm(
     create_scale=True, create_offset=True, decay_rate=decay, eps=eps,
     scale_init=scale_init, cross_replica_axis=axis_name if is_training else None,
     name=name or 'batch_norm')
-  return bn(x, is_training=is_training)
+  return bn(x, is_training=is_training, groups=groups)
 
 
 class _BatchNorm(hk.BatchNorm):
   """hk.BatchNorm (same parameters, state and float32 maths) whose training-mode backward
-  pass keeps the input in the compute dtype.
+  pass keeps the input in the compute dtype, and which can normalise groups of the batch
+  separately.
 
   Why: differentiating hk.BatchNorm applied to x.astype(float32) saves a float32 copy of
   every normalised activation for the backward pass (twice the bytes of the bf16
   activation, written in the forward pass and read back), and the BN and ReLU passes, not
   the convolutions, held most of a bf16 ResNet-50 step's time in the H200 profile of
   2026-11-26. `batch_norm_train` saves the bf16 input and recomputes x - mean in the backward.
+  Groups let the step run both views through one call (half the kernel launches, twice the
+  batch per convolution) and keep the release's per-view statistics; the moving averages
+  take the groups' statistics in order, exactly as consecutive calls update them.
   """
 
-  def __call__(self, inputs: jax.Array, is_training: bool) -> jax.Array:  # type: ignore[override]
+  def __call__(self, inputs: jax.Array, is_training: bool,  # type: ignore[override]
+               groups: int = 1) -> jax.Array:
     if not is_training:
       return super().__call__(inputs.astype(jnp.float32), is_training=False).astype(inputs.dtype)
     shape = (1,) * (inputs.ndim - 1) + (inputs.shape[-1],)
     scale = hk.get_parameter('scale', shape, jnp.float32, self.scale_init)
     offset = hk.get_parameter('offset', shape, jnp.float32, self.offset_init)
-    y, mean, var = batch_norm_train(inputs, scale, offset, self.eps, self.cross_replica_axis)
-    self.mean_ema(jax.lax.stop_gradient(mean))
-    self.var_ema(jax.lax.stop_gradient(var))
+    y, mean, var = batch_norm_train(inputs, scale, offset, self.eps, self.cross_replica_axis,
+                                    groups)
+    for g in range(groups):
+      self.mean_ema(jax.lax.stop_gradient(mean[g]))
+      self.var_ema(jax.lax.stop_gradient(var[g]))
     return y
 
 
+def _grouped(x: jax.Array, groups: int) -> jax.Array:
+  """[N, ...] -> [groups, N / groups, ...]."""
+  if x.shape[0] % groups:
+    raise ValueError(f'a batch of {x.shape[0]} does not split into {groups} equal groups')
+  return x.reshape(groups, x.shape[0] // groups, *x.shape[1:])
+
+
 def _bn_statistics(x32: jax.Array, axis_name: str | None) -> tuple[jax.Array, jax.Array]:
-  """Per-channel mean and variance (E[x^2] - E[x]^2, as hk.BatchNorm), keepdims."""
-  axes = tuple(range(x32.ndim - 1))
+  """Per-group, per-channel mean and variance (E[x^2] - E[x]^2, as hk.BatchNorm) of a
+  grouped [G, n, ..., C] input, keepdims."""
+  axes = tuple(range(1, x32.ndim - 1))
   mean = jnp.mean(x32, axes, keepdims=True)
   mean_of_squares = jnp.mean(jnp.square(x32), axes, keepdims=True)
   if axis_name:
@@ -79,45 +99,52 @@ def _bn_statistics(x32: jax.Array, axis_name: str | None) -> tuple[jax.Array, ja
   return mean, mean_of_squares - jnp.square(mean)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def batch_norm_train(x: jax.Array, scale: jax.Array, offset: jax.Array, eps: float,
-                     axis_name: str | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+                     axis_name: str | None = None,
+                     groups: int = 1) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Training-mode BatchNorm over all axes but the last: (y in x.dtype, mean, var).
 
   Float32 statistics and normalisation, as hk.BatchNorm on x.astype(float32) computes them,
-  with the statistics averaged over `axis_name`. The gradient is BatchNorm's closed form,
-  computed from the input saved in its own dtype. mean and var are for the moving averages:
-  their cotangents are ignored, so callers stop their gradient (as _BatchNorm does).
+  with the statistics averaged over `axis_name`. With `groups` > 1 each of that many equal
+  consecutive slices of the batch gets its own statistics. The gradient is BatchNorm's
+  closed form, computed from the input saved in its own dtype. mean and var, one per group
+  along a new leading axis ([groups, 1, ..., 1, C]), are for the moving averages: their
+  cotangents are ignored, so callers stop their gradient (as _BatchNorm does).
   """
-  return _bn_forward(x, scale, offset, eps, axis_name)[0]
+  return _bn_forward(x, scale, offset, eps, axis_name, groups)[0]
 
 
-def _bn_forward(x, scale, offset, eps, axis_name):
-  x32 = x.astype(jnp.float32)
+def _bn_forward(x, scale, offset, eps, axis_name, groups):
+  xg = _grouped(x, groups)
+  x32 = xg.astype(jnp.float32)
   mean, var = _bn_statistics(x32, axis_name)
   rstd = jax.lax.rsqrt(var + jnp.float32(eps))
-  y = ((x32 - mean) * (scale * rstd) + offset).astype(x.dtype)
-  return (y, mean, var), (x, mean, rstd, scale)
+  y = ((x32 - mean) * (scale * rstd) + offset).astype(x.dtype).reshape(x.shape)
+  return (y, mean, var), (xg, mean, rstd, scale)
 
 
-def _bn_backward(eps, axis_name, residuals, cotangents):
-  """dx = scale * rstd * (dy - E[dy] - xhat * E[dy * xhat]), the expectations over the
-  global batch (pmean over `axis_name`, as the transpose of the forward's pmean gives);
-  d scale and d offset are this device's sums, as autodiff of hk.BatchNorm gives."""
+def _bn_backward(eps, axis_name, groups, residuals, cotangents):
+  """dx = scale * rstd * (dy - E[dy] - xhat * E[dy * xhat]), the expectations over each
+  group of the global batch (pmean over `axis_name`, as the transpose of the forward's
+  pmean gives); d scale and d offset are this device's sums, as autodiff of hk.BatchNorm
+  gives."""
   del eps
-  x, mean, rstd, scale = residuals
-  dy = cotangents[0].astype(jnp.float32)
-  axes = tuple(range(x.ndim - 1))
-  xhat = (x.astype(jnp.float32) - mean) * rstd
+  xg, mean, rstd, scale = residuals
+  dy = _grouped(cotangents[0], groups).astype(jnp.float32)
+  axes = tuple(range(1, xg.ndim - 1))
+  xhat = (xg.astype(jnp.float32) - mean) * rstd
   sum_dy = jnp.sum(dy, axes, keepdims=True)
   sum_dy_xhat = jnp.sum(dy * xhat, axes, keepdims=True)
-  count = float(np.prod([x.shape[a] for a in axes]))
+  count = float(np.prod([xg.shape[a] for a in axes]))
   mean_dy, mean_dy_xhat = sum_dy / count, sum_dy_xhat / count
   if axis_name:
     mean_dy = jax.lax.pmean(mean_dy, axis_name)
     mean_dy_xhat = jax.lax.pmean(mean_dy_xhat, axis_name)
   dx = (scale * rstd) * (dy - mean_dy - xhat * mean_dy_xhat)
-  return dx.astype(x.dtype), sum_dy_xhat, sum_dy
+  x_shape = (xg.shape[0] * xg.shape[1], *xg.shape[2:])
+  return (dx.astype(xg.dtype).reshape(x_shape), jnp.sum(sum_dy_xhat, 0).reshape(scale.shape),
+          jnp.sum(sum_dy, 0).reshape(scale.shape))
 
 
 batch_norm_train.defvjp(_bn_forward, _bn_backward)
@@ -176,9 +203,9 @@ stem_max_pool.defvjp(_max_pool_forward, _max_pool_backward)
 
 
 def _norm(kind: str, x: jax.Array, is_training: bool, axis_name: str | None, bn_decay: float,
-          bn_eps: float) -> jax.Array:
+          bn_eps: float, groups: int = 1) -> jax.Array:
   if kind == 'batchnorm':
-    return _batch_norm(x, is_training, axis_name, bn_decay, bn_eps)
+    return _batch_norm(x, is_training, axis_name, bn_decay, bn_eps, groups=groups)
   if kind == 'layernorm':
     ln = hk.LayerNorm(axis=-1, create_scale=True, create_offset=True)
     return ln(x.astype(jnp.float32)).astype(x.dtype)
@@ -232,13 +259,14 @@ class ResNet(hk.Module):
 
   `cifar_stem` swaps the 7x7/2 conv + max-pool for a single 3x3/1 conv, the usual variant
   for 32 px images. `zero_init_last_bn` zero-initialises each block's last BN scale, which
-  the original release did for stability (the paper's runs did not).
+  the original release did for stability (the paper's runs did not). `bn_groups` splits
+  the batch into that many groups with their own BatchNorm statistics (see _BatchNorm).
   """
 
   def __init__(self, depth: int, width: float = 1.0, cifar_stem: bool = False,
                zero_init_last_bn: bool = True, bn_decay: float = 0.9, bn_eps: float = 1e-5,
                axis_name: str | None = None, name: str = 'encoder',
-               weight_init: str = 'release'):
+               weight_init: str = 'release', bn_groups: int = 1):
     super().__init__(name=name)
     if depth not in RESNET_LAYOUTS:
       raise ValueError(f'unknown ResNet depth {depth}; valid: {sorted(RESNET_LAYOUTS)}')
@@ -248,7 +276,7 @@ class ResNet(hk.Module):
     self.width = width
     self.cifar_stem = cifar_stem
     self.zero_init_last_bn = zero_init_last_bn
-    self.bn = dict(decay=bn_decay, eps=bn_eps, axis_name=axis_name)
+    self.bn = dict(decay=bn_decay, eps=bn_eps, axis_name=axis_name, groups=bn_groups)
 
   @property
   def output_dim(self) -> int:
@@ -257,7 +285,7 @@ class ResNet(hk.Module):
   def _bn(self, x, is_training, name, last=False):
     scale_init = jnp.zeros if (last and self.zero_init_last_bn) else None
     return _batch_norm(x, is_training, self.bn['axis_name'], self.bn['decay'], self.bn['eps'],
-                       scale_init=scale_init, name=name)
+                       scale_init=scale_init, name=name, groups=self.bn['groups'])
 
   def _block(self, x, channels, stride, is_training, project, name):
     shortcut = x
@@ -309,19 +337,19 @@ class MLP(hk.Module):
 
   def __init__(self, hidden: int, output: int, norm: str, bn_decay: float = 0.9,
                bn_eps: float = 1e-5, axis_name: str | None = None, name: str | None = None,
-               weight_init: str = 'release'):
+               weight_init: str = 'release', bn_groups: int = 1):
     super().__init__(name=name)
     if norm not in NORM_KINDS:
       raise ValueError(f'unknown norm {norm!r}; valid: {", ".join(NORM_KINDS)}')
     _check_weight_init(weight_init)
     self.hidden, self.output, self.norm = hidden, output, norm
-    self.bn = (bn_decay, bn_eps, axis_name)
+    self.bn = (bn_decay, bn_eps, axis_name, bn_groups)
     self.weight_init = weight_init
 
   def __call__(self, x: jax.Array, is_training: bool) -> jax.Array:
-    bn_decay, bn_eps, axis_name = self.bn
+    bn_decay, bn_eps, axis_name, groups = self.bn
     x = _linear(self.hidden, x.shape[-1], 'linear_0', self.weight_init)(x)
-    x = _norm(self.norm, x, is_training, axis_name, bn_decay, bn_eps)
+    x = _norm(self.norm, x, is_training, axis_name, bn_decay, bn_eps, groups)
     x = jax.nn.relu(x)
     return _linear(self.output, self.hidden, 'linear_1', self.weight_init)(x)
 
@@ -353,28 +381,32 @@ def build_network(model_cfg: Any, num_classes: int, axis_name: str | None = None
                   dtype: jnp.dtype = jnp.float32) -> hk.TransformedWithState:
   """The BYOL network as one transformed function.
 
-  `apply(params, state, rng, images, is_training)` returns a dict with the encoder's pooled
-  `embedding`, the projector's `projection`, the predictor's `prediction` and the online
-  probe's `logits`. The probe sees stop_gradient(embedding) so it never shapes the encoder.
-  Online and target share this structure; the target simply ignores prediction and logits.
+  `apply(params, state, rng, images, is_training, views=1)` returns a dict with the
+  encoder's pooled `embedding`, the projector's `projection`, the predictor's `prediction`
+  and the online probe's `logits`. `views` > 1 says `images` are that many views stacked
+  along the batch: in training each gets its own BatchNorm statistics, so one call on the
+  stacked views equals one call per view (and launches half the kernels). The probe sees
+  stop_gradient(embedding) so it never shapes the encoder. Online and target share this
+  structure; the target simply ignores prediction and logits.
   `images` are normalised float images (see `augment.normalize`).
   """
   cfg = model_cfg
   weight_init = cfg.get('weight_init', 'release')  # configs saved before the option: release
   _check_weight_init(weight_init)
 
-  def forward(images: jax.Array, is_training: bool) -> dict[str, jax.Array]:
+  def forward(images: jax.Array, is_training: bool, views: int = 1) -> dict[str, jax.Array]:
     cast = dtype != jnp.float32
     with (_mixed_precision(dtype) if cast else contextlib.nullcontext()):
       encoder = ResNet(cfg.depth, cfg.width, cfg.cifar_stem, cfg.zero_init_last_bn,
-                       cfg.bn_decay, cfg.bn_eps, axis_name, weight_init=weight_init)
+                       cfg.bn_decay, cfg.bn_eps, axis_name, weight_init=weight_init,
+                       bn_groups=views)
       embedding = encoder(images.astype(dtype), is_training)
       projector = MLP(cfg.projector_hidden, cfg.projection_dim, cfg.projector_norm,
                       cfg.bn_decay, cfg.bn_eps, axis_name, name='projector',
-                      weight_init=weight_init)
+                      weight_init=weight_init, bn_groups=views)
       predictor = MLP(cfg.predictor_hidden, cfg.projection_dim, cfg.predictor_norm,
                       cfg.bn_decay, cfg.bn_eps, axis_name, name='predictor',
-                      weight_init=weight_init)
+                      weight_init=weight_init, bn_groups=views)
       projection = projector(embedding, is_training)
       prediction = predictor(projection, is_training)
     logits = hk.Linear(num_classes, name='probe')(jax.lax.stop_gradient(embedding)

@@ -11,7 +11,8 @@
 # It installs the wheels into /tmp/site, prints nvidia-smi and jax.devices(), times the peer
 # (ResNet-50 224 px batch 256, ResNet-18 CIFAR 32 px batch 512, bf16 autocast) and ours
 # (r50 batch 256 bf16 and float32, cifar10 batch 512 bf16; random images resident on the
-# device, sampled and augmented there), then two diagnostics of the r50 bf16 step (network
+# device, sampled and augmented there), the two bf16 runs again with both views in one
+# network call (--config.fuse_views=True), then two diagnostics of the r50 bf16 step (network
 # update alone, augmentation alone), then prints a summary table with the ratios. The r50 and
 # cifar10 bf16 runs also trace 5 steps after timing (--profile_dir) and print where the
 # device time goes (byol_jax.profile_summary: by source file, by kind of op, top ops).
@@ -107,6 +108,11 @@ ours r50_bf16 200 --config=configs/byol.py:r50 --config.batch_size=$r50_batch \
 peer peer_r18cifar --arch r18cifar --size 32 --batch 512
 ours cifar_bf16 150 --config=configs/byol.py:cifar10 --config.batch_size=$cifar_batch \
   --config.precision=bfloat16 --profile_dir="$OUT/prof_cifar_bf16"
+# Both views through one network call (fuse_views, the same maths): against the runs above.
+ours cifar_bf16_fused 150 --config=configs/byol.py:cifar10 --config.batch_size=$cifar_batch \
+  --config.precision=bfloat16 --config.fuse_views=True
+ours r50_bf16_fused 200 --config=configs/byol.py:r50 --config.batch_size=$r50_batch \
+  --config.precision=bfloat16 --config.fuse_views=True
 ours r50_f32 200 --config=configs/byol.py:r50 --config.batch_size=$r50_batch \
   --config.precision=float32
 # Diagnostics of the r50 bf16 step: the network update alone on ready-made views (the bench
@@ -155,6 +161,8 @@ def fmt(value, spec='.0f'):
 ROWS = (  # tag, peer log, target
   ('r50_bf16', 'peer_r50', '>= 3,500 img/s on an H200, >= 2.3x peer, peak < 40 GB'),
   ('cifar_bf16', 'peer_r18cifar', '>= 25,000 img/s, >= 1.35x peer'),
+  ('cifar_bf16_fused', 'peer_r18cifar', 'cifar_bf16 with fuse_views=True'),
+  ('r50_bf16_fused', 'peer_r50', 'r50_bf16 with fuse_views=True'),
   ('r50_f32', None, '>= 1,600 img/s'),
   ('r50_views_bf16', None, 'diagnostic: network update alone (plain JAX step: 2,646)'),
   ('r50_aug_bf16', None, 'diagnostic: device augmentation alone'),

@@ -193,6 +193,71 @@ def test_batch_norm_matches_haiku_batch_norm_and_its_gradient(dtype):
     np.testing.assert_allclose(a, b, atol=tol)
 
 
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_grouped_batch_norm_equals_one_haiku_call_per_group(dtype):
+  """BN with groups=2 on two stacked views must give what Haiku's BatchNorm gives called
+  once per view: outputs, moving averages (updated in view order, counters included) and
+  gradients. Breaks if statistics are pooled over the views (byol-pytorch's choice, not
+  the release's), the groups are split along the wrong axis, the moving averages see only
+  one group or the parameter gradients are not summed over groups."""
+  rng = np.random.RandomState(1)
+  x = jnp.asarray(rng.normal(0.0, 1.0, (2, 8, 4, 4, 5)) * [[[[[1.0]]]], [[[[3.0]]]]] + 1.5,
+                  dtype)  # the two views differ in scale, so pooled stats would differ
+  weights = jnp.asarray(rng.normal(0.0, 1.0, (16, 4, 4, 5)), jnp.float32)
+
+  def run(grouped):
+    def forward(x):
+      if grouped:
+        return networks._batch_norm(x, True, None, 0.9, 1e-5, groups=2)
+      bn = hk.BatchNorm(True, True, 0.9, eps=1e-5, name='batch_norm')
+      ys = [bn(v.astype(jnp.float32), is_training=True).astype(x.dtype) for v in (x[:8], x[8:])]
+      return jnp.concatenate(ys)
+
+    net = hk.transform_with_state(forward)
+    flat = x.reshape(16, 4, 4, 5)
+    params, state = net.init(jax.random.PRNGKey(0), flat)
+    params = jax.tree_util.tree_map(lambda p: p + 0.3, params)
+
+    def loss(p, x):
+      y, new_state = net.apply(p, state, None, x)
+      return jnp.sum(y.astype(jnp.float32) * weights), (y, new_state)
+
+    (_, (y, new_state)), grads = jax.value_and_grad(loss, (0, 1), has_aux=True)(params, flat)
+    return y, new_state, grads
+
+  got, want = run(True), run(False)
+  assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(want)
+  for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want), strict=True):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    rel = 2 ** -7 if (dtype == jnp.bfloat16 and a.shape[:1] == (16,)) else 1e-4
+    np.testing.assert_allclose(a, b, atol=rel * max(1.0, float(np.abs(b).max())))
+
+
+def test_network_on_stacked_views_equals_one_call_per_view():
+  """apply(..., views=2) on [view1; view2] must equal two training-mode calls (outputs and
+  every BN moving average). Breaks if a BatchNorm (encoder, projector or predictor) misses
+  the grouping or the state update order differs from consecutive calls."""
+  cfg = _model_cfg()
+  net = networks.build_network(cfg, num_classes=3)
+  rng = jax.random.split(jax.random.PRNGKey(2), 2)
+  v1 = jax.random.normal(rng[0], (4, 16, 16, 3))
+  v2 = 2.0 * jax.random.normal(rng[1], (4, 16, 16, 3)) + 0.5
+  params, state = net.init(jax.random.PRNGKey(0), v1, is_training=True)
+  out1, s = net.apply(params, state, None, v1, is_training=True)
+  out2, want_state = net.apply(params, s, None, v2, is_training=True)
+  both, got_state = net.apply(params, state, None, jnp.concatenate([v1, v2]),
+                              is_training=True, views=2)
+  for k in out1:
+    np.testing.assert_allclose(np.asarray(both[k]),
+                               np.concatenate([np.asarray(out1[k]), np.asarray(out2[k])]),
+                               rtol=1e-4, atol=1e-4, err_msg=k)
+  for a, b in zip(jax.tree_util.tree_leaves(got_state), jax.tree_util.tree_leaves(want_state),
+                  strict=True):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match='does not split into 2 equal groups'):
+    net.apply(params, state, None, v1[:3], is_training=True, views=2)
+
+
 def test_batch_norm_gradient_with_a_named_axis_matches_haiku():
   """The cross-replica path (pmean of the statistics and of the backward's means) on a
   one-device mesh: the same numbers as Haiku's cross-replica BatchNorm. The 8-device step

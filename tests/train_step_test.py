@@ -31,8 +31,9 @@ def _views(seed=0, n=16):
 def test_eight_devices_match_one_device():
   """Sharding the same global batch over 8 devices must not change params, BN stats or metrics.
 
-  Breaks if gradients or metrics are not pmean-ed, BN statistics are per-device, or the
-  collapse signals / InfoNCE negatives only see the local shard.
+  Breaks if gradients or metrics are not pmean-ed, BN statistics are per-device (the
+  InfoNCE runs check the fused views' per-view statistics), or the collapse signals /
+  InfoNCE negatives only see the local shard.
   """
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8 '
              + FAST_COMPILE,
@@ -158,3 +159,23 @@ def test_copied_target_starts_as_the_online_network_in_buffers_of_its_own():
   equal = [np.array_equal(fresh.online_params[m]['w'], fresh.target_params[m]['w'])
            for m in fresh.online_params if 'w' in fresh.online_params[m]]
   assert equal and not any(equal)
+
+
+def test_fused_views_step_equals_one_call_per_view():
+  """fuse_views=True (both views in one network call, per-view BN statistics) must give the
+  update that one call per view gives: params, target, BN moving averages, optimiser state
+  and metrics. Breaks if the stacked outputs are split at the wrong row (the views swapped:
+  the probe then learns from view2) or the BN statistics are pooled over the views."""
+  views = _views(seed=3)
+  results = []
+  for fuse in (True, False):
+    mesh, fns, state = _setup(tiny_config(fuse_views=fuse, **{'optimizer.warmup_epochs': 0}))
+    assert fns.fuse_views is fuse
+    step = train_step.make_views_step(fns, mesh)
+    results.append(jax.device_get(step(state, *train_step.shard_batch(views, mesh))))
+  (fused, m_fused), (separate, m_separate) = results
+  for a, b in zip(jax.tree_util.tree_leaves(fused), jax.tree_util.tree_leaves(separate),
+                  strict=True):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5)
+  for k in ('loss', 'probe_loss', 'probe_top1', 'grad_norm'):
+    np.testing.assert_allclose(float(m_fused[k]), float(m_separate[k]), rtol=1e-4, err_msg=k)

@@ -19,6 +19,9 @@ from byol_jax import train_step  # noqa: E402
 
 def run(devices, cfg, views, loss):
   cfg.loss = loss
+  # The InfoNCE runs also take the fused-views path, so its per-view BN statistics are
+  # checked across devices too (with no extra compilation).
+  cfg.fuse_views = loss == 'infonce'
   mesh = train_step.make_mesh(devices)
   fns = train_step.make_step_fns(cfg, 10, num_steps=10, steps_per_epoch=5)
   state = train_step.init_state(fns, jax.random.PRNGKey(0), (16, 16, 3))
