@@ -74,6 +74,15 @@ ADDED_FIELD_DEFAULTS = {
   'target_init': 'random',  # 2026-11-27
 }
 
+# Trajectory fields that were removed, with the value under which the current code behaves
+# as the old code did: a run saved with that value resumes, one saved with another is
+# refused, naming the field.
+REMOVED_FIELD_VALUES = {
+  # 2026-11-26 to 11-27, replaced by augment.jitter_style; 'multiplicative' changed only the
+  # brightness, which no jitter_style reproduces alone.
+  'augment.brightness_mode': 'additive',
+}
+
 
 class CheckpointError(RuntimeError):
   """A checkpoint could not be written or read; the message says which one and why."""
@@ -189,6 +198,8 @@ def config_differences(saved: Any, current: Any) -> tuple[list[str], list[str]]:
   a = _flatten(config_to_dict(saved) if not isinstance(saved, dict) else saved)
   b = _flatten(config_to_dict(current) if not isinstance(current, dict) else current)
   a = {**{k: v for k, v in ADDED_FIELD_DEFAULTS.items() if k in b}, **a}
+  a = {k: v for k, v in a.items()
+       if not (k in REMOVED_FIELD_VALUES and k not in b and v == REMOVED_FIELD_VALUES[k])}
   missing = '<unset>'
   changed = [k for k in sorted(set(a) | set(b)) if a.get(k, missing) != b.get(k, missing)]
   fmt = lambda k: f'{k} ({a.get(k, missing)!r} -> {b.get(k, missing)!r})'

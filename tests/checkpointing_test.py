@@ -419,6 +419,20 @@ def test_runs_saved_before_a_field_existed_resume_at_its_old_behaviour():
   assert trajectory == ["target_init ('random' -> 'copy')", "tau_schedule ('cosine' -> 'constant')"]
 
 
+def test_runs_saved_with_a_removed_field_resume_only_at_its_current_behaviour():
+  """augment.brightness_mode (replaced by jitter_style on 2026-11-27): a run saved with
+  'additive', what the code still does, matches; one saved with 'multiplicative' is a
+  trajectory change naming the field. Breaks if such runs are refused outright (as they
+  were) or resumed with augmentations they were not trained with."""
+  cfg = tiny_config()
+  old = checkpointing.config_to_dict(cfg)
+  old['augment']['brightness_mode'] = 'additive'
+  assert checkpointing.config_differences(old, cfg) == ([], [])
+  old['augment']['brightness_mode'] = 'multiplicative'
+  assert checkpointing.config_differences(old, cfg) == (
+    ["augment.brightness_mode ('multiplicative' -> '<unset>')"], [])
+
+
 def test_deterministic_sets_the_xla_flag_before_jax_starts(monkeypatch):
   """deterministic=True must add the GPU flag to XLA_FLAGS, and refuse once JAX started."""
   cfg = tiny_config(deterministic=True)
