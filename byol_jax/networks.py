@@ -87,10 +87,16 @@ def _grouped(x: jax.Array, groups: int) -> jax.Array:
   return x.reshape(groups, x.shape[0] // groups, *x.shape[1:])
 
 
-def _bn_statistics(x32: jax.Array, axis_name: str | None) -> tuple[jax.Array, jax.Array]:
-  """Per-group, per-channel mean and variance (E[x^2] - E[x]^2, as hk.BatchNorm) of a
-  grouped [G, n, ..., C] input, keepdims."""
-  axes = tuple(range(1, x32.ndim - 1))
+def _bn_axes(x: jax.Array, groups: int) -> tuple[int, ...]:
+  """The reduced axes: all but the channels, and but the group axis of a grouped input."""
+  return tuple(range(1 if groups > 1 else 0, x.ndim - 1))
+
+
+def _bn_statistics(x32: jax.Array, axis_name: str | None,
+                   groups: int) -> tuple[jax.Array, jax.Array]:
+  """Per-channel mean and variance (E[x^2] - E[x]^2, as hk.BatchNorm), keepdims; per group
+  of a grouped [G, n, ..., C] input."""
+  axes = _bn_axes(x32, groups)
   mean = jnp.mean(x32, axes, keepdims=True)
   mean_of_squares = jnp.mean(jnp.square(x32), axes, keepdims=True)
   if axis_name:
@@ -116,12 +122,14 @@ def batch_norm_train(x: jax.Array, scale: jax.Array, offset: jax.Array, eps: flo
 
 
 def _bn_forward(x, scale, offset, eps, axis_name, groups):
-  xg = _grouped(x, groups)
+  # One group keeps the plain layout: a leading axis of 1 changed XLA's fusions (CPU, 2026-11-27).
+  xg = _grouped(x, groups) if groups > 1 else x
   x32 = xg.astype(jnp.float32)
-  mean, var = _bn_statistics(x32, axis_name)
+  mean, var = _bn_statistics(x32, axis_name, groups)
   rstd = jax.lax.rsqrt(var + jnp.float32(eps))
   y = ((x32 - mean) * (scale * rstd) + offset).astype(x.dtype).reshape(x.shape)
-  return (y, mean, var), (xg, mean, rstd, scale)
+  stats = (mean, var) if groups > 1 else (mean[None], var[None])
+  return (y, *stats), (xg, mean, rstd, scale)
 
 
 def _bn_backward(eps, axis_name, groups, residuals, cotangents):
@@ -131,8 +139,8 @@ def _bn_backward(eps, axis_name, groups, residuals, cotangents):
   gives."""
   del eps
   xg, mean, rstd, scale = residuals
-  dy = _grouped(cotangents[0], groups).astype(jnp.float32)
-  axes = tuple(range(1, xg.ndim - 1))
+  dy = (_grouped(cotangents[0], groups) if groups > 1 else cotangents[0]).astype(jnp.float32)
+  axes = _bn_axes(xg, groups)
   xhat = (xg.astype(jnp.float32) - mean) * rstd
   sum_dy = jnp.sum(dy, axes, keepdims=True)
   sum_dy_xhat = jnp.sum(dy * xhat, axes, keepdims=True)
@@ -142,6 +150,8 @@ def _bn_backward(eps, axis_name, groups, residuals, cotangents):
     mean_dy = jax.lax.pmean(mean_dy, axis_name)
     mean_dy_xhat = jax.lax.pmean(mean_dy_xhat, axis_name)
   dx = (scale * rstd) * (dy - mean_dy - xhat * mean_dy_xhat)
+  if groups == 1:
+    return dx.astype(xg.dtype), sum_dy_xhat, sum_dy
   x_shape = (xg.shape[0] * xg.shape[1], *xg.shape[2:])
   return (dx.astype(xg.dtype).reshape(x_shape), jnp.sum(sum_dy_xhat, 0).reshape(scale.shape),
           jnp.sum(sum_dy, 0).reshape(scale.shape))
