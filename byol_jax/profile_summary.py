@@ -42,7 +42,7 @@ import os
 import re
 import sys
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 PACKAGE = 'byol_jax'
 TRACE_NAME = 'perfetto_trace.json.gz'
@@ -281,8 +281,16 @@ def format_summary(summary: dict[str, Any], top: int = 15) -> str:
   return '\n'.join(lines)
 
 
-def load(profile_dir: str) -> tuple[list[dict[str, Any]], dict[str, tuple[str, str]], int]:
-  """Events, parsed HLO and step count of a benchmark's --profile_dir."""
+class Profile(NamedTuple):
+  """What a benchmark's --profile_dir holds, read once."""
+  events: list[dict[str, Any]]
+  hlo: dict[str, tuple[str, str]]  # parse_hlo of the HLO text; empty without one
+  steps: int
+  fusion_bytes: dict[str, int]  # fusion_bytes of the HLO text; empty without one
+
+
+def load(profile_dir: str) -> Profile:
+  """Events, parsed HLO, step count and fusion bytes of a benchmark's --profile_dir."""
   traces = sorted(glob.glob(os.path.join(profile_dir, '**', TRACE_NAME), recursive=True))
   if not traces:
     raise ProfileError(f'no {TRACE_NAME} under {profile_dir}: make one with '
@@ -292,25 +300,17 @@ def load(profile_dir: str) -> tuple[list[dict[str, Any]], dict[str, tuple[str, s
   if not events:
     raise ProfileError(f'{traces[-1]} has no events naming an HLO op')
   hlo_path = os.path.join(profile_dir, HLO_NAME)
-  hlo = {}
+  text = ''
   if os.path.exists(hlo_path):
     with open(hlo_path) as f:
-      hlo = parse_hlo(f.read())
+      text = f.read()
   steps_path = os.path.join(profile_dir, STEPS_NAME)
   steps = 1
   if os.path.exists(steps_path):
     with open(steps_path) as f:
       steps = max(1, int(f.read().strip() or 1))
-  return events, hlo, steps
-
-
-def load_fusion_bytes(profile_dir: str) -> dict[str, int]:
-  """fusion_bytes of the folder's HLO text; empty without one."""
-  path = os.path.join(profile_dir, HLO_NAME)
-  if not os.path.exists(path):
-    return {}
-  with open(path) as f:
-    return fusion_bytes(f.read())
+  return Profile(events, parse_hlo(text) if text else {}, steps,
+                 fusion_bytes(text) if text else {})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -325,13 +325,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f'error: --peak_tbs must be positive, got {args.peak_tbs}', file=sys.stderr)
     return 2
   try:
-    events, hlo, steps = load(args.profile_dir)
-    sizes = load_fusion_bytes(args.profile_dir)
+    profile = load(args.profile_dir)
   except (ProfileError, OSError, json.JSONDecodeError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
+  events, hlo, steps = profile.events, profile.hlo, profile.steps
   print(format_summary(summarise(events, hlo, steps), args.top))
-  table = traffic(events, hlo, sizes, steps)
+  table = traffic(events, hlo, profile.fusion_bytes, steps)
   if table:
     print(format_traffic(table, args.peak_tbs))
   return 0

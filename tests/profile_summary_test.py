@@ -145,13 +145,12 @@ def test_benchmark_profile_dir_end_to_end(tmp_path):
   per step is of the order of the timed step (a wrong step count would be off by 2x+)."""
   result = benchmark.run_benchmark(tiny_config(), data='resident', steps=2, warmup=1,
                                    profile_dir=str(tmp_path), profile_steps=2)
-  events, hlo, steps = profile_summary.load(str(tmp_path))
+  events, hlo, steps, sizes = profile_summary.load(str(tmp_path))
   assert steps == 2 and hlo
   summary = profile_summary.summarise(events, hlo, steps)
   assert summary['by_source']['augment.py'] > 0 and summary['by_source']['networks.py'] > 0
   # The compiled program's fusions are found with their bytes, and their time is charged.
-  traffic = profile_summary.traffic(events, hlo, profile_summary.load_fusion_bytes(
-    str(tmp_path)), steps)
+  traffic = profile_summary.traffic(events, hlo, sizes, steps)
   assert traffic['all fusions'][0] > 0 and traffic['all fusions'][1] > 0, traffic
   assert 0.3 < summary['total_us'] / 1e3 / result['step_ms'] < 3.0, (summary['total_us'],
                                                                        result['step_ms'])
@@ -165,8 +164,8 @@ def test_trace_json_is_read_gzipped(tmp_path):
     json.dump(_trace(), f)
   (tmp_path / profile_summary.HLO_NAME).write_text(HLO)
   (tmp_path / profile_summary.STEPS_NAME).write_text('2')
-  events, hlo, steps = profile_summary.load(str(tmp_path))
-  assert len(events) == 7 and steps == 2 and 'fusion.7' in hlo
+  events, hlo, steps, sizes = profile_summary.load(str(tmp_path))
+  assert len(events) == 7 and steps == 2 and 'fusion.7' in hlo and sizes
 
 
 # GPU-style fusions: operands without shapes, a /*index=N*/ comment among them (which an
