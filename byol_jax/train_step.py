@@ -127,7 +127,8 @@ def _forward_views(fns: StepFns, params: hk.Params, state: hk.State, view1: jax.
 
   Fused (`fuse_views`), the views go through one call as a stacked batch whose BatchNorm
   statistics stay per view, so it computes what two calls compute, with half the kernel
-  launches and convolutions twice as large (what matters for small images on a GPU).
+  launches and convolutions twice as large: meant for small images on a GPU, where
+  launches count; not yet measured there, and slower on a 2-core CPU (README, "Fused views").
   """
   apply = fns.network.apply
   if not fns.fuse_views:
