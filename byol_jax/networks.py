@@ -168,8 +168,12 @@ def stem_max_pool(x: jax.Array) -> jax.Array:
   Only the gradient differs in how it is computed, not in value: each window's gradient
   goes to the first maximum in row-major window order, as XLA's select-and-scatter does
   (after the ReLU, all-zero windows are common, so the tie rule matters). Written as nine
-  strided selections that XLA fuses into one element-wise pass; the scatter that autodiff
-  emits took 2.5 ms of a 107 ms ResNet-50 step on an H200 (1.4 TB/s, 2026-11-27 profile).
+  strided selections that XLA fuses into one element-wise pass. Faster on a CPU, slower on
+  a GPU, so `_stem_pool` picks it on CPUs only (README, Performance, 2026-11-27): the demo
+  step took 251 ms with it and 282 ms with autodiff's scatter (2-core CPU); on an H200 its
+  fusion (the ReLU's gradient included) took 6.1 ms of the ResNet-50 bf16 step at 0.45
+  TB/s, against 2.5 ms for the scatter, because it recomputes the stem's BatchNorm and ReLU
+  for every window element it tests.
   """
   return _max_pool_forward(x)[0]
 
@@ -210,6 +214,13 @@ def _max_pool_backward(residuals, dy):
 
 
 stem_max_pool.defvjp(_max_pool_forward, _max_pool_backward)
+
+
+def _stem_pool(x: jax.Array) -> jax.Array:
+  """The stem's max-pool, with the gradient that measured faster on the backend in use."""
+  if jax.default_backend() == 'cpu':
+    return stem_max_pool(x)
+  return hk.max_pool(x, window_shape=_POOL[0], strides=_POOL[1], padding='SAME')
 
 
 def _norm(kind: str, x: jax.Array, is_training: bool, axis_name: str | None, bn_decay: float,
@@ -323,7 +334,7 @@ class ResNet(hk.Module):
     else:
       x = _conv(stem, 7, 2, 'stem_conv', self.weight_init)(x)
       x = jax.nn.relu(self._bn(x, is_training, 'stem_bn'))
-      x = stem_max_pool(x)
+      x = _stem_pool(x)
     for stage, num_blocks in enumerate(self.blocks):
       channels = _scaled(64 * 2**stage, self.width)
       for b in range(num_blocks):
