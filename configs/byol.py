@@ -68,8 +68,9 @@ def _base(epochs: int) -> ml_collections.ConfigDict:
     augment=augment.default_augment_config(),
     precision='float32',
     # True: both views through one network call with per-view BN statistics, the same
-    # maths as one call per view (train_step._forward_views). Off until a GPU measures it:
-    # on a 2-core CPU it was 1.3x slower (2026-11-27, README "Fused views").
+    # maths as one call per view (train_step._forward_views). Off: on an H200 it gained
+    # 1.5% on ResNet-18 at 32 px and nothing on ResNet-50, and on a 2-core CPU it was 1.3x
+    # slower (2026-11-27, README "Fused views measured").
     fuse_views=False,
     log_every_steps=100, eval_every_steps=0, eval_at_init=False,
     knn=dict(k=200, temperature=0.1, train_examples=0, batch_size=256),
