@@ -63,9 +63,7 @@ def build_classifier(model_cfg: Any, num_classes: int) -> hk.TransformedWithStat
   """
 
   def forward(images: jax.Array, is_training: bool) -> jax.Array:
-    cfg = model_cfg
-    feats = networks.ResNet(cfg.depth, cfg.width, cfg.cifar_stem, cfg.zero_init_last_bn,
-                            cfg.bn_decay, cfg.bn_eps)(images, is_training)
+    feats = networks.ResNet.from_config(model_cfg)(images, is_training)
     return hk.Linear(num_classes, w_init=jnp.zeros, name='head')(feats)
 
   return hk.transform_with_state(forward)

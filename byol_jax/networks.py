@@ -247,6 +247,13 @@ def _norm(kind: str, x: jax.Array, is_training: bool, axis_name: str | None, bn_
 WEIGHT_INITS = ('release', 'pytorch')
 
 
+def _config_weight_init(model_cfg: Any) -> str:
+  """The config's weight_init, checked; configs saved before the option have none: release."""
+  kind = model_cfg.get('weight_init', 'release')
+  _check_weight_init(kind)
+  return kind
+
+
 def _check_weight_init(kind: str) -> None:
   if kind not in WEIGHT_INITS:
     raise ValueError(f'unknown weight_init {kind!r}; valid: {", ".join(WEIGHT_INITS)}')
@@ -298,6 +305,19 @@ class ResNet(hk.Module):
     self.cifar_stem = cifar_stem
     self.zero_init_last_bn = zero_init_last_bn
     self.bn = dict(decay=bn_decay, eps=bn_eps, axis_name=axis_name, groups=bn_groups)
+
+  @classmethod
+  def from_config(cls, model_cfg: Any, **overrides: Any) -> ResNet:
+    """The encoder a model config describes; `overrides` replace constructor arguments.
+
+    The one place a config becomes an encoder, so that training, evaluation, fine-tuning and
+    export build the same network when a model option is added.
+    """
+    kwargs = dict(depth=model_cfg.depth, width=model_cfg.width, cifar_stem=model_cfg.cifar_stem,
+                  zero_init_last_bn=model_cfg.zero_init_last_bn, bn_decay=model_cfg.bn_decay,
+                  bn_eps=model_cfg.bn_eps, weight_init=_config_weight_init(model_cfg))
+    kwargs.update(overrides)
+    return cls(**kwargs)
 
   @property
   def output_dim(self) -> int:
@@ -412,15 +432,12 @@ def build_network(model_cfg: Any, num_classes: int, axis_name: str | None = None
   `images` are normalised float images (see `augment.normalize`).
   """
   cfg = model_cfg
-  weight_init = cfg.get('weight_init', 'release')  # configs saved before the option: release
-  _check_weight_init(weight_init)
+  weight_init = _config_weight_init(cfg)  # checked here: a bad value fails before tracing
 
   def forward(images: jax.Array, is_training: bool, views: int = 1) -> dict[str, jax.Array]:
     cast = dtype != jnp.float32
     with (_mixed_precision(dtype) if cast else contextlib.nullcontext()):
-      encoder = ResNet(cfg.depth, cfg.width, cfg.cifar_stem, cfg.zero_init_last_bn,
-                       cfg.bn_decay, cfg.bn_eps, axis_name, weight_init=weight_init,
-                       bn_groups=views)
+      encoder = ResNet.from_config(cfg, axis_name=axis_name, bn_groups=views)
       embedding = encoder(images.astype(dtype), is_training)
       projector = MLP(cfg.projector_hidden, cfg.projection_dim, cfg.projector_norm,
                       cfg.bn_decay, cfg.bn_eps, axis_name, name='projector',
@@ -447,9 +464,7 @@ def build_encoder(model_cfg: Any) -> hk.TransformedWithState:
   """
 
   def forward(images: jax.Array) -> jax.Array:
-    cfg = model_cfg
-    return ResNet(cfg.depth, cfg.width, cfg.cifar_stem, cfg.zero_init_last_bn,
-                  cfg.bn_decay, cfg.bn_eps)(images, is_training=False)
+    return ResNet.from_config(model_cfg)(images, is_training=False)
 
   return hk.transform_with_state(forward)
 

@@ -147,6 +147,23 @@ def test_encoder_alone_matches_network_embedding():
   np.testing.assert_allclose(np.asarray(feats), np.asarray(full['embedding']), rtol=1e-5)
 
 
+def test_resnet_from_config_reads_every_model_option_and_takes_overrides():
+  """Training, evaluation, fine-tuning and export all build the encoder through
+  ResNet.from_config: an option it dropped (here each is set away from the constructor's
+  default) or an override it ignored would make them build different networks."""
+  cfg = _model_cfg()
+  cfg.update(dict(width=0.25, cifar_stem=False, zero_init_last_bn=False, bn_decay=0.5,
+                  bn_eps=1e-3, weight_init='pytorch'))
+  enc = hk.transform_with_state(lambda: vars(networks.ResNet.from_config(cfg, bn_decay=0.0)))
+  attrs = enc.apply(*enc.init(jax.random.PRNGKey(0)), None)[0]
+  assert (attrs['blocks'], attrs['width'], attrs['cifar_stem'], attrs['zero_init_last_bn'],
+          attrs['weight_init']) == (networks.RESNET_LAYOUTS[10][0], 0.25, False, False, 'pytorch')
+  assert (attrs['bn']['decay'], attrs['bn']['eps']) == (0.0, 1e-3)
+  del cfg.weight_init  # a config saved before the option
+  old = hk.transform_with_state(lambda: networks.ResNet.from_config(cfg).weight_init)
+  assert old.apply(*old.init(jax.random.PRNGKey(0)), None)[0] == 'release'
+
+
 def _bn_loss_and_grads(use_haiku, dtype, axis_name=None):
   """Loss, new state and gradients (params, input) of one BatchNorm, ours or Haiku's own."""
 

@@ -123,11 +123,8 @@ def make_batch_stats_fn(model_cfg: Any, image_size: int, crop_fraction: float, m
   exactly that update's value, so the returned averages are the batch statistics: per
   channel, the mean and the biased variance (E[x^2] - E[x]^2) of each BN layer's input.
   """
-  cfg = model_cfg
-
   def forward(images):
-    return networks.ResNet(cfg.depth, cfg.width, cfg.cifar_stem, cfg.zero_init_last_bn,
-                           0.0, cfg.bn_eps)(images, is_training=True)
+    return networks.ResNet.from_config(model_cfg, bn_decay=0.0)(images, is_training=True)
 
   encoder = hk.transform_with_state(forward)
 
