@@ -31,8 +31,10 @@ every stride-2 layer differs. Two ways to run an export in PyTorch:
       model.load_state_dict(torch.load(path))
   For the CIFAR stem also set `model.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)` and
   `model.maxpool = nn.Identity()` before loading; depth 10 is
-  `ResNet(BasicBlock, [1, 1, 1, 1])`. Width multipliers other than 1 change every layer's
-  channels, which torchvision's constructors cannot express: use `torch_resnet`.
+  `ResNet(BasicBlock, [1, 1, 1, 1])`. If the sidecar's `stem_relu` is false, also set
+  `model.relu = nn.Identity()` (torchvision applies it only after `bn1`). Width
+  multipliers other than 1 change every layer's channels, which torchvision's constructors
+  cannot express: use `torch_resnet`.
   `torch_resnet(..., exact_padding=False)` builds this torchvision behaviour, to measure it.
 
 The ResNet layout (v1.5: stride on the bottleneck's 3x3 conv; 1x1 conv + BN projection
@@ -101,6 +103,7 @@ def sidecar(cfg: Any, fmt: str, network: str, step: int | None) -> dict[str, Any
   """What a user of an export needs besides the weights, as plain JSON values."""
   model = {k: cfg.model[k] for k in ('depth', 'width', 'cifar_stem', 'zero_init_last_bn',
                                      'bn_decay', 'bn_eps')}
+  model['stem_relu'] = networks.stem_relu_of(cfg.model)
   bottleneck = networks.RESNET_LAYOUTS[model['depth']][1]
   return dict(
     format=fmt, network=network, step=step, model=model, bottleneck=bottleneck,
@@ -250,7 +253,7 @@ def torch_resnet(model: Any, exact_padding: bool = True):
   """A torch.nn.Module with torchvision's ResNet names that computes this encoder.
 
   `model` is the run's `cfg.model` or a sidecar's `model` dict (depth, width, cifar_stem,
-  bn_eps, bn_decay). In eval mode it returns the pooled features of NCHW normalised
+  bn_eps, bn_decay, stem_relu). In eval mode it returns the pooled features of NCHW normalised
   images. `exact_padding=False` gives torchvision's symmetric padding instead.
   """
   return _torch_classes().ResNet(model, exact_padding)
@@ -337,7 +340,8 @@ def _torch_classes():
       stem = _scaled(64, width)
       cifar = model['cifar_stem']
       self.conv1 = conv(3, stem, 3 if cifar else 7, 1 if cifar else 2, exact_padding)
-      self.bn1, self.relu = bn(stem), nn.ReLU(inplace=True)
+      self.bn1 = bn(stem)
+      self.relu = nn.ReLU(inplace=True) if networks.stem_relu_of(model) else nn.Identity()
       if cifar:
         self.maxpool = nn.Identity()
       else:

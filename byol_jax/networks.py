@@ -254,6 +254,11 @@ def _config_weight_init(model_cfg: Any) -> str:
   return kind
 
 
+def stem_relu_of(model: Any) -> bool:
+  """A model config's (or export sidecar's) stem_relu; those saved before the option: True."""
+  return bool(model.get('stem_relu', True))
+
+
 def _check_weight_init(kind: str) -> None:
   if kind not in WEIGHT_INITS:
     raise ValueError(f'unknown weight_init {kind!r}; valid: {", ".join(WEIGHT_INITS)}')
@@ -289,12 +294,15 @@ class ResNet(hk.Module):
   for 32 px images. `zero_init_last_bn` zero-initialises each block's last BN scale, which
   the original release did for stability (the paper's runs did not). `bn_groups` splits
   the batch into that many groups with their own BatchNorm statistics (see _BatchNorm).
+  `stem_relu=False` drops the ReLU after the stem's BatchNorm, as lightly's CIFAR-10
+  benchmark does by accident (its backbone is the ResNet's child modules, and the stem's
+  ReLU lives in `forward`); the parameters are the same either way.
   """
 
   def __init__(self, depth: int, width: float = 1.0, cifar_stem: bool = False,
                zero_init_last_bn: bool = True, bn_decay: float = 0.9, bn_eps: float = 1e-5,
                axis_name: str | None = None, name: str = 'encoder',
-               weight_init: str = 'release', bn_groups: int = 1):
+               weight_init: str = 'release', bn_groups: int = 1, stem_relu: bool = True):
     super().__init__(name=name)
     if depth not in RESNET_LAYOUTS:
       raise ValueError(f'unknown ResNet depth {depth}; valid: {sorted(RESNET_LAYOUTS)}')
@@ -303,6 +311,7 @@ class ResNet(hk.Module):
     self.blocks, self.bottleneck = RESNET_LAYOUTS[depth]
     self.width = width
     self.cifar_stem = cifar_stem
+    self.stem_relu = stem_relu
     self.zero_init_last_bn = zero_init_last_bn
     self.bn = dict(decay=bn_decay, eps=bn_eps, axis_name=axis_name, groups=bn_groups)
 
@@ -315,7 +324,8 @@ class ResNet(hk.Module):
     """
     kwargs = dict(depth=model_cfg.depth, width=model_cfg.width, cifar_stem=model_cfg.cifar_stem,
                   zero_init_last_bn=model_cfg.zero_init_last_bn, bn_decay=model_cfg.bn_decay,
-                  bn_eps=model_cfg.bn_eps, weight_init=_config_weight_init(model_cfg))
+                  bn_eps=model_cfg.bn_eps, weight_init=_config_weight_init(model_cfg),
+                  stem_relu=stem_relu_of(model_cfg))
     kwargs.update(overrides)
     return cls(**kwargs)
 
@@ -348,12 +358,12 @@ class ResNet(hk.Module):
 
   def __call__(self, x: jax.Array, is_training: bool) -> jax.Array:
     stem = _scaled(64, self.width)
-    if self.cifar_stem:
-      x = _conv(stem, 3, 1, 'stem_conv', self.weight_init)(x)
-      x = jax.nn.relu(self._bn(x, is_training, 'stem_bn'))
-    else:
-      x = _conv(stem, 7, 2, 'stem_conv', self.weight_init)(x)
-      x = jax.nn.relu(self._bn(x, is_training, 'stem_bn'))
+    x = _conv(stem, 3 if self.cifar_stem else 7, 1 if self.cifar_stem else 2, 'stem_conv',
+              self.weight_init)(x)
+    x = self._bn(x, is_training, 'stem_bn')
+    if self.stem_relu:
+      x = jax.nn.relu(x)
+    if not self.cifar_stem:
       x = _stem_pool(x)
     for stage, num_blocks in enumerate(self.blocks):
       channels = _scaled(64 * 2**stage, self.width)

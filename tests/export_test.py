@@ -15,33 +15,33 @@ from conftest import REPO, tiny_config
 
 from byol_jax import checkpointing, export, networks, train_step
 
-# (name, depth, width, cifar_stem, input height, input width). Even sizes make Haiku's SAME
-# padding asymmetric at every stride-2 layer; odd sizes keep it symmetric.
+# (name, depth, width, cifar_stem, input height, input width, stem_relu). Even sizes make
+# Haiku's SAME padding asymmetric at every stride-2 layer; odd sizes keep it symmetric.
 CASES = [
-  ('basic', 10, 0.125, False, 48, 33),
-  ('bottleneck', 50, 0.0625, False, 48, 33),
-  ('basic_cifar', 10, 0.125, True, 20, 20),
+  ('basic', 10, 0.125, False, 48, 33, True),
+  ('bottleneck', 50, 0.0625, False, 48, 33, True),
+  ('basic_cifar', 10, 0.125, True, 20, 20, True),
+  ('basic_cifar_no_stem_relu', 10, 0.125, True, 20, 20, False),
 ]
 
 
-def _model_cfg(depth, width, cifar_stem):
+def _model_cfg(depth, width, cifar_stem, stem_relu=True):
   return tiny_config(**{'model.depth': depth, 'model.width': width,
-                        'model.cifar_stem': cifar_stem}).model
+                        'model.cifar_stem': cifar_stem, 'model.stem_relu': stem_relu}).model
 
 
 @functools.cache
-def _random_encoder(depth, width, cifar_stem, seed=0):
+def _random_encoder(depth, width, cifar_stem, seed=0, stem_relu=True):
   """Initialised conv weights, randomised BN scales, offsets and moving averages.
 
   Random BN values exercise what trained weights have and init lacks: non-unit statistics,
-  and non-zero last-BN scales (zero-init would hide the residual branches).
+  signed stem outputs, and non-zero last-BN scales (zero-init would hide the residual
+  branches).
   """
-  model_cfg = _model_cfg(depth, width, cifar_stem)
+  model_cfg = _model_cfg(depth, width, cifar_stem, stem_relu)
 
   def forward(x):
-    cfg = model_cfg
-    return networks.ResNet(cfg.depth, cfg.width, cfg.cifar_stem, cfg.zero_init_last_bn,
-                           cfg.bn_decay, cfg.bn_eps)(x, is_training=True)
+    return networks.ResNet.from_config(model_cfg)(x, is_training=True)
 
   init = jax.jit(hk.transform_with_state(forward).init)
   params, state = init(jax.random.PRNGKey(seed), jnp.zeros((1, 16, 16, 3)))
@@ -102,8 +102,8 @@ def test_torchvision_names():
 def test_torch_port_matches_jax(case):
   """The torch module drifting from the Haiku ResNet (padding, layout, BN) breaks this."""
   torch = pytest.importorskip('torch')
-  _, depth, width, cifar_stem, height, width_px = case
-  model_cfg, params, state = _random_encoder(depth, width, cifar_stem)
+  _, depth, width, cifar_stem, height, width_px, stem_relu = case
+  model_cfg, params, state = _random_encoder(depth, width, cifar_stem, stem_relu=stem_relu)
   images = np.random.default_rng(1).normal(size=(4, height, width_px, 3)).astype(np.float32)
   expected = _jax_features(model_cfg, params, state, images)
 

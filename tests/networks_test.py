@@ -153,15 +153,42 @@ def test_resnet_from_config_reads_every_model_option_and_takes_overrides():
   default) or an override it ignored would make them build different networks."""
   cfg = _model_cfg()
   cfg.update(dict(width=0.25, cifar_stem=False, zero_init_last_bn=False, bn_decay=0.5,
-                  bn_eps=1e-3, weight_init='pytorch'))
+                  bn_eps=1e-3, weight_init='pytorch', stem_relu=False))
   enc = hk.transform_with_state(lambda: vars(networks.ResNet.from_config(cfg, bn_decay=0.0)))
   attrs = enc.apply(*enc.init(jax.random.PRNGKey(0)), None)[0]
   assert (attrs['blocks'], attrs['width'], attrs['cifar_stem'], attrs['zero_init_last_bn'],
-          attrs['weight_init']) == (networks.RESNET_LAYOUTS[10][0], 0.25, False, False, 'pytorch')
+          attrs['weight_init'], attrs['stem_relu']) == (
+            networks.RESNET_LAYOUTS[10][0], 0.25, False, False, 'pytorch', False)
   assert (attrs['bn']['decay'], attrs['bn']['eps']) == (0.0, 1e-3)
-  del cfg.weight_init  # a config saved before the option
-  old = hk.transform_with_state(lambda: networks.ResNet.from_config(cfg).weight_init)
-  assert old.apply(*old.init(jax.random.PRNGKey(0)), None)[0] == 'release'
+  del cfg.weight_init, cfg.stem_relu  # a config saved before the options
+  old = hk.transform_with_state(lambda: vars(networks.ResNet.from_config(cfg)))
+  attrs = old.apply(*old.init(jax.random.PRNGKey(0)), None)[0]
+  assert (attrs['weight_init'], attrs['stem_relu']) == ('release', True)
+
+
+@pytest.mark.parametrize('cifar_stem', [True, False])
+def test_stem_relu_false_drops_only_the_stem_relu(cifar_stem):
+  """stem_relu=False (lightly's backbone) must remove the ReLU after the stem's BN and
+  nothing else: with a large positive stem BN offset that ReLU is the identity, so both
+  settings give the same features; at the initial offset (zero) the stem output is signed,
+  so they must differ. Ignoring the option, or dropping another ReLU, fails one of the two."""
+  def features(stem_relu, params, x):
+    # zero_init_last_bn=False: with zero-initialised residual branches the first block's
+    # relu(x + 0) would restore the stem's ReLU and hide the option.
+    fwd = hk.transform_with_state(lambda x: networks.ResNet(
+      10, 0.25, cifar_stem, zero_init_last_bn=False, stem_relu=stem_relu)(x, is_training=True))
+    if params is None:
+      return fwd.init(jax.random.PRNGKey(0), x)
+    return np.asarray(fwd.apply(*params, None, x)[0])
+
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 32, 3))
+  params, state = features(True, None, x)
+  with_relu, without = features(True, (params, state), x), features(False, (params, state), x)
+  assert np.abs(with_relu - without).max() > 1e-3
+  shifted = {k: dict(v, offset=v['offset'] + 100.0) if k.endswith('stem_bn') else v
+             for k, v in params.items()}
+  np.testing.assert_allclose(features(False, (shifted, state), x),
+                             features(True, (shifted, state), x), rtol=1e-5, atol=1e-5)
 
 
 def _bn_loss_and_grads(use_haiku, dtype, axis_name=None):
