@@ -19,7 +19,9 @@ Presets (each value can be overridden by its flag):
   SGD LR 0.06 x batch/128, momentum 0.9, weight decay 5e-4 on every parameter (PyTorch's
   SGD), cosine LR without warm-up, constant tau 0.99, loss the mean of the two -cos terms,
   SimCLR views (colour jitter 0.4/0.4/0.4/0.1 with p 0.8, grayscale 0.2, no blur or
-  solarisation).
+  solarisation). One difference kept on purpose: lightly's backbone has no ReLU after the
+  stem's BatchNorm (it keeps the ResNet's child modules; the ReLU lives in `forward`), and
+  this ResNet has it, as byol_jax's `cifar10_lightly` does (`model.stem_relu`).
 - solo: byol_jax's cifar10 recipe (solo-learn's): heads 4096 wide, LARS (trust 0.02
   clipped, weight decay 1e-5, biases and BN exempt), LR 1.0 x batch/256 after 10 warm-up
   epochs, tau 0.99 -> 1 (cosine), loss the SUM of the two 2 - 2cos terms, BYOL's views
