@@ -19,9 +19,15 @@ Presets (each value can be overridden by its flag):
   SGD LR 0.06 x batch/128, momentum 0.9, weight decay 5e-4 on every parameter (PyTorch's
   SGD), cosine LR without warm-up, constant tau 0.99, loss the mean of the two -cos terms,
   SimCLR views (colour jitter 0.4/0.4/0.4/0.1 with p 0.8, grayscale 0.2, no blur or
-  solarisation). One difference kept on purpose: lightly's backbone has no ReLU after the
-  stem's BatchNorm (it keeps the ResNet's child modules; the ReLU lives in `forward`), and
-  this ResNet has it, as byol_jax's `cifar10_lightly` does (`model.stem_relu`).
+  solarisation). Its details match byol_jax's `cifar10_lightly`, so the two compare as
+  implementations; lightly_exact has lightly's remaining ones.
+- lightly_exact: lightly's benchmark to the letter, so that its accuracy on these images
+  calibrates lightly's published figure against the data. On top of lightly: no ReLU after
+  the stem's BatchNorm (lightly's backbone keeps the ResNet's child modules, and the stem's
+  ReLU lives in `forward`; byol_jax's `model.stem_relu=False`), the LR held through each
+  epoch (CosineAnnealingLR stepped at Lightning's default interval), the EMA updated at the
+  start of each step, before the forward pass, and ImageNet's mean and std for the inputs.
+  lightly trains in float32; `--precision` picks (experiments/cifar10_sweep.sh: bfloat16).
 - solo: byol_jax's cifar10 recipe (solo-learn's): heads 4096 wide, LARS (trust 0.02
   clipped, weight decay 1e-5, biases and BN exempt), LR 1.0 x batch/256 after 10 warm-up
   epochs, tau 0.99 -> 1 (cosine), loss the SUM of the two 2 - 2cos terms, BYOL's views
@@ -53,15 +59,25 @@ PRESETS = {
   'lightly': dict(depth=18, width=1.0, cifar_stem=True, hidden=1024, proj_dim=256,
                   optimizer='sgd', base_lr=0.06, lr_batch=128, weight_decay=5e-4,
                   warmup_epochs=0.0, tau=0.99, tau_schedule='constant', loss='neg_cos',
-                  saturation=0.4, solarize2=0.0, trust=0.0),
+                  saturation=0.4, solarize2=0.0, trust=0.0, stem_relu=True,
+                  lr_per_epoch=False, ema_first=False, normalize='cifar'),
   'solo': dict(depth=18, width=1.0, cifar_stem=True, hidden=4096, proj_dim=256,
                optimizer='lars', base_lr=1.0, lr_batch=256, weight_decay=1e-5,
                warmup_epochs=10.0, tau=0.99, tau_schedule='cosine', loss='byol',
-               saturation=0.2, solarize2=0.2, trust=0.02),
+               saturation=0.2, solarize2=0.2, trust=0.02, stem_relu=True,
+               lr_per_epoch=False, ema_first=False, normalize='cifar'),
 }
+# lightly's benchmark to the letter: also its backbone without the stem's ReLU, its LR stepped
+# once per epoch (CosineAnnealingLR at Lightning's default interval), the EMA updated at the
+# start of each step (before the forward pass), and ImageNet's mean and std.
+PRESETS['lightly_exact'] = dict(PRESETS['lightly'], stem_relu=False, lr_per_epoch=True,
+                                ema_first=True, normalize='imagenet')
 LAYOUTS = {10: (1, 1, 1, 1), 18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
 GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
-MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+NORMALIZE = {  # per-channel (mean, std) of the inputs
+  'cifar': ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+  'imagenet': ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # lightly's, for every dataset
+}
 
 
 # ------------------------------------------------------------------------------------------
@@ -115,14 +131,16 @@ class BasicBlock(nn.Module):
 class ResNet(nn.Module):
   """CIFAR stem (3x3/1 conv, no max-pool) or ImageNet stem (7x7/2 conv, 3x3/2 max-pool)."""
 
-  def __init__(self, depth: int = 18, width: float = 1.0, cifar_stem: bool = True):
+  def __init__(self, depth: int = 18, width: float = 1.0, cifar_stem: bool = True,
+               stem_relu: bool = True):
     super().__init__()
     widths = [max(1, round(64 * width * 2**i)) for i in range(4)]
     stem = max(1, round(64 * width))
+    relu = [nn.ReLU()] if stem_relu else []  # lightly's backbone has none
     if cifar_stem:
-      layers = [nn.Conv2d(3, stem, 3, 1, 1, bias=False), nn.BatchNorm2d(stem), nn.ReLU()]
+      layers = [nn.Conv2d(3, stem, 3, 1, 1, bias=False), nn.BatchNorm2d(stem), *relu]
     else:
-      layers = [nn.Conv2d(3, stem, 7, 2, 3, bias=False), nn.BatchNorm2d(stem), nn.ReLU(),
+      layers = [nn.Conv2d(3, stem, 7, 2, 3, bias=False), nn.BatchNorm2d(stem), *relu,
                 nn.MaxPool2d(3, 2, 1)]
     cin = stem
     for stage, blocks in enumerate(LAYOUTS[depth]):
@@ -144,12 +162,13 @@ def mlp(cin: int, hidden: int, cout: int) -> nn.Module:
 class BYOL(nn.Module):
   """Online (backbone, projector, predictor) and target (a copy of backbone and projector)."""
 
-  def __init__(self, depth: int, width: float, cifar_stem: bool, hidden: int, proj_dim: int):
+  def __init__(self, depth: int, width: float, cifar_stem: bool, hidden: int, proj_dim: int,
+               stem_relu: bool = True):
     super().__init__()
-    self.backbone = ResNet(depth, width, cifar_stem)
+    self.backbone = ResNet(depth, width, cifar_stem, stem_relu)
     self.projector = mlp(self.backbone.output_dim, hidden, proj_dim)
     self.predictor = mlp(proj_dim, hidden, proj_dim)
-    self.target_backbone = ResNet(depth, width, cifar_stem)
+    self.target_backbone = ResNet(depth, width, cifar_stem, stem_relu)
     self.target_projector = mlp(self.backbone.output_dim, hidden, proj_dim)
     self.target_backbone.load_state_dict(self.backbone.state_dict())
     self.target_projector.load_state_dict(self.projector.state_dict())
@@ -347,8 +366,8 @@ def draw_view(images: torch.Tensor, gen: torch.Generator, cfg: dict) -> tuple:
 
 def apply_view(images: torch.Tensor, boxes: torch.Tensor, u: torch.Tensor,
                brightness: torch.Tensor, contrast: torch.Tensor, saturation: torch.Tensor,
-               hue: torch.Tensor, order: torch.Tensor, size: int, solarize_prob: float
-               ) -> torch.Tensor:
+               hue: torch.Tensor, order: torch.Tensor, size: int, solarize_prob: float,
+               normalize: str = 'cifar') -> torch.Tensor:
   """One view of uint8 [n, H, W, 3] images from its draws: float [n, 3, size, size],
   normalised. Crop, flip (p 0.5), jitter (p 0.8), grayscale (p 0.2), solarise."""
   x = resized_crops(images.permute(0, 3, 1, 2).float() / 255.0, boxes, size)
@@ -358,18 +377,18 @@ def apply_view(images: torch.Tensor, boxes: torch.Tensor, u: torch.Tensor,
   x = torch.where(_per_image(u[:, 2] < 0.2), grayscale(x).expand_as(x), x)
   if solarize_prob > 0:
     x = torch.where(_per_image(u[:, 3] < solarize_prob), torch.where(x >= 0.5, 1 - x, x), x)
-  return normalise(x)
+  return normalise(x, normalize)
 
 
 def augment(images: torch.Tensor, gen: torch.Generator, size: int, cfg: dict,
             solarize_prob: float, view_fn=apply_view) -> torch.Tensor:
   """One view of a batch; view_fn may be a torch.compile'd apply_view (same values)."""
-  return view_fn(images, *draw_view(images, gen, cfg), size=size, solarize_prob=solarize_prob)
+  return view_fn(images, *draw_view(images, gen, cfg), size=size, solarize_prob=solarize_prob,
+                 normalize=cfg['normalize'])
 
 
-def normalise(x: torch.Tensor) -> torch.Tensor:
-  mean = torch.tensor(MEAN, device=x.device)[None, :, None, None]
-  std = torch.tensor(STD, device=x.device)[None, :, None, None]
+def normalise(x: torch.Tensor, kind: str = 'cifar') -> torch.Tensor:
+  mean, std = (torch.tensor(v, device=x.device)[None, :, None, None] for v in NORMALIZE[kind])
   return (x - mean) / std
 
 
@@ -420,13 +439,14 @@ def tau_at(step: int, base: float, total: int, schedule: str) -> float:
 
 
 @torch.no_grad()
-def features(backbone: nn.Module, images: np.ndarray, device, batch: int = 1024) -> torch.Tensor:
+def features(backbone: nn.Module, images: np.ndarray, device, batch: int = 1024,
+             normalize: str = 'cifar') -> torch.Tensor:
   """Backbone features of un-augmented images, inference-mode BN, L2-normalised."""
   backbone.eval()
   out = []
   for i in range(0, len(images), batch):
     x = torch.from_numpy(images[i:i + batch]).to(device).permute(0, 3, 1, 2).float() / 255.0
-    out.append(F.normalize(backbone(normalise(x)).float(), dim=1))
+    out.append(F.normalize(backbone(normalise(x, normalize)).float(), dim=1))
   backbone.train()
   return torch.cat(out)
 
@@ -468,9 +488,11 @@ def parse_args(argv):
   p.add_argument('--compile', action='store_true',
                  help='torch.compile the augmentation (fuses its ~750 small ops per view on '
                       'a GPU; falls back to eager if compiling fails)')
+  choices = dict(optimizer=('sgd', 'lars'), tau_schedule=('constant', 'cosine'),
+                 loss=('neg_cos', 'byol'), normalize=tuple(NORMALIZE))
   for key, value in PRESETS['lightly'].items():  # every preset value; unset = the preset's
     kind = {bool: _boolean, int: int, float: float, str: str}[type(value)]
-    p.add_argument(f'--{key}', type=kind, default=None)
+    p.add_argument(f'--{key}', type=kind, default=None, choices=choices.get(key))
   args = p.parse_args(argv)
   cfg = dict(PRESETS[args.preset])
   cfg.update({k: getattr(args, k) for k in cfg if getattr(args, k) is not None})
@@ -490,10 +512,14 @@ def make_optimizer(cfg: dict, params: list, lr: float) -> torch.optim.Optimizer:
 
 
 def byol_step(model: BYOL, opt: torch.optim.Optimizer, v1: torch.Tensor, v2: torch.Tensor,
-              lr: float, tau: float, loss_kind: str, autocast) -> torch.Tensor:
-  """One update: online on both views, target on both, the loss, the optimiser, the EMA."""
+              lr: float, tau: float, loss_kind: str, autocast,
+              ema_first: bool = False) -> torch.Tensor:
+  """One update: online on both views, target on both, the loss, the optimiser, the EMA
+  (ema_first: the EMA before the forward pass, as lightly's training_step does)."""
   for group in opt.param_groups:
     group['lr'] = lr
+  if ema_first:
+    model.update_target(tau)
   if v1.is_cuda:
     v1 = v1.contiguous(memory_format=torch.channels_last)
     v2 = v2.contiguous(memory_format=torch.channels_last)
@@ -504,7 +530,8 @@ def byol_step(model: BYOL, opt: torch.optim.Optimizer, v1: torch.Tensor, v2: tor
   opt.zero_grad(set_to_none=True)
   loss.backward()
   opt.step()
-  model.update_target(tau)
+  if not ema_first:
+    model.update_target(tau)
   return loss
 
 
@@ -556,7 +583,7 @@ def train(argv: list[str] | None = None) -> dict:
   test_labels = torch.from_numpy(test_y).to(device)
 
   model = BYOL(cfg['depth'], cfg['width'], cfg['cifar_stem'], cfg['hidden'],
-               cfg['proj_dim']).to(device)
+               cfg['proj_dim'], cfg['stem_relu']).to(device)
   if device.type == 'cuda':
     model = model.to(memory_format=torch.channels_last)
     torch.backends.cudnn.benchmark = True
@@ -573,8 +600,10 @@ def train(argv: list[str] | None = None) -> dict:
   view_fn = torch.compile(apply_view, dynamic=False) if args.compile else apply_view
 
   def evaluate() -> float:
-    return knn_top1(features(model.backbone, train_x, device), train_labels,
-                    features(model.backbone, test_x, device), test_labels, len(classes))
+    return knn_top1(features(model.backbone, train_x, device, normalize=cfg['normalize']),
+                    train_labels,
+                    features(model.backbone, test_x, device, normalize=cfg['normalize']),
+                    test_labels, len(classes))
 
   init_acc = evaluate()
   print(f'kNN top-1 of the encoder at initialisation: {init_acc:.4f}', flush=True)
@@ -588,11 +617,13 @@ def train(argv: list[str] | None = None) -> dict:
       if step >= total:
         break
       batch = images[perm[b * args.batch_size:(b + 1) * args.batch_size]]
-      lr = lr_at(step, peak, warmup, total)
+      # lr_per_epoch: the LR held through each epoch at its first step's value
+      lr = lr_at(step - step % steps_per_epoch if cfg['lr_per_epoch'] else step, peak, warmup,
+                 total)
       tau = tau_at(step, cfg['tau'], total, cfg['tau_schedule'])
       with torch.no_grad():
         v1, v2, view_fn = _two_views(batch, gen, size, cfg, view_fn)
-      loss = byol_step(model, opt, v1, v2, lr, tau, cfg['loss'], autocast)
+      loss = byol_step(model, opt, v1, v2, lr, tau, cfg['loss'], autocast, cfg['ema_first'])
       step += 1
       if step % args.log_every_steps == 0 or step == total:
         loss_value = loss.item()  # syncs

@@ -149,6 +149,48 @@ def test_target_is_an_ema_of_the_online_parameters():
     torch.testing.assert_close(t, 0.9 * t0 + 0.1 * o)
 
 
+def test_ema_first_uses_the_online_weights_before_the_update():
+  """lightly updates the EMA at the start of its step: the target must move toward the
+  online weights the step started from, not the updated ones (the default order)."""
+  def stepped(ema_first):
+    torch.manual_seed(0)
+    model = ref.BYOL(10, 0.125, True, 16, 8)
+    with torch.no_grad():
+      for p in model.online_parameters():
+        p.add_(0.5)
+    start = [p.detach().clone() for m in (model.backbone, model.projector)
+             for p in m.parameters()]
+    target0 = [t.clone() for t in model.target_parameters()]
+    opt = torch.optim.SGD(list(model.online_parameters()), lr=0.5)
+    views = torch.randn(2, 4, 3, 8, 8, generator=_gen(1))
+    ref.byol_step(model, opt, views[0], views[1], 0.5, 0.9, 'neg_cos', None, ema_first)
+    end = [p.detach() for m in (model.backbone, model.projector) for p in m.parameters()]
+    return list(model.target_parameters()), target0, start, end
+
+  for ema_first, pick in ((True, 2), (False, 3)):
+    got = stepped(ema_first)
+    assert any(not torch.equal(a, b) for a, b in zip(got[2], got[3], strict=True))
+    for t, t0, o in zip(got[0], got[1], got[pick], strict=True):
+      torch.testing.assert_close(t, 0.9 * t0 + 0.1 * o)
+
+
+def test_stem_relu_false_leaves_the_stem_without_relu():
+  """lightly_exact's backbone: conv and BatchNorm, then straight into the first block."""
+  with_relu = list(ref.ResNet(10, 0.125, True).body)[:3]
+  without = list(ref.ResNet(10, 0.125, True, stem_relu=False).body)[:3]
+  assert [type(m) for m in with_relu] == [torch.nn.Conv2d, torch.nn.BatchNorm2d, torch.nn.ReLU]
+  assert [type(m) for m in without] == [torch.nn.Conv2d, torch.nn.BatchNorm2d, ref.BasicBlock]
+  assert not ref.PRESETS['lightly_exact']['stem_relu'] and ref.PRESETS['lightly']['stem_relu']
+
+
+def test_imagenet_normalisation_uses_torchvisions_constants():
+  x = torch.rand(2, 3, 4, 4, generator=_gen())
+  mean = torch.tensor([0.485, 0.456, 0.406])[None, :, None, None]
+  std = torch.tensor([0.229, 0.224, 0.225])[None, :, None, None]
+  torch.testing.assert_close(ref.normalise(x, 'imagenet'), (x - mean) / std)
+  assert not torch.allclose(ref.normalise(x, 'cifar'), ref.normalise(x, 'imagenet'))
+
+
 def _folder(root, classes=2, train=24, test=8, size=16):
   rng = np.random.default_rng(0)
   for split, n in (('train', train), ('test', test)):
@@ -159,7 +201,7 @@ def _folder(root, classes=2, train=24, test=8, size=16):
         Image.fromarray(image.astype(np.uint8)).save(root / split / f'class{c}' / f'{i}.png')
 
 
-@pytest.mark.parametrize('preset', ['lightly', 'solo'])
+@pytest.mark.parametrize('preset', ['lightly', 'solo', 'lightly_exact'])
 def test_tiny_run_writes_byol_jax_metrics(tmp_path, preset):
   """A two-epoch run on a generated folder must write eval and train records that
   results_table reads, with a finite loss (fails on a crash or a format drift)."""
@@ -175,6 +217,25 @@ def test_tiny_run_writes_byol_jax_metrics(tmp_path, preset):
   train = [json.loads(line) for line in open(work / 'metrics' / 'train.jsonl')]
   assert len(train) == 6 and all(np.isfinite(r['loss']) for r in train)
   assert json.load(open(work / 'config.json'))['implementation'] == 'torch_reference'
+
+
+@pytest.mark.parametrize('preset', ['lightly', 'lightly_exact'])
+def test_lr_per_epoch_holds_the_cosine_through_each_epoch(tmp_path, preset):
+  """lightly_exact's LR is CosineAnnealingLR stepped once per epoch: 3 steps per epoch at the
+  cosine's value for the epoch's start; lightly's own preset follows the cosine every step."""
+  _folder(tmp_path / 'data')
+  work = tmp_path / 'run'
+  ref.train(['--data', str(tmp_path / 'data'), '--workdir', str(work), '--preset', preset,
+             '--epochs', '2', '--batch_size', '16', '--depth', '10', '--width', '0.125',
+             '--hidden', '32', '--proj_dim', '16', '--eval_every_epochs', '2',
+             '--log_every_steps', '1', '--threads', '1'])
+  lrs = [json.loads(line)['lr'] for line in open(work / 'metrics' / 'train.jsonl')]
+  peak = 0.06 * 16 / 128
+  if preset == 'lightly_exact':
+    expected = [peak] * 3 + [peak / 2] * 3  # cos(pi * epoch / 2) for epochs 0 and 1
+  else:
+    expected = [0.5 * peak * (1 + np.cos(np.pi * s / 6)) for s in range(6)]
+  np.testing.assert_allclose(lrs, expected, rtol=1e-9)
 
 
 def test_missing_folder_is_a_one_line_error(tmp_path):
