@@ -32,7 +32,7 @@ _CONFIG = cli.define_config_flag(
   'Config file and preset, e.g. configs/byol.py:r50 or configs/byol.py:r50,epochs=300.')
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/demo', 'Where metrics, checkpoints go.')
 _MODE = flags.DEFINE_enum('worker_mode', 'train', WORKER_MODES, 'What this process does.')
-# Several processes (hosts) in one run; see README "Multi-host training".
+# Several processes (hosts) in one run; see README "Multi-host".
 _MULTIHOST = flags.DEFINE_enum(
   'multihost', 'auto', ('auto', 'on', 'off'),
   'auto: join a multi-process run when the flags below or SLURM / Open MPI / Cloud TPU '

@@ -169,7 +169,7 @@ def stem_max_pool(x: jax.Array) -> jax.Array:
   goes to the first maximum in row-major window order, as XLA's select-and-scatter does
   (after the ReLU, all-zero windows are common, so the tie rule matters). Written as nine
   strided selections that XLA fuses into one element-wise pass. Faster on a CPU, slower on
-  a GPU, so `_stem_pool` picks it on CPUs only (README, Performance, 2026-11-27): the demo
+  a GPU, so `_stem_pool` picks it on CPUs only (docs/performance.md, 2026-11-27): the demo
   step took 251 ms with it and 282 ms with autodiff's scatter (2-core CPU); on an H200 its
   fusion (the ReLU's gradient included) took 6.1 ms of the ResNet-50 bf16 step at 0.45
   TB/s, against 2.5 ms for the scatter, because it recomputes the stem's BatchNorm and ReLU

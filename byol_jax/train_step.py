@@ -129,7 +129,7 @@ def _forward_views(fns: StepFns, params: hk.Params, state: hk.State, view1: jax.
   statistics stay per view, so it computes what two calls compute, with half the kernel
   launches and convolutions twice as large: meant for small images on a GPU, where
   launches count. Measured on an H200, that bought 1.5% for ResNet-18 at 32 px and nothing
-  for ResNet-50; on a 2-core CPU it is slower (README, "Fused views measured").
+  for ResNet-50; on a 2-core CPU it is slower (docs/performance.md, "Fused views measured").
   """
   apply = fns.network.apply
   if not fns.fuse_views:

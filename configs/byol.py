@@ -71,7 +71,7 @@ def _base(epochs: int) -> ml_collections.ConfigDict:
     # True: both views through one network call with per-view BN statistics, the same
     # maths as one call per view (train_step._forward_views). Off: on an H200 it gained
     # 1.5% on ResNet-18 at 32 px and nothing on ResNet-50, and on a 2-core CPU it was 1.3x
-    # slower (2026-11-27, README "Fused views measured").
+    # slower (2026-11-27, docs/performance.md "Fused views measured").
     fuse_views=False,
     log_every_steps=100, eval_every_steps=0, eval_at_init=False,
     knn=dict(k=200, temperature=0.1, train_examples=0, batch_size=256),
@@ -84,7 +84,7 @@ def _base(epochs: int) -> ml_collections.ConfigDict:
     eval_network='online',  # or 'target'
     eval_poll_secs=10.0,
     eval_idle_timeout_secs=3600.0,  # stop after this long without a new checkpoint (0: never)
-    # Several processes (see README "Multi-host training"): how long to wait for all to
+    # Several processes (see README "Multi-host"): how long to wait for all to
     # join, for a silent process before stopping the others, and at each barrier.
     multihost=dict(join_timeout_secs=300.0, peer_timeout_secs=120.0, barrier_timeout_secs=900.0),
   ))
@@ -140,9 +140,10 @@ def _cifar10(epochs: int) -> ml_collections.ConfigDict:
     LARS with trust coefficient 0.02 clipped LARC-style (`trust_clip`: a layer's step never
     exceeds plain SGD's): the short-schedule values of solo-learn's CIFAR BYOL recipe. With
     the paper's 1e-3 the relative weight change per step (about LR x trust coefficient) is
-    20x smaller; on a 5,000-image validation split (README, CIFAR-10 on a CPU) 4 epochs
-    left kNN where the random encoder was (0.2775 vs 0.276), while 0.02 with clipping
-    reached 0.295 and kept the projections' rank (34 of 256; 8 without clipping).
+    20x smaller; on a 5,000-image validation split (docs/cifar10.md, "How the LARS setting
+    was chosen") 4 epochs left kNN where the random encoder was (0.2775 vs 0.276), while
+    0.02 with clipping reached 0.295 and kept the projections' rank (34 of 256; 8 without
+    clipping).
   - No Gaussian blur: a 3 px kernel on 32 px images only destroys detail.
   - Evaluation uses the whole 32 px image (no 0.875 centre crop).
   Run (GPU): `bash experiments/cifar10_gpu.sh` (see the README's results section).
@@ -183,7 +184,7 @@ def _cifar10_lightly(epochs: int) -> ml_collections.ConfigDict:
     effective LR of LR / |w|^2, and with the release's 2.4x larger convolutions this recipe
     left the encoder where it started on a 10-epoch CPU budget, where the independent
     PyTorch reference (experiments/torch_byol_reference.py) learns, and this preset learns
-    at least as well (README, "The PyTorch cross-check").
+    at least as well (docs/cifar10.md, "The PyTorch cross-check").
   - Weight decay on every parameter, biases and BatchNorm's included (PyTorch's SGD), and
     a target that starts as a copy of the online network.
   Not expressed: lightly's backbone has no ReLU after the stem's BatchNorm (it keeps the

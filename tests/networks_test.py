@@ -382,7 +382,7 @@ def test_stem_max_pool_gradient_compiles_without_a_scatter():
 @pytest.mark.parametrize('backend, scatter', [('cpu', False), ('gpu', True), ('tpu', True)])
 def test_stem_pool_gradient_is_chosen_by_backend(monkeypatch, backend, scatter):
   """The custom gradient was faster on a 2-core CPU and slower on an H200 than autodiff's
-  select-and-scatter (README, Performance): each backend must get the one measured faster,
+  select-and-scatter (docs/performance.md): each backend must get the one measured faster,
   with the same value either way. Fails if the dispatch is lost or inverted."""
   monkeypatch.setattr(networks.jax, 'default_backend', lambda: backend)
   cfg = _model_cfg()
