@@ -19,7 +19,26 @@ def quiet_startup_logs() -> None:
   std_logging.getLogger('jax._src.xla_bridge').setLevel(std_logging.WARNING)
 
 
+def _unknown_field(e: BaseException) -> str | None:
+  """ml_collections' error for an unknown --config.FIELD: a KeyError (possibly inside an
+  AttributeError) whose text is the quoted field, then a 'Did you mean' line if any."""
+  while isinstance(e, (AttributeError, KeyError)) and e.args:
+    if isinstance(e.args[0], BaseException):
+      e = e.args[0]
+      continue
+    if not isinstance(e, KeyError) or not isinstance(e.args[0], str):
+      return None
+    field, _, hint = e.args[0].partition('\n')
+    hint = f'. {hint.strip()}' if hint.strip() else ''
+    field = field.strip('"\'')
+    return f'unknown config field {field!r} in a --config.FIELD=VALUE flag{hint}'
+  return None
+
+
 def _exit_with(e: BaseException) -> None:
+  field = _unknown_field(e)
+  if field:
+    e = ValueError(field)
   lines = [line.strip() for line in str(e).splitlines() if line.strip()]
   message = lines[-1] if lines else type(e).__name__
   if lines and lines[0] != message and not lines[0].startswith('flag --'):
@@ -38,8 +57,7 @@ def define_config_flag(default: str, help_text: str):
   try:
     return config_flags.DEFINE_config_file('config', default, help_text, lock_config=True)
   except (AttributeError, KeyError) as e:
-    field = str(e).strip('"\'')
-    _exit_with(ValueError(f'unknown config field {field!r} in a --config.FIELD=VALUE flag'))
+    _exit_with(e)
 
 
 def parse_flags(argv: list[str]) -> list[str]:

@@ -9,6 +9,9 @@ from conftest import REPO
 
 @pytest.mark.parametrize('argv, expected', [
   (['--config.nosuch=1'], "error: unknown config field 'nosuch'"),
+  (['--config.batch_sise=1'],  # ml_collections' suggestion, unescaped, on the same line
+   "error: unknown config field 'batch_sise' in a --config.FIELD=VALUE flag. "
+   'Did you mean "batch_size"'),
   (['--config=configs/byol.py:nope'], "unknown preset 'nope'; valid: demo,"),
   (['--config.batch_size=abc'], "error: flag --config.batch_size=abc: invalid literal"),
   (['--config=configs/nofile.py:demo'], "No such file or directory: 'configs/nofile.py'"),
