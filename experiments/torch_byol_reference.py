@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import math
 import os
@@ -455,6 +456,32 @@ def features(backbone: nn.Module, images: np.ndarray, device, batch: int = 1024,
 
 
 @torch.no_grad()
+def recalibrated(backbone: nn.Module, images: np.ndarray, device, normalize: str = 'cifar',
+                 max_images: int = 10_000, batch: int = 1000, seed: int = 0) -> nn.Module:
+  """A copy of backbone whose BN running statistics are re-estimated on training images.
+
+  Why: an untrained network's running statistics are PyTorch's initial mean 0 / variance 1,
+  which describe none of its layers, so its kNN measures that artefact. byol_jax evaluates
+  the encoder at initialisation after the same re-estimation (precise BN: one pass in
+  training mode over a seeded sample of up to 10,000 training images, the per-batch means
+  and variances averaged), so the two initial figures compare. The copy leaves the model's
+  own statistics, and so its training, untouched."""
+  backbone = copy.deepcopy(backbone)
+  bns = [m for m in backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+  for m in bns:
+    m.reset_running_stats()
+    m.momentum = None  # cumulative average over the batches
+  n = min(len(images), max_images)
+  batch = min(batch, n)
+  rows = np.sort(np.random.default_rng(seed).permutation(len(images))[:n - n % batch])
+  backbone.train()
+  for i in range(0, len(rows), batch):
+    x = torch.from_numpy(images[rows[i:i + batch]]).to(device).permute(0, 3, 1, 2).float()
+    backbone(normalise(x / 255.0, normalize))
+  return backbone
+
+
+@torch.no_grad()
 def knn_top1(train_f, train_y, test_f, test_y, num_classes: int, k: int = 200,
              temperature: float = 0.1) -> float:
   """Weighted kNN (Wu et al. 2018): top-k cosine neighbours vote exp(sim / t)."""
@@ -602,13 +629,13 @@ def train(argv: list[str] | None = None) -> dict:
 
   view_fn = torch.compile(apply_view, dynamic=False) if args.compile else apply_view
 
-  def evaluate() -> float:
-    return knn_top1(features(model.backbone, train_x, device, normalize=cfg['normalize']),
+  def evaluate(backbone: nn.Module) -> float:
+    return knn_top1(features(backbone, train_x, device, normalize=cfg['normalize']),
                     train_labels,
-                    features(model.backbone, test_x, device, normalize=cfg['normalize']),
+                    features(backbone, test_x, device, normalize=cfg['normalize']),
                     test_labels, len(classes))
 
-  init_acc = evaluate()
+  init_acc = evaluate(recalibrated(model.backbone, train_x, device, cfg['normalize']))
   print(f'kNN top-1 of the encoder at initialisation: {init_acc:.4f}', flush=True)
   eval_every = max(1, int(round(args.eval_every_epochs * steps_per_epoch)))
   start, last_log, last_log_step = time.time(), time.time(), 0
@@ -642,7 +669,7 @@ def train(argv: list[str] | None = None) -> dict:
           raise SystemExit(f'error: loss is {loss_value} at step {step}')
       timed_out = args.timeout_s and time.time() - start > args.timeout_s
       if step % eval_every == 0 or step == total or timed_out:
-        acc = evaluate()
+        acc = evaluate(model.backbone)
         record = dict(step=step, knn_top1=acc, knn_top1_init=init_acc,
                       epoch=step / steps_per_epoch, network='online', split='test',
                       protocol='knn', implementation='torch_reference',

@@ -191,6 +191,31 @@ def test_imagenet_normalisation_uses_torchvisions_constants():
   assert not torch.allclose(ref.normalise(x, 'cifar'), ref.normalise(x, 'imagenet'))
 
 
+def test_recalibrated_bn_averages_the_batch_statistics_of_a_copy():
+  """The initial evaluation's BN statistics: for the stem's BN, the mean over equal batches
+  of its input's per-batch mean and (unbiased) variance, computed here in float64 from the
+  stem convolution; the model's own statistics must stay PyTorch's initial ones."""
+  torch.manual_seed(0)
+  backbone = ref.ResNet(10, 0.125, True)
+  images = np.random.default_rng(0).integers(0, 256, (40, 8, 8, 3), dtype=np.uint8)
+  copy = ref.recalibrated(backbone, images, 'cpu', max_images=30, batch=10)
+  rows = np.sort(np.random.default_rng(0).permutation(40)[:30])
+  conv = backbone.body[0].double()
+  means, variances = [], []
+  for i in range(0, 30, 10):
+    x = torch.from_numpy(images[rows[i:i + 10]]).permute(0, 3, 1, 2).double() / 255.0
+    y = conv(ref.normalise(x.float()).double())
+    means.append(y.mean(dim=(0, 2, 3)))
+    variances.append(y.var(dim=(0, 2, 3), unbiased=True))
+  bn = copy.body[1]
+  torch.testing.assert_close(bn.running_mean.double(), torch.stack(means).mean(0),
+                             rtol=1e-4, atol=1e-6)
+  torch.testing.assert_close(bn.running_var.double(), torch.stack(variances).mean(0),
+                             rtol=1e-4, atol=1e-6)
+  assert torch.equal(backbone.body[1].running_mean, torch.zeros_like(bn.running_mean))
+  assert torch.equal(backbone.body[1].running_var, torch.ones_like(bn.running_var))
+
+
 def _folder(root, classes=2, train=24, test=8, size=16):
   rng = np.random.default_rng(0)
   for split, n in (('train', train), ('test', test)):
