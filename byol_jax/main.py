@@ -83,8 +83,7 @@ def run(argv: list[str]) -> int:
       watch.exit_code = importlib.import_module(WORKERS[_MODE.value]).run(cfg, _WORKDIR.value)
     return watch.exit_code
   except (train.ConfigError, datasets.DataError, multihost.LaunchError) as e:
-    logging.error('%s', e)
-    print(f'error: {e}', file=sys.stderr)
+    print(f'error: {e}', file=sys.stderr)  # one line, no log prefix: a user's mistake
     return 2
 
 

@@ -27,3 +27,21 @@ def test_flag_mistakes_are_one_line_errors(argv, expected, tmp_path):
   errors = [line for line in proc.stderr.splitlines() if line.startswith('error: ')]
   assert len(errors) == 1 and expected in errors[0], proc.stderr[-2000:]
   assert 'Traceback' not in proc.stderr
+
+
+@pytest.mark.parametrize('argv, expected', [
+  (['--config.batch_size=-3'], 'error: batch_size=-3 must be a positive multiple'),
+  (['--config.dataset=folder:/nonexistent/byol'],
+   'error: dataset folder /nonexistent/byol does not exist'),
+])
+def test_run_time_mistakes_are_said_once(argv, expected, tmp_path):
+  """A bad value found after parsing (config check, missing data): exit 2 and the message
+  once, as the `error:` line; a log line repeating it above doubled every such message."""
+  proc = subprocess.run([sys.executable, '-m', 'byol_jax.main', '--config=configs/byol.py:demo',
+                         *argv, f'--workdir={tmp_path}'], cwd=REPO, capture_output=True,
+                        text=True, timeout=120)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  message = expected.removeprefix('error: ')
+  mentions = [line for line in proc.stderr.splitlines() if message in line]
+  assert len(mentions) == 1 and mentions[0].startswith(expected), proc.stderr[-2000:]
+  assert 'Traceback' not in proc.stderr
