@@ -1,6 +1,7 @@
-"""`--worker_mode=finetune`: the whole pretrained encoder plus a new linear head, trained on
-labels (all of them, or a 1% / 10% class-balanced subset: the paper's semi-supervised
-protocol), with the result appended to `<workdir>/metrics/finetune.jsonl`.
+"""`--worker_mode=finetune`: the whole pretrained encoder and a new linear head, on labels.
+
+All labels, or a 1% / 10% class-balanced subset (the paper's semi-supervised protocol); the
+result is appended to `<workdir>/metrics/finetune.jsonl`.
 
 Why these choices:
 - Initialisation: encoder params and BN statistics from the checkpoint (online by default),

@@ -1,4 +1,4 @@
-"""LARS with BYOL's exclusion masks, the learning-rate schedule and the EMA (tau) schedule.
+"""LARS (with BYOL's exclusion masks) or momentum SGD, and the LR and EMA (tau) schedules.
 
 All schedules are functions of the integer step so that a resumed run recomputes them
 exactly rather than carrying them in state.

@@ -1,8 +1,11 @@
-"""Checks that the README quotes the code: presets table, worker modes, set-up commands.
+"""Checks that the README quotes the code: presets table, code map, worker modes, set-up.
 
-Run `python tests/readme_test.py` to print the presets table to paste after a config change.
+Run `python tests/readme_test.py` to print the presets table and the code map to paste after
+a config or module change.
 """
 
+import ast
+import glob
 import os
 import re
 import sys
@@ -30,6 +33,22 @@ def presets_table() -> str:
   return '\n'.join([head, *rows])
 
 
+def code_map_table() -> str:
+  """The README's code map: every module of the package and configs/, with the first
+  paragraph of its docstring (so a new or renamed module, or a changed summary, shows)."""
+  rows = ['| module | what it is for |', '|---|---|']
+  paths = sorted(glob.glob(os.path.join(REPO, 'byol_jax', '**', '*.py'), recursive=True))
+  paths += sorted(glob.glob(os.path.join(REPO, 'configs', '*.py')))
+  for path in paths:
+    with open(path) as f:
+      doc = ast.get_docstring(ast.parse(f.read()))
+    if not doc:  # package markers (__init__.py) say nothing
+      continue
+    summary = ' '.join(doc.split('\n\n')[0].split()).replace('|', '\\|')
+    rows.append(f'| `{os.path.relpath(path, REPO)}` | {summary} |')
+  return '\n'.join(rows)
+
+
 def _readme() -> str:
   with open(os.path.join(REPO, 'README.md')) as f:
     return f.read()
@@ -38,6 +57,12 @@ def _readme() -> str:
 def test_presets_table_matches_configs():
   """A preset whose hyperparameters changed without the README following fails here."""
   assert presets_table() in _readme(), 'regenerate with: python tests/readme_test.py'
+
+
+def test_code_map_lists_every_module():
+  """A module added, renamed or re-summarised without the README's code map following
+  fails here."""
+  assert code_map_table() in _readme(), 'regenerate with: python tests/readme_test.py'
 
 
 def test_worker_modes_documented():
@@ -80,4 +105,4 @@ def test_multihost_section_quotes_the_flags_and_defaults():
 
 
 if __name__ == '__main__':
-  sys.stdout.write(presets_table() + '\n')
+  sys.stdout.write(presets_table() + '\n\n' + code_map_table() + '\n')
