@@ -7,6 +7,11 @@ import pytest
 from conftest import REPO
 
 
+def _run_main(argv: list[str], workdir) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, '-m', 'byol_jax.main', *argv, f'--workdir={workdir}'],
+                        cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
 @pytest.mark.parametrize('argv, expected', [
   (['--config.nosuch=1'], "error: unknown config field 'nosuch'"),
   (['--config.batch_sise=1'],  # ml_collections' suggestion, unescaped, on the same line
@@ -20,9 +25,7 @@ from conftest import REPO
 def test_flag_mistakes_are_one_line_errors(argv, expected, tmp_path):
   """A mistyped flag, field, preset or file: exit 2 with one `error:` line, no traceback
   (a traceback wall here hides the one line that matters)."""
-  proc = subprocess.run([sys.executable, '-m', 'byol_jax.main', *argv,
-                         f'--workdir={tmp_path}'], cwd=REPO, capture_output=True, text=True,
-                        timeout=120)
+  proc = _run_main(argv, tmp_path)
   assert proc.returncode == 2, proc.stderr[-2000:]
   errors = [line for line in proc.stderr.splitlines() if line.startswith('error: ')]
   assert len(errors) == 1 and expected in errors[0], proc.stderr[-2000:]
@@ -37,9 +40,7 @@ def test_flag_mistakes_are_one_line_errors(argv, expected, tmp_path):
 def test_run_time_mistakes_are_said_once(argv, expected, tmp_path):
   """A bad value found after parsing (config check, missing data): exit 2 and the message
   once, as the `error:` line; a log line repeating it above doubled every such message."""
-  proc = subprocess.run([sys.executable, '-m', 'byol_jax.main', '--config=configs/byol.py:demo',
-                         *argv, f'--workdir={tmp_path}'], cwd=REPO, capture_output=True,
-                        text=True, timeout=120)
+  proc = _run_main(['--config=configs/byol.py:demo', *argv], tmp_path)
   assert proc.returncode == 2, proc.stderr[-2000:]
   message = expected.removeprefix('error: ')
   mentions = [line for line in proc.stderr.splitlines() if message in line]
