@@ -104,5 +104,39 @@ def test_multihost_section_quotes_the_flags_and_defaults():
     assert f'`{field}` ({value:g})' in section, field
 
 
+def _anchor(heading: str) -> str:
+  """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+  return re.sub(r'[^\w\- ]', '', heading.strip().lower()).replace(' ', '-')
+
+
+def _markdown_files() -> list[str]:
+  paths = [os.path.join(REPO, 'README.md')]
+  paths += sorted(glob.glob(os.path.join(REPO, 'docs', '*.md')))
+  return paths + sorted(glob.glob(os.path.join(REPO, 'experiments', '*.md')))
+
+
+def test_relative_links_resolve():
+  """A moved or renamed document, figure or section leaves no dead link in the docs: every
+  relative [text](path#anchor) names a file that exists and a heading that file has."""
+  dead = []
+  for path in _markdown_files():
+    with open(path) as f:
+      text = f.read()
+    for target in re.findall(r'\]\(([^)\s]+)\)', text):
+      if re.match(r'[a-z]+://', target):
+        continue
+      file_part, _, anchor = target.partition('#')
+      linked = os.path.normpath(os.path.join(os.path.dirname(path), file_part)) if file_part \
+        else path
+      if not os.path.exists(linked):
+        dead.append(f'{os.path.relpath(path, REPO)}: {target} (no such file)')
+      elif anchor:
+        with open(linked) as f:
+          headings = re.findall(r'^#+ (.+)$', f.read(), flags=re.M)
+        if anchor not in {_anchor(h) for h in headings}:
+          dead.append(f'{os.path.relpath(path, REPO)}: {target} (no such heading)')
+  assert not dead, dead
+
+
 if __name__ == '__main__':
   sys.stdout.write(presets_table() + '\n\n' + code_map_table() + '\n')
