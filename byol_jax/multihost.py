@@ -116,8 +116,7 @@ def _exit_now(message: str, code: int = EXIT_PROCESS_LOST, tell_peers: bool = Tr
   """Ends the process from any thread (the main thread may be stuck in a collective),
   telling the other processes first, and without JAX's exit-time shutdown barrier, which
   would wait for a process that is gone."""
-  if message:
-    logging.error('%s', message)
+  if message:  # once, as the one `error:` line (no log line repeating it)
     print(f'error: {message}', file=sys.stderr, flush=True)
   if tell_peers:
     _publish('failed')

@@ -546,13 +546,11 @@ def run(cfg: Any, workdir: str) -> int:
   if result['preempted'] is not None:
     message = (f'{result["signal"] or "preemption"}: saved checkpoint step {result["preempted"]} '
                f'in {checkpointing.checkpoint_dir(workdir)}; rerun the same command to resume')
-    logging.warning('%s', message)
-    print(message, file=sys.stderr)
+    print(message, file=sys.stderr)  # once, without a log prefix, as main's errors are
   return 0
 
 
 def _fail(e: BaseException, code: int) -> int:
-  logging.error('%s', e)
   print(f'error: {e}', file=sys.stderr)
   return code
 

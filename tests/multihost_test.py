@@ -173,6 +173,7 @@ def test_a_process_that_never_joins_times_out_with_the_coordinator_named(tmp_pat
   assert code == multihost.EXIT_PROCESS_LOST, log[-3000:]
   assert (f'error: process 1 of 2 could not join the run at coordinator localhost:{port} '
           'within 3 s') in log
+  assert sum('could not join the run' in line for line in log.splitlines()) == 1  # said once
 
 
 def test_processes_started_differently_are_refused(tmp_path):
