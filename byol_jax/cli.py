@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging as std_logging
 import os
+import re
 import sys
+import tempfile
 
 from absl import flags
 
@@ -17,6 +20,66 @@ def quiet_startup_logs() -> None:
   """
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   std_logging.getLogger('jax._src.xla_bridge').setLevel(std_logging.WARNING)
+
+
+# Abseil's C++ log line before its logging is initialised: no date or time, only the epoch.
+_ABSL_LINE = re.compile(r'^([IWEF])0000 00:00:[\d.]+ +\d+ +([\w.]+):\d+\]')
+_ABSL_PRE_INIT = 'WARNING: All log messages before absl::InitializeLog() is called'
+
+
+def tensorflow_start_up_lines_kept(text: str, min_level: int) -> list[str]:
+  """The lines of TensorFlow's C++ start-up output that TF_CPP_MIN_LOG_LEVEL lets through.
+
+  TensorFlow 2.20+ logs its start-up (oneDNN, the CUDA stubs) through Abseil before
+  Abseil's logging is initialised, and those lines ignore TF_CPP_MIN_LOG_LEVEL. They are
+  filtered here as that variable says: 1 drops INFO, 2 also WARNING, 3 also ERROR. Lines
+  from TensorFlow's CUDA layer go whatever their level, since TensorFlow is kept off the
+  accelerators (a CPU host's "failed call to cuInit" is not the user's problem). Every other
+  line is kept, Python's absl log lines (which carry a date) included.
+  """
+  kept = []
+  for line in text.splitlines():
+    match = _ABSL_LINE.match(line)
+    if line.startswith(_ABSL_PRE_INIT) and min_level > 0:
+      continue
+    if match and min_level > 0 and ('IWEF'.index(match.group(1)) < min_level
+                                    or match.group(2).startswith('cuda')):
+      continue
+    kept.append(line)
+  return kept
+
+
+@contextlib.contextmanager
+def tensorflow_start_up_filtered():
+  """Runs the block with the process's stderr (file descriptor 2, where C++ writes) captured,
+  then writes back the lines `tensorflow_start_up_lines_kept` keeps, or all of them if the
+  block raised."""
+  level = os.environ.get('TF_CPP_MIN_LOG_LEVEL', '0').strip()
+  min_level = int(level) if level.isdigit() else 0  # TensorFlow reads anything else as 0
+  try:
+    saved = os.dup(2) if min_level > 0 else None
+  except OSError:  # no stderr to capture
+    saved = None
+  if saved is None:
+    yield
+    return
+  sys.stderr.flush()
+  with tempfile.TemporaryFile() as capture:
+    os.dup2(capture.fileno(), 2)
+    failed = True
+    try:
+      yield
+      failed = False
+    finally:
+      sys.stderr.flush()
+      os.dup2(saved, 2)
+      os.close(saved)
+      capture.seek(0)
+      text = capture.read().decode('utf-8', 'replace')
+      lines = text.splitlines() if failed else tensorflow_start_up_lines_kept(text, min_level)
+      if lines:
+        sys.stderr.write('\n'.join(lines) + '\n')
+
 
 
 def _unknown_field(e: BaseException) -> str | None:

@@ -31,20 +31,19 @@ TFDS datasets also accept any raw TFDS split expression (e.g. 'unlabelled' or 't
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import dataclasses
 import functools
 import io
 import os
 import re
-import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 from absl import logging
+
+from byol_jax import cli
 
 KINDS = ('demo', 'tfds', 'folder')
 LOGICAL_SPLITS = ('train', 'valid', 'trainval', 'test')
@@ -140,7 +139,7 @@ def _check_split(split: str) -> None:
 
 def import_tensorflow(purpose: str = 'the tf.data input pipeline') -> Any:
   """Imports TensorFlow with accelerators hidden from it, or raises DataError."""
-  with _tensorflow_start_up_filtered():
+  with cli.tensorflow_start_up_filtered():
     try:
       import tensorflow as tf
     except ImportError as e:
@@ -149,65 +148,6 @@ def import_tensorflow(purpose: str = 'the tf.data input pipeline') -> Any:
                       '--input_mode=device') from None
     _hide_accelerators(tf)
   return tf
-
-
-# Abseil's C++ log line before its logging is initialised: no date or time, only the epoch.
-_ABSL_LINE = re.compile(r'^([IWEF])0000 00:00:[\d.]+ +\d+ +([\w.]+):\d+\]')
-_ABSL_PRE_INIT = 'WARNING: All log messages before absl::InitializeLog() is called'
-
-
-def tensorflow_start_up_lines_kept(text: str, min_level: int) -> list[str]:
-  """The lines of TensorFlow's C++ start-up output that TF_CPP_MIN_LOG_LEVEL lets through.
-
-  TensorFlow 2.20+ logs its start-up (oneDNN, the CUDA stubs) through Abseil before
-  Abseil's logging is initialised, and those lines ignore TF_CPP_MIN_LOG_LEVEL. They are
-  filtered here as that variable says: 1 drops INFO, 2 also WARNING, 3 also ERROR. Lines
-  from TensorFlow's CUDA layer go whatever their level, since TensorFlow is kept off the
-  accelerators (a CPU host's "failed call to cuInit" is not the user's problem). Every other
-  line is kept, Python's absl log lines (which carry a date) included.
-  """
-  kept = []
-  for line in text.splitlines():
-    match = _ABSL_LINE.match(line)
-    if line.startswith(_ABSL_PRE_INIT) and min_level > 0:
-      continue
-    if match and min_level > 0 and ('IWEF'.index(match.group(1)) < min_level
-                                    or match.group(2).startswith('cuda')):
-      continue
-    kept.append(line)
-  return kept
-
-
-@contextlib.contextmanager
-def _tensorflow_start_up_filtered():
-  """Runs the block with the process's stderr (file descriptor 2, where C++ writes) captured,
-  then writes back the lines `tensorflow_start_up_lines_kept` keeps, or all of them if the
-  block raised."""
-  level = os.environ.get('TF_CPP_MIN_LOG_LEVEL', '0').strip()
-  min_level = int(level) if level.isdigit() else 0  # TensorFlow reads anything else as 0
-  try:
-    saved = os.dup(2) if min_level > 0 else None
-  except OSError:  # no stderr to capture
-    saved = None
-  if saved is None:
-    yield
-    return
-  sys.stderr.flush()
-  with tempfile.TemporaryFile() as capture:
-    os.dup2(capture.fileno(), 2)
-    failed = True
-    try:
-      yield
-      failed = False
-    finally:
-      sys.stderr.flush()
-      os.dup2(saved, 2)
-      os.close(saved)
-      capture.seek(0)
-      text = capture.read().decode('utf-8', 'replace')
-      lines = text.splitlines() if failed else tensorflow_start_up_lines_kept(text, min_level)
-      if lines:
-        sys.stderr.write('\n'.join(lines) + '\n')
 
 
 @functools.cache
@@ -599,16 +539,17 @@ def _load_folder(spec: DatasetSpec, split: str, image_size: int | None, strict: 
   """
   found = scan_folder(spec.root or '', split)
   idx = shard(len(found.paths))
+  idx = idx[folder_order(len(idx))]  # before decoding: no second copy of the images
   paths = [found.paths[i] for i in idx]
   images, kept, skipped = _decode_all(paths, paths, image_size, f'{spec.root} ({split})',
                                       strict)
-  order = folder_order(len(kept))
-  return images[order], found.labels[idx][kept][order], dict(
-    num_classes=len(found.class_names), class_names=found.class_names, skipped=skipped)
+  return images, found.labels[idx][kept], dict(num_classes=len(found.class_names),
+                                               class_names=found.class_names, skipped=skipped)
 
 
 def folder_order(n: int) -> np.ndarray:
-  """The fixed permutation `load_arrays` applies to a folder's n decoded images (file order)."""
+  """The fixed permutation `load_arrays` applies to a process's n files of a folder split,
+  in `scan_folder`'s order; unreadable files are then left out."""
   return np.random.default_rng(FOLDER_ORDER_SEED).permutation(n)
 
 

@@ -1,10 +1,14 @@
-"""Tests of the command-line entry points' handling of user mistakes (cli.py)."""
+"""Tests of the command-line entry points' handling of user mistakes and start-up output
+(cli.py)."""
 
+import os
 import subprocess
 import sys
 
 import pytest
 from conftest import REPO
+
+from byol_jax import cli
 
 
 def _run_main(argv: list[str], workdir) -> subprocess.CompletedProcess:
@@ -46,3 +50,63 @@ def test_run_time_mistakes_are_said_once(argv, expected, tmp_path):
   mentions = [line for line in proc.stderr.splitlines() if message in line]
   assert len(mentions) == 1 and mentions[0].startswith(expected), proc.stderr[-2000:]
   assert 'Traceback' not in proc.stderr
+
+
+_START_UP = """\
+WARNING: All log messages before absl::InitializeLog() is called are written to STDERR
+I0000 00:00:1795805160.638365    2827 port.cc:153] oneDNN custom operations are on.
+I0000 00:00:1795805160.638672    2827 cudart_stub.cc:31] Could not find cuda drivers on your machine
+W0000 00:00:1795805160.680995    2827 some_op.cc:12] a warning
+E0000 00:00:1795805162.962955    2827 cuda_platform.cc:52] failed call to cuInit: INTERNAL
+E0000 00:00:1795805162.962955    2827 op_kernel.cc:9] a real error
+I1127 18:46:07.292090 140647407070080 file_utils.py:394] Python's absl, with a date
+Traceback-like line that is not Abseil's"""
+
+
+@pytest.mark.parametrize('level, kept', [
+  (0, list(range(8))),  # TF_CPP_MIN_LOG_LEVEL=0 (TensorFlow's default): everything
+  (1, [3, 5, 6, 7]),    # INFO and the pre-init banner go, CUDA lines go whatever their level
+  (2, [5, 6, 7]),
+  (3, [6, 7]),
+])
+def test_tensorflow_start_up_lines_follow_tf_cpp_min_log_level(level, kept):
+  """Breaks if the filter drops an error the user asked to see, or lets through what
+  TF_CPP_MIN_LOG_LEVEL (2 from every byol-jax command) hides."""
+  lines = _START_UP.splitlines()
+  assert cli.tensorflow_start_up_lines_kept(_START_UP, level) == [lines[i] for i in kept]
+
+
+def test_start_up_filter_replays_captured_output(capfd, monkeypatch):
+  """What C++ code writes to file descriptor 2 inside the block comes back filtered, and all
+  of it comes back if the block raises, so a failing import still shows its cause."""
+  monkeypatch.setenv('TF_CPP_MIN_LOG_LEVEL', '2')
+  lines = _START_UP.splitlines()
+  with cli.tensorflow_start_up_filtered():
+    os.write(2, (_START_UP + '\n').encode())
+  assert capfd.readouterr().err.splitlines() == [lines[5], lines[6], lines[7]]
+  with pytest.raises(RuntimeError):
+    with cli.tensorflow_start_up_filtered():
+      os.write(2, (_START_UP + '\n').encode())
+      raise RuntimeError('import failed')
+  assert capfd.readouterr().err.splitlines() == lines
+  os.write(2, b'after\n')  # file descriptor 2 is restored
+  assert capfd.readouterr().err == 'after\n'
+
+
+def test_import_tensorflow_start_up_is_quiet():
+  """With TF_CPP_MIN_LOG_LEVEL=2, as every byol-jax command sets it, importing TensorFlow
+  prints none of its start-up INFO lines or the CUDA stubs' (TensorFlow 2.20+ writes them
+  regardless of that variable). Level 0 shows they exist on this machine."""
+  pytest.importorskip('tensorflow')
+  code = 'from byol_jax import datasets; datasets.import_tensorflow(); print("imported")'
+
+  def stderr_at(level: str) -> list[str]:
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL=level)
+    run = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True,
+                         timeout=300, cwd=REPO)
+    assert run.returncode == 0 and run.stdout == 'imported\n', run.stderr
+    return [line for line in run.stderr.splitlines() if line.strip()]
+
+  assert stderr_at('2') == []
+  if not stderr_at('0'):
+    pytest.skip('this TensorFlow writes nothing at start-up, so there is nothing to filter')
