@@ -1,4 +1,4 @@
-"""Throughput of the real BYOL training step, or of its input alone, in one printed line.
+r"""Throughput of the real BYOL training step, or of its input alone, in one printed line.
 
 Why: speed claims are only worth something when measured on the step that trains (device
 augmentation included), with compilation excluded, proper synchronisation and the same
@@ -492,7 +492,9 @@ def main() -> None:
   from absl import app, flags
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   cli.define_config_flag(os.path.join(repo, 'configs', 'byol.py') + ':demo',
-                         'Config file and preset, e.g. configs/byol.py:r50.')
+                         'Config file and preset, e.g. configs/byol.py:r50; any field '
+                         'overridden as --config.FIELD=VALUE.')
+  flags.declare_key_flag('config')  # defined inside ml_collections: list it in --help too
   flags.DEFINE_enum('data', 'resident', DATA_KINDS, 'What feeds the step (module docstring).')
   flags.DEFINE_enum('mode', 'step', MODES, 'step: the training step; input: its input alone.')
   flags.DEFINE_integer('steps', 20, 'Timed steps (twice: blocked one by one, then a window).')

@@ -29,7 +29,9 @@ WORKER_MODES = tuple(WORKERS)
 
 _CONFIG = cli.define_config_flag(
   os.path.join(_REPO_CONFIGS, 'byol.py') + ':demo',
-  'Config file and preset, e.g. configs/byol.py:r50 or configs/byol.py:r50,epochs=300.')
+  'Config file and preset, e.g. configs/byol.py:r50 or configs/byol.py:r50,epochs=300; '
+  'any field overridden as --config.FIELD=VALUE (presets and fields: configs/byol.py).')
+flags.declare_key_flag('config')  # defined inside ml_collections: list it in --help too
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/demo', 'Where metrics, checkpoints go.')
 _MODE = flags.DEFINE_enum('worker_mode', 'train', WORKER_MODES, 'What this process does.')
 # Several processes (hosts) in one run; see README "Multi-host".

@@ -1,4 +1,4 @@
-"""Evaluation presets for a pretrained BYOL encoder: `--config=configs/linear_eval.py:PRESET`.
+r"""Evaluation presets for a pretrained BYOL encoder: `--config=configs/linear_eval.py:PRESET`.
 
 One config serves both evaluation workers; `--workdir` is the PRETRAINING workdir, whose
 checkpoint and saved config are read, and results are appended to

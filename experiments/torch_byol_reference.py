@@ -1,4 +1,4 @@
-"""An independent PyTorch BYOL for CIFAR-sized image folders: the cross-check of issue 7.
+r"""An independent PyTorch BYOL for CIFAR-sized image folders: the cross-check of issue 7.
 
 Why: byol-jax's CIFAR-10 runs stay below the published PyTorch figures (README, Results),
 and no option separates the candidate causes: the shared data (a lossy JPEG copy), the

@@ -110,3 +110,12 @@ def test_import_tensorflow_start_up_is_quiet():
   assert stderr_at('2') == []
   if not stderr_at('0'):
     pytest.skip('this TensorFlow writes nothing at start-up, so there is nothing to filter')
+
+
+@pytest.mark.parametrize('module', ['byol_jax.main', 'byol_jax.benchmark'])
+def test_help_lists_the_config_flag(module):
+  """--help shows only the main module's key flags; --config is defined inside
+  ml_collections, so without being declared key it was missing from --help."""
+  proc = subprocess.run([sys.executable, '-m', module, '--help'], cwd=REPO, capture_output=True,
+                        text=True, timeout=120)
+  assert '  --config: Config file and preset' in proc.stdout + proc.stderr, proc.stderr[-2000:]
