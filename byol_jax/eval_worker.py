@@ -138,8 +138,11 @@ class Worker:
     record = self.writer.write(step, record)
     self.writer.flush()
     self.done.add(step)
-    logging.info('eval worker: step %d (%s): %s', step, weights, train._fmt_metrics(
-      {k: v for k, v in record.items() if k != 'step'}))
+    scores = {k: record[k] for k in ('knn_top1', 'knn_top5', 'probe_top1')
+              if record.get(k) is not None}  # first: what a user reads the line for
+    logging.info('eval worker: step %d: %s  (%s encoder, %s/test, %s weights, BN statistics: '
+                 '%s; the whole record in %s)', step, train._fmt_metrics(scores), network,
+                 self.dataset, weights, bn_note, self.writer.path)
     return record
 
   def _calibration_batches(self) -> list[np.ndarray]:
