@@ -77,6 +77,8 @@ def test_worker_started_first_evaluates_each_checkpoint_once(followed_run):
       r['step'], 'demo', 'test', 'online')
     assert (r['knn_k'], r['train_examples'], r['test_examples']) == (10, 64, 32)
     assert 0.0 <= r['knn_top1'] <= r['knn_top5'] <= 1.0
+    # Its log line leads with the scores, as recorded (a user reads the line for them).
+    assert f"eval worker: step {r['step']}: knn_top1 {r['knn_top1']:.4f}  knn_top5 " in log
   initial, *trained = got
   assert (initial['weights'], initial['protocol'], initial['probe_top1']) == (
     'random_init', 'knn', None)
