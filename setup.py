@@ -15,7 +15,7 @@ setup(
     'jax>=0.7.0',  # jax.shard_map with check_vma
     'jaxlib>=0.7.0',
     'dm-haiku>=0.0.14',
-    'optax>=0.2.4',
+    'optax>=0.2.5',  # optax.tree.norm
     'chex>=0.1.88',
     'ml-collections>=0.1.1',
     'absl-py>=2.0',

@@ -193,8 +193,8 @@ def byol_update(state: TrainState, view1: jax.Array, view2: jax.Array, labels: j
                         for f in TrainState._fields if f not in ('step', 'rng')})
   metrics.update(collapse_metrics(aux['projection'], state.step + 1, fns, axis_name))
   metrics.update(lr=fns.lr_fn(state.step), tau=tau, nonfinite=1.0 - finite.astype(jnp.float32),
-                 grad_norm=optax.global_norm(grads),
-                 param_norm=optax.global_norm(state.online_params))
+                 grad_norm=optax.tree.norm(grads),
+                 param_norm=optax.tree.norm(state.online_params))
   return new, metrics
 
 
