@@ -37,16 +37,15 @@ def tensorflow_start_up_lines_kept(text: str, min_level: int) -> list[str]:
   accelerators (a CPU host's "failed call to cuInit" is not the user's problem). Every other
   line is kept, Python's absl log lines (which carry a date) included.
   """
-  kept = []
-  for line in text.splitlines():
+  if min_level <= 0:
+    return text.splitlines()
+
+  def dropped(line: str) -> bool:
     match = _ABSL_LINE.match(line)
-    if line.startswith(_ABSL_PRE_INIT) and min_level > 0:
-      continue
-    if match and min_level > 0 and ('IWEF'.index(match.group(1)) < min_level
-                                    or match.group(2).startswith('cuda')):
-      continue
-    kept.append(line)
-  return kept
+    return line.startswith(_ABSL_PRE_INIT) or bool(match) and (
+      'IWEF'.index(match.group(1)) < min_level or match.group(2).startswith('cuda'))
+
+  return [line for line in text.splitlines() if not dropped(line)]
 
 
 @contextlib.contextmanager
@@ -79,7 +78,6 @@ def tensorflow_start_up_filtered():
       lines = text.splitlines() if failed else tensorflow_start_up_lines_kept(text, min_level)
       if lines:
         sys.stderr.write('\n'.join(lines) + '\n')
-
 
 
 def _unknown_field(e: BaseException) -> str | None:
