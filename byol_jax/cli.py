@@ -8,6 +8,7 @@ import os
 import re
 import sys
 import tempfile
+import traceback
 
 from absl import flags
 
@@ -89,6 +90,9 @@ def _unknown_field(e: BaseException) -> str | None:
       continue
     if not isinstance(e, KeyError) or not isinstance(e.args[0], str):
       return None
+    frames = traceback.extract_tb(e.__traceback__)
+    if frames and 'ml_collections' not in frames[-1].filename:
+      return None  # a KeyError of a config file's own code, not a mistyped field
     field, _, hint = e.args[0].partition('\n')
     hint = f'. {hint.strip()}' if hint.strip() else ''
     field = field.strip('"\'')
@@ -96,10 +100,42 @@ def _unknown_field(e: BaseException) -> str | None:
   return None
 
 
+def _root_cause(e: BaseException) -> BaseException:
+  seen = set()
+  while (e.__cause__ or e.__context__) is not None and id(e) not in seen:
+    seen.add(id(e))
+    e = e.__cause__ or e.__context__
+  return e
+
+
+def _config_file_error(e: BaseException) -> str | None:
+  """ml_collections reports a missing config file as 'an earlier failure to load ...
+  config_config', and a get_config that raised as the whole traceback in one message; the
+  user needs the path they typed, or the preset's own message."""
+  root = _root_cause(e)
+  text = str(root)
+  missing = re.search(r"No such file or directory: '([^']*)'", text)
+  if 'Failed loading config file' in text and missing:
+    return (f'config file {missing.group(1)!r} not found from {os.getcwd()}: run from the '
+            "repository root or give the file's path (the presets are in configs/byol.py, "
+            'configs/linear_eval.py and configs/ablation.py)')
+  flag = re.match(r'(flag --config=\S+): Error whilst parsing config file', str(e))
+  prefix = f'{flag.group(1)}: ' if flag else ''
+  if flag and root is not e and isinstance(root, ValueError):
+    return prefix + text  # how a preset says the user asked for something wrong
+  frames = traceback.extract_tb(root.__traceback__)
+  if isinstance(root, (ValueError, flags.Error)) or not frames:
+    return None
+  # A bug in a config file: where it is, in one line (a SyntaxError's text says where).
+  where = '' if isinstance(root, SyntaxError) else (
+    f' ({frames[-1].filename}, line {frames[-1].lineno})')
+  return f'{prefix}{type(root).__name__}: {text}{where}'
+
+
 def _exit_with(e: BaseException) -> None:
-  field = _unknown_field(e)
-  if field:
-    e = ValueError(field)
+  message = _unknown_field(e) or _config_file_error(e)
+  if message:
+    e = ValueError(message)
   lines = [line.strip() for line in str(e).splitlines() if line.strip()]
   message = lines[-1] if lines else type(e).__name__
   if lines and lines[0] != message and not lines[0].startswith('flag --'):

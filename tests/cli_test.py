@@ -21,9 +21,11 @@ def _run_main(argv: list[str], workdir) -> subprocess.CompletedProcess:
   (['--config.batch_sise=1'],  # ml_collections' suggestion, unescaped, on the same line
    "error: unknown config field 'batch_sise' in a --config.FIELD=VALUE flag. "
    'Did you mean "batch_size"'),
-  (['--config=configs/byol.py:nope'], "unknown preset 'nope'; valid: demo,"),
+  (['--config=configs/byol.py:nope'],  # the preset's own message, no exception type
+   "error: flag --config=configs/byol.py:nope: unknown preset 'nope'; valid: demo,"),
   (['--config.batch_size=abc'], "error: flag --config.batch_size=abc: invalid literal"),
-  (['--config=configs/nofile.py:demo'], "No such file or directory: 'configs/nofile.py'"),
+  (['--config=configs/nofile.py:demo'],  # the path as typed, and where it was looked for
+   f"error: config file 'configs/nofile.py' not found from {REPO}: run from the repository"),
   (['--bogus=1'], "error: Unknown command line flag 'bogus'"),
 ])
 def test_flag_mistakes_are_one_line_errors(argv, expected, tmp_path):
@@ -33,6 +35,24 @@ def test_flag_mistakes_are_one_line_errors(argv, expected, tmp_path):
   assert proc.returncode == 2, proc.stderr[-2000:]
   errors = [line for line in proc.stderr.splitlines() if line.startswith('error: ')]
   assert len(errors) == 1 and expected in errors[0], proc.stderr[-2000:]
+  assert 'Traceback' not in proc.stderr
+
+
+@pytest.mark.parametrize('body, expected', [
+  ('  return undefined_name',
+   "error: NameError: name 'undefined_name' is not defined ({}, line 2)"),
+  # A KeyError of the file's own code is its bug, not a mistyped --config.FIELD.
+  ("  return {}['zz']", "error: KeyError: 'zz' ({}, line 2)"),
+])
+def test_a_bug_in_a_config_file_is_one_line_saying_where(body, expected, tmp_path):
+  """A user's own config file that raises: one line with the exception and the file and
+  line, instead of a traceback wall or a misleading 'unknown config field'."""
+  config = tmp_path / 'my_config.py'
+  config.write_text(f'def get_config():\n{body}\n')
+  proc = _run_main([f'--config={config}'], tmp_path)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  errors = [line for line in proc.stderr.splitlines() if line.startswith('error: ')]
+  assert len(errors) == 1 and errors[0].startswith(expected.format(config)), proc.stderr[-2000:]
   assert 'Traceback' not in proc.stderr
 
 
