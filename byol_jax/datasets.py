@@ -205,7 +205,7 @@ def _not_prepared_message(spec: DatasetSpec, builder: Any, data_dir: str | None)
     return (f"{where}: put the files from the dataset's manual download instructions in "
             f'{root}/downloads/manual and run {build}')
   return (f'{where}: run {build} on a machine with internet access, then copy the folder '
-          f'or point --data_dir at it')
+          f'here or point --config.data_dir at it')
 
 
 def _derived_splits(available: Sequence[str]) -> dict[str, str]:

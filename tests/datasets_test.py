@@ -261,6 +261,7 @@ def test_unprepared_tfds_dataset_is_a_one_line_error(tmp_path, monkeypatch):
   with pytest.raises(datasets.DataError) as info:
     datasets.load_arrays(datasets.parse_dataset('cifar10'), 'train', data_dir=data_dir)
   assert data_dir in str(info.value) and 'tfds build cifar10' in str(info.value)
+  assert '--config.data_dir' in str(info.value)  # the flag that exists, not --data_dir
   with pytest.raises(datasets.DataError) as info:
     datasets.dataset_size(datasets.parse_dataset('imagenet2012'), 'train', data_dir)
   message = str(info.value)
