@@ -112,7 +112,7 @@ class FolderSplit:
 
 
 def parse_dataset(name: str) -> DatasetSpec:
-  """Turns a --dataset value into a DatasetSpec, rejecting malformed names early."""
+  """Turns a --config.dataset value into a DatasetSpec, rejecting malformed names early."""
   text = (name or '').strip()
   if text == 'demo':
     return DatasetSpec('demo', 'demo')
@@ -144,8 +144,8 @@ def import_tensorflow(purpose: str = 'the tf.data input pipeline') -> Any:
       import tensorflow as tf
     except ImportError as e:
       raise DataError(f'{purpose} needs TensorFlow ({e}); install tensorflow-cpu and '
-                      "tensorflow-datasets, or use --dataset=demo or folder:/path with "
-                      '--input_mode=device') from None
+                      "tensorflow-datasets, or use --config.dataset=demo or folder:/path with "
+                      '--config.input_mode=device') from None
     _hide_accelerators(tf)
   return tf
 
@@ -171,7 +171,7 @@ def import_tfds(spec: DatasetSpec) -> Any:
     import tensorflow_datasets as tfds
   except ImportError as e:
     raise DataError(f'TFDS dataset {spec.name!r} needs tensorflow-datasets ({e}); pip install '
-                    'tensorflow-datasets, or use --dataset=folder:/path') from None
+                    'tensorflow-datasets, or use --config.dataset=folder:/path') from None
   return tfds
 
 

@@ -139,3 +139,53 @@ def test_help_lists_the_config_flag(module):
   proc = subprocess.run([sys.executable, '-m', module, '--help'], cwd=REPO, capture_output=True,
                         text=True, timeout=120)
   assert '  --config: Config file and preset' in proc.stdout + proc.stderr, proc.stderr[-2000:]
+
+
+def _config_fields() -> set[str]:
+  """Every dotted field of every preset the three config files offer."""
+  import importlib.util
+  fields = set()
+
+  def walk(cfg, prefix=''):
+    for key, value in cfg.items():
+      fields.add(prefix + key)
+      if hasattr(value, 'items'):
+        walk(value, f'{prefix}{key}.')
+
+  for name in ('byol', 'linear_eval', 'ablation'):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, 'configs', f'{name}.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for preset in getattr(module, 'PRESETS', None) or module.VARIANTS:
+      walk(module.get_config(preset))
+  return fields
+
+
+def test_flags_named_in_messages_and_docstrings_exist():
+  """Breaks when an error message or docstring tells the user to pass a flag that no entry
+  point defines (e.g. `--data_dir` for what is `--config.data_dir`): following the advice
+  would be the user's next mistake."""
+  import ast
+  import glob
+  import re
+  sources = {path: open(path).read()
+             for path in glob.glob(os.path.join(REPO, 'byol_jax', '**', '*.py'), recursive=True)}
+  defined = {'config', 'help'}
+  for text in sources.values():
+    defined |= set(re.findall(r"DEFINE_\w+\(\s*'(\w+)'", text))
+    defined |= set(re.findall(r"add_argument\(\s*'--(\w+)'", text))
+  fields = _config_fields()
+  # Other programs' flags quoted in our messages: `tfds build --data_dir`, `gcloud ...
+  # --worker=all`, an XLA flag.
+  foreign = {'data_dir', 'worker', 'xla_gpu_deterministic_ops'}
+  wrong = []
+  for path, text in sources.items():
+    for node in ast.walk(ast.parse(text)):
+      if not (isinstance(node, ast.Constant) and isinstance(node.value, str)):
+        continue
+      for flag in re.findall(r'(?<![\w-])--([a-z_]+(?:\.[a-z_]+)*)', node.value):
+        field = flag.removeprefix('config.')
+        ok = field in fields if flag.startswith('config.') else (flag in defined | foreign)
+        if not ok:
+          wrong.append(f'{os.path.relpath(path, REPO)}: --{flag}')
+  assert not wrong, wrong
