@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO
+from conftest import REPO, config_fields
 
 from byol_jax import cli
 
@@ -141,26 +141,6 @@ def test_help_lists_the_config_flag(module):
   assert '  --config: Config file and preset' in proc.stdout + proc.stderr, proc.stderr[-2000:]
 
 
-def _config_fields() -> set[str]:
-  """Every dotted field of every preset the three config files offer."""
-  import importlib.util
-  fields = set()
-
-  def walk(cfg, prefix=''):
-    for key, value in cfg.items():
-      fields.add(prefix + key)
-      if hasattr(value, 'items'):
-        walk(value, f'{prefix}{key}.')
-
-  for name in ('byol', 'linear_eval', 'ablation'):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, 'configs', f'{name}.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    for preset in getattr(module, 'PRESETS', None) or module.VARIANTS:
-      walk(module.get_config(preset))
-  return fields
-
-
 def test_flags_named_in_messages_and_docstrings_exist():
   """Breaks when an error message or docstring tells the user to pass a flag that no entry
   point defines (e.g. `--data_dir` for what is `--config.data_dir`): following the advice
@@ -174,7 +154,7 @@ def test_flags_named_in_messages_and_docstrings_exist():
   for text in sources.values():
     defined |= set(re.findall(r"DEFINE_\w+\(\s*'(\w+)'", text))
     defined |= set(re.findall(r"add_argument\(\s*'--(\w+)'", text))
-  fields = _config_fields()
+  fields = config_fields()
   # Other programs' flags quoted in our messages: `tfds build --data_dir`, `gcloud ...
   # --worker=all`, an XLA flag.
   foreign = {'data_dir', 'worker', 'xla_gpu_deterministic_ops'}
@@ -183,7 +163,7 @@ def test_flags_named_in_messages_and_docstrings_exist():
     for node in ast.walk(ast.parse(text)):
       if not (isinstance(node, ast.Constant) and isinstance(node.value, str)):
         continue
-      for flag in re.findall(r'(?<![\w-])--([a-z_]+(?:\.[a-z_]+)*)', node.value):
+      for flag in re.findall(r'(?<![\w-])--([a-z_0-9]+(?:\.[a-z_0-9]+)*)', node.value):
         field = flag.removeprefix('config.')
         ok = field in fields if flag.startswith('config.') else (flag in defined | foreign)
         if not ok:

@@ -37,6 +37,25 @@ def tiny_config(**overrides):
   return cfg
 
 
+
+def config_fields() -> set[str]:
+  """Every dotted field of every preset of the three config files (what --config.FIELD may
+  name)."""
+  from configs import ablation, byol, linear_eval
+  fields = set()
+
+  def walk(cfg, prefix=''):
+    for key, value in cfg.items():
+      fields.add(prefix + key)
+      if hasattr(value, 'items'):
+        walk(value, f'{prefix}{key}.')
+
+  for module, presets in ((byol, byol.PRESETS), (linear_eval, linear_eval.PRESETS),
+                          (ablation, ablation.VARIANTS)):
+    for preset in presets:
+      walk(module.get_config(preset))
+  return fields
+
 @pytest.fixture
 def tiny_cfg():
   return tiny_config()

@@ -140,3 +140,22 @@ def test_relative_links_resolve():
 
 if __name__ == '__main__':
   sys.stdout.write(presets_table() + '\n\n' + code_map_table() + '\n')
+
+
+def test_config_fields_in_docs_and_scripts_exist():
+  """Breaks when a command in the README, docs/ or experiments/ overrides a config field that
+  no preset has: ml_collections would reject it, and in a GPU session's one prepared call
+  that costs the call."""
+  from conftest import config_fields
+  fields = config_fields()
+  paths = [os.path.join(REPO, 'README.md'), *glob.glob(os.path.join(REPO, 'docs', '*.md')),
+           *glob.glob(os.path.join(REPO, 'experiments', '*'))]
+  placeholders = {'x', 'y'}  # the README's `--config.x=...` pattern
+  wrong = []
+  for path in paths:
+    if os.path.isfile(path) and not path.endswith('.png'):
+      with open(path) as f:
+        for field in re.findall(r'--config\.([a-z_0-9]+(?:\.[a-z_0-9]+)*)', f.read()):
+          if field not in fields | placeholders:
+            wrong.append(f'{os.path.relpath(path, REPO)}: --config.{field}')
+  assert not wrong, wrong
