@@ -490,8 +490,7 @@ def _run(argv: list[str], flag_values: Any) -> int:
 def main() -> None:
   """`python -m byol_jax.benchmark`: flags are defined here, so importing defines none."""
   from absl import app, flags
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  cli.define_config_flag(os.path.join(repo, 'configs', 'byol.py') + ':demo',
+  cli.define_config_flag(os.path.join(cli.REPO, 'configs', 'byol.py') + ':demo',
                          'Config file and preset, e.g. configs/byol.py:r50; any field '
                          'overridden as --config.FIELD=VALUE.')
   flags.declare_key_flag('config')  # defined inside ml_collections: list it in --help too

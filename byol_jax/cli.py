@@ -12,6 +12,9 @@ import traceback
 
 from absl import flags
 
+# The checkout an editable install runs from; configs/ lives here.
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 def quiet_startup_logs() -> None:
   """No TensorFlow or XLA start-up chatter unless the user asked for it.
@@ -116,8 +119,8 @@ def _config_file_error(e: BaseException) -> str | None:
   text = str(root)
   missing = re.search(r"No such file or directory: '([^']*)'", text)
   if 'Failed loading config file' in text and missing:
-    return (f'config file {missing.group(1)!r} not found from {os.getcwd()}: run from the '
-            "repository root or give the file's path (the presets are in configs/byol.py, "
+    return (f'config file {missing.group(1)!r} not found in {os.getcwd()} nor in {REPO}: '
+            "check the file's name (the presets are in configs/byol.py, "
             'configs/linear_eval.py and configs/ablation.py)')
   flag = re.match(r'(flag --config=\S+): Error whilst parsing config file', str(e))
   prefix = f'{flag.group(1)}: ' if flag else ''
@@ -144,13 +147,35 @@ def _exit_with(e: BaseException) -> None:
   sys.exit(2)
 
 
+def config_path_fallback(argv: list[str], repo: str = REPO) -> list[str]:
+  """argv with a relative `--config` file that the working directory lacks taken from the
+  repository instead, when it is there (an editable install): the README's commands say
+  `configs/byol.py:r50` and then work from any directory. A file in the working directory
+  wins, so a user's own configs/ is never shadowed."""
+  out = []
+  for i, arg in enumerate(argv):
+    value = arg[len('--config='):] if arg.startswith('--config=') else (
+      arg if i and argv[i - 1] == '--config' else None)
+    if value is not None:
+      path, sep, rest = value.partition(':')
+      in_repo = os.path.join(repo, path)
+      if path and not os.path.isabs(path) and not os.path.exists(path) and (
+          os.path.isfile(in_repo)):
+        value = f'{in_repo}{sep}{rest}'
+        arg = f'--config={value}' if arg.startswith('--config=') else value
+    out.append(arg)
+  return out
+
+
 def define_config_flag(default: str, help_text: str):
   """`--config=FILE:PRESET` with `--config.FIELD=VALUE` overrides (ml_collections).
 
   ml_collections applies the overrides named on the command line while defining the flag,
-  so an unknown field fails here, at import, rather than in flag parsing.
+  so an unknown field fails here, at import, rather than in flag parsing. A relative config
+  file is looked for in the repository too (config_path_fallback).
   """
   from ml_collections import config_flags
+  sys.argv[:] = config_path_fallback(sys.argv)
   try:
     return config_flags.DEFINE_config_file('config', default, help_text, lock_config=True)
   except (AttributeError, KeyError) as e:

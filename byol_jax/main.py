@@ -16,8 +16,7 @@ from absl import app, flags, logging
 
 from byol_jax import cli
 
-_REPO_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                             'configs')
+_REPO_CONFIGS = os.path.join(cli.REPO, 'configs')
 # --worker_mode -> module whose `run(cfg, workdir) -> int` does the work (imported lazily).
 WORKERS = {
   'train': 'byol_jax.train',

@@ -25,7 +25,7 @@ def _run_main(argv: list[str], workdir) -> subprocess.CompletedProcess:
    "error: flag --config=configs/byol.py:nope: unknown preset 'nope'; valid: demo,"),
   (['--config.batch_size=abc'], "error: flag --config.batch_size=abc: invalid literal"),
   (['--config=configs/nofile.py:demo'],  # the path as typed, and where it was looked for
-   f"error: config file 'configs/nofile.py' not found from {REPO}: run from the repository"),
+   f"error: config file 'configs/nofile.py' not found in {REPO} nor in {REPO}: check"),
   (['--bogus=1'], "error: Unknown command line flag 'bogus'"),
 ])
 def test_flag_mistakes_are_one_line_errors(argv, expected, tmp_path):
@@ -169,3 +169,32 @@ def test_flags_named_in_messages_and_docstrings_exist():
         if not ok:
           wrong.append(f'{os.path.relpath(path, REPO)}: --{flag}')
   assert not wrong, wrong
+
+
+def test_relative_config_files_are_found_from_any_directory(tmp_path, monkeypatch):
+  """`--config=configs/byol.py:r50` as the README writes it must work outside the checkout
+  (editable install), while a configs/ file in the working directory still wins and a
+  missing file stays missing (its error names it)."""
+  monkeypatch.chdir(tmp_path)
+  repo_file = os.path.join(REPO, 'configs', 'byol.py')
+  assert cli.config_path_fallback(
+    ['prog', '--config=configs/byol.py:r50,epochs=300', '--config.seed=1']) == [
+      'prog', f'--config={repo_file}:r50,epochs=300', '--config.seed=1']
+  assert cli.config_path_fallback(['prog', '--config', 'configs/byol.py']) == [
+    'prog', '--config', repo_file]
+  for argv in (['prog', '--config=/abs/byol.py:x'], ['prog', '--config=configs/nofile.py'],
+               ['prog', '--workdir=configs/byol.py']):
+    assert cli.config_path_fallback(argv) == argv
+  (tmp_path / 'configs').mkdir()
+  (tmp_path / 'configs' / 'byol.py').write_text('')
+  assert cli.config_path_fallback(['prog', '--config=configs/byol.py:r50']) == [
+    'prog', '--config=configs/byol.py:r50']
+
+
+def test_readme_command_runs_outside_the_checkout(tmp_path):
+  """The repository's preset file is read from another directory: the preset's own error
+  comes back, not 'config file not found'."""
+  proc = subprocess.run([sys.executable, '-m', 'byol_jax.main', '--config=configs/byol.py:nope',
+                         f'--workdir={tmp_path}'], cwd=tmp_path, capture_output=True,
+                        text=True, timeout=120)
+  assert proc.returncode == 2 and "unknown preset 'nope'" in proc.stderr, proc.stderr[-2000:]
