@@ -87,6 +87,26 @@ def collapse_signals(projections: jax.Array, axis_name: str | None = None) -> di
   return dict(proj_std=std, proj_rank=jnp.exp(entropy))
 
 
+# Projections whose std falls below this fraction of a healthy 1/sqrt(dim) have collapsed.
+# Every healthy run recorded here stayed above 0.2 of it (the normalisation ablation's
+# variants without batch norm included, 30 epochs, docs/cifar10.md); a collapsed one is
+# near 0.
+COLLAPSE_STD_FRACTION = 0.1
+
+
+def collapse_message(proj_std: float, proj_rank: float, projection_dim: int) -> str | None:
+  """What to tell the user when the logged collapse signals say the projections collapsed,
+  or None while they look healthy. The causes are the ones BYOL users hit in practice."""
+  healthy = projection_dim ** -0.5
+  if not proj_std < COLLAPSE_STD_FRACTION * healthy:  # NaN (a skipped step) is not collapse
+    return None
+  return (f'the projections are collapsing: std {proj_std:.4f}, {proj_std / healthy:.0%} of '
+          f'a healthy {healthy:.4f} (1/sqrt({projection_dim})), effective rank '
+          f'{proj_rank:.1f}. Usual causes: Adam or a much too high learning rate (use LARS as '
+          'configured), tau too low, no norm layer in the projector and predictor, or '
+          "augmentations too weak for the data. See the README's 'Troubleshooting: collapse'.")
+
+
 def probe_loss_and_accuracy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Softmax cross-entropy and top-1 accuracy of the online linear probe."""
   logp = jax.nn.log_softmax(logits)

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from byol_jax import checkpointing, metric_writers, multihost, optim, preview, train_step
+from byol_jax import checkpointing, losses, metric_writers, multihost, optim, preview, train_step
 from byol_jax import data as data_lib
 from byol_jax.evaluators import common
 from byol_jax.evaluators import knn as knn_lib
@@ -244,6 +244,24 @@ def _check_faults(faults: dict[str, Any], max_bad: int, workdir: str,
 
 
 # ------------------------------------------------------------------------- preemption
+
+
+class _CollapseWatch:
+  """Warns once when two logged steps in a row show collapsed projections: one odd batch
+  is not a collapse, and repeating the warning every log line would bury the rest."""
+
+  def __init__(self, projection_dim: int):
+    self.projection_dim = projection_dim
+    self.in_a_row = 0
+    self.warned = False
+
+  def update(self, metrics: dict[str, Any]) -> None:
+    message = losses.collapse_message(float(metrics['proj_std']), float(metrics['proj_rank']),
+                                      self.projection_dim)
+    self.in_a_row = self.in_a_row + 1 if message else 0
+    if self.in_a_row >= 2 and not self.warned:
+      logging.warning('%s', message)
+      self.warned = True
 
 
 class _Preemption:
@@ -488,6 +506,7 @@ def _loop(cfg, workdir, mesh, data, fns, state, faults, ckpt, preemption, num_st
     _write_preview(cfg, state, workdir, eval_writer, data, is_main)
 
   progress = Progress(start, num_steps, cfg.batch_size)
+  collapse = _CollapseWatch(cfg.model.projection_dim)
   loop_start = time.time()
   clock = _SaveClock(cfg.checkpoint, num_steps, cfg.log_every_steps)
   last_train, last_eval, preempted = {}, {}, None
@@ -507,6 +526,8 @@ def _loop(cfg, workdir, mesh, data, fns, state, faults, ckpt, preemption, num_st
                    metrics['proj_std'], metrics['proj_rank'], metrics['images_per_sec'],
                    _fmt_eta(metrics['eta_sec']))
       _check_faults(host_faults, cfg.max_bad_steps, workdir, ckpt)
+      if is_main:  # every process has the same metrics: one warning, not one per host
+        collapse.update(metrics)
     is_eval = cfg.eval_every_steps and step % cfg.eval_every_steps == 0
     if is_eval or step == num_steps:
       result = {**knn(state.online_params, state.online_state), **init_knn,

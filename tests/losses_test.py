@@ -52,6 +52,26 @@ def test_collapse_signals_healthy_and_collapsed():
   assert float(collapsed['proj_rank']) < 1.5
 
 
+def test_collapse_message_only_for_collapsed_projections():
+  """The trainer's warning: silent for healthy projections and for the NaN of a step
+  without signals, and for the ablation's weakest healthy runs (0.22 of 1/sqrt(d)); it
+  speaks for collapsed ones, names how far from healthy and where to read on."""
+  rng = np.random.default_rng(1)
+  z = jnp.asarray(rng.normal(size=(1024, 256)), jnp.float32)
+  healthy = losses.collapse_signals(z)
+  assert losses.collapse_message(float(healthy['proj_std']), float(healthy['proj_rank']),
+                                 256) is None
+  assert losses.collapse_message(0.22 / 16, 12.0, 256) is None
+  assert losses.collapse_message(float('nan'), float('nan'), 256) is None
+  collapsed = losses.collapse_signals(jnp.ones((256, 256)) + 1e-7 * z[:256])
+  message = losses.collapse_message(float(collapsed['proj_std']),
+                                    float(collapsed['proj_rank']), 256)
+  assert message and 'of a healthy 0.0625 (1/sqrt(256))' in message
+  assert 'Troubleshooting: collapse' in message
+  assert losses.collapse_message(0.09 / 16, 3.0, 256) and losses.collapse_message(
+    0.11 / 16, 3.0, 256) is None  # the threshold: 0.1 of healthy
+
+
 def test_effective_rank_sees_partial_collapse():
   """Projections on a 4-dim subspace: rank ~4 although std stays far from 0."""
   rng = np.random.default_rng(2)
