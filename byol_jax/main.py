@@ -73,11 +73,27 @@ def _join(cfg) -> float:
   return timeouts.peer_timeout_secs
 
 
+# JAX's GPU memory settings; a user who set any of them has chosen.
+_GPU_MEMORY_VARS = ('XLA_PYTHON_CLIENT_PREALLOCATE', 'XLA_PYTHON_CLIENT_MEM_FRACTION',
+                    'XLA_PYTHON_CLIENT_ALLOCATOR')
+
+
+def share_accelerator_memory(mode: str, environ: dict | None = None) -> None:
+  """The eval worker allocates GPU memory as it needs it instead of JAX's default 75% up
+  front: it is meant to run beside the trainer, often on the same GPU, where taking 75%
+  would leave the trainer (or itself, started second) out of memory. Must run before JAX
+  creates its GPU client."""
+  environ = os.environ if environ is None else environ
+  if mode == 'eval' and not any(var in environ for var in _GPU_MEMORY_VARS):
+    environ['XLA_PYTHON_CLIENT_PREALLOCATE'] = 'false'
+
+
 def run(argv: list[str]) -> int:
   del argv
   from byol_jax import checkpointing, datasets, multihost, train  # after parsing: fast --help
   checkpointing.quiet_orbax_logs()
   cfg = _CONFIG.value
+  share_accelerator_memory(_MODE.value)
   try:
     peer_timeout = _join(cfg)
     with multihost.PeerWatch(peer_timeout) as watch:

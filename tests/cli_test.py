@@ -198,3 +198,20 @@ def test_readme_command_runs_outside_the_checkout(tmp_path):
                          f'--workdir={tmp_path}'], cwd=tmp_path, capture_output=True,
                         text=True, timeout=120)
   assert proc.returncode == 2 and "unknown preset 'nope'" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_eval_worker_shares_the_gpu_unless_told_otherwise():
+  """The eval worker runs beside the trainer: JAX's default of taking 75% of a GPU up front
+  would starve one of them. Breaks if the worker preallocates, if the trainer stops
+  preallocating, or if a user's own memory setting is overridden."""
+  from byol_jax import main
+  env = {}
+  main.share_accelerator_memory('eval', env)
+  assert env == {'XLA_PYTHON_CLIENT_PREALLOCATE': 'false'}
+  for mode in ('train', 'linear_eval', 'finetune'):
+    env = {}
+    main.share_accelerator_memory(mode, env)
+    assert env == {}
+  env = {'XLA_PYTHON_CLIENT_MEM_FRACTION': '.3'}
+  main.share_accelerator_memory('eval', env)
+  assert env == {'XLA_PYTHON_CLIENT_MEM_FRACTION': '.3'}
