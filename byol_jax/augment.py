@@ -69,6 +69,38 @@ def default_augment_config() -> ml_collections.ConfigDict:
   )
 
 
+def check_config(cfg: ml_collections.ConfigDict) -> None:
+  """Raises ValueError (one line) for augmentation values that would fail deep inside the
+  traced step (a traceback wall) or silently produce other views than asked for."""
+  def need(ok: bool, what: str) -> None:
+    if not ok:
+      raise ValueError(f'augment.{what}')
+
+  need(0 < cfg.crop_area_min <= cfg.crop_area_max <= 1,
+       f'crop_area_min={cfg.crop_area_min} and crop_area_max={cfg.crop_area_max} must satisfy '
+       '0 < min <= max <= 1 (fractions of the image area)')
+  need(0 < cfg.crop_aspect_min <= cfg.crop_aspect_max,
+       f'crop_aspect_min={cfg.crop_aspect_min} and crop_aspect_max={cfg.crop_aspect_max} must '
+       'satisfy 0 < min <= max')
+  probabilities = {name: cfg[name] for name in ('flip_prob', 'color_jitter_prob',
+                                                'grayscale_prob')}
+  for view in ('view1', 'view2'):
+    probabilities.update({f'{view}.{k}': v for k, v in cfg[view].items()})
+  for name, p in probabilities.items():
+    need(0 <= p <= 1, f'{name}={p} must be a probability in [0, 1]')
+  for name in ('brightness', 'contrast', 'saturation'):
+    need(cfg[name] >= 0, f'{name}={cfg[name]} must be >= 0')
+  need(0 <= cfg.hue <= 0.5, f'hue={cfg.hue} must be in [0, 0.5] (a fraction of the hue circle)')
+  need(0 < cfg.blur_sigma_min <= cfg.blur_sigma_max,
+       f'blur_sigma_min={cfg.blur_sigma_min} and blur_sigma_max={cfg.blur_sigma_max} must '
+       'satisfy 0 < min <= max')
+  need(0 < cfg.blur_kernel_fraction <= 1,
+       f'blur_kernel_fraction={cfg.blur_kernel_fraction} must be in (0, 1] (of the image side)')
+  for name in ('mean', 'std'):
+    need(len(cfg[name]) == 3, f'{name}={tuple(cfg[name])} must hold 3 numbers, one per RGB channel')
+  need(all(s > 0 for s in cfg.std), f'std={tuple(cfg.std)} must be positive')
+
+
 # ---------------------------------------------------------------------------------------------
 # Random resized crop.
 # ---------------------------------------------------------------------------------------------

@@ -82,6 +82,10 @@ def validate(cfg: Any, num_devices: int) -> None:
   if style not in augment.JITTER_STYLES:
     raise ConfigError(f'augment.jitter_style={style!r}; valid: '
                       f'{", ".join(augment.JITTER_STYLES)}')
+  try:
+    augment.check_config(cfg.augment)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   _validate_faults(cfg)
 
 

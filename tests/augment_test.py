@@ -627,3 +627,40 @@ def test_unknown_jitter_style_is_a_config_error():
   with pytest.raises(ValueError, match='jitter_style'):
     augment.finish_views(jax.random.key(0), np.zeros((1, 2, 4, 4, 3), np.uint8),
                          _quiet_config(color_jitter_prob=1.0, jitter_style='pil'))
+
+
+@pytest.mark.parametrize('field, value, says', [
+  ('mean', (0.5, 0.5), 'augment.mean=(0.5, 0.5) must hold 3 numbers'),
+  ('std', (0.2, 0.0, 0.2), 'augment.std=(0.2, 0.0, 0.2) must be positive'),
+  ('crop_area_min', 0.0, 'crop_area_min=0.0 and crop_area_max=1.0 must satisfy'),
+  ('crop_area_max', 1.5, 'crop_area_min=0.08 and crop_area_max=1.5'),
+  ('crop_aspect_min', 2.0, 'crop_aspect_min=2.0 and crop_aspect_max=1.33'),
+  ('view2.solarize_prob', 1.5, 'augment.view2.solarize_prob=1.5 must be a probability'),
+  ('grayscale_prob', -0.1, 'augment.grayscale_prob=-0.1 must be a probability'),
+  ('saturation', -0.2, 'augment.saturation=-0.2 must be >= 0'),
+  ('hue', 0.7, 'augment.hue=0.7 must be in [0, 0.5]'),
+  ('blur_sigma_min', 3.0, 'blur_sigma_min=3.0 and blur_sigma_max=2.0'),
+  ('blur_kernel_fraction', 0.0, 'augment.blur_kernel_fraction=0.0 must be in (0, 1]'),
+])
+def test_bad_augment_values_are_named_before_tracing(field, value, says):
+  """A wrong-length mean failed deep inside the traced step as a broadcasting traceback; an
+  out-of-range probability or crop range silently made other views. Each must be one line
+  that names the field."""
+  cfg = augment.default_augment_config()
+  *path, leaf = field.split('.')
+  target = cfg
+  for p in path:
+    target = target[p]
+  target[leaf] = value
+  with pytest.raises(ValueError) as e:
+    augment.check_config(cfg)
+  assert says in str(e.value) and '\n' not in str(e.value)
+
+
+def test_every_preset_has_valid_augment_values():
+  """The check must not reject what the presets ship."""
+  from configs import ablation, byol
+  for name in byol.PRESETS:
+    augment.check_config(byol.get_config(name).augment)
+  for name in ablation.VARIANTS:
+    augment.check_config(ablation.get_config(name).augment)

@@ -60,6 +60,8 @@ def test_a_bug_in_a_config_file_is_one_line_saying_where(body, expected, tmp_pat
   (['--config.batch_size=-3'], 'error: batch_size=-3 must be a positive multiple'),
   (['--config.dataset=folder:/nonexistent/byol'],
    'error: dataset folder /nonexistent/byol does not exist'),
+  (['--config.augment.mean=(0.5,0.5)'],  # was a broadcasting traceback from the traced step
+   'error: augment.mean=(0.5, 0.5) must hold 3 numbers'),
 ])
 def test_run_time_mistakes_are_said_once(argv, expected, tmp_path):
   """A bad value found after parsing (config check, missing data): exit 2 and the message
