@@ -91,6 +91,10 @@ def make_train_data(cfg: Any, start_step: int = 0) -> TrainData:
   num_classes = num_classes_of(cfg)
   if mode == 'device':
     train = load_split(cfg, PRETRAIN_SPLIT)
+    if len(train.labels) < cfg.batch_size:
+      raise datasets.DataError(
+        f'{cfg.dataset} has {len(train.labels)} training images, fewer than one batch of '
+        f'{cfg.batch_size}: lower --config.batch_size or add images')
     return TrainData('device', len(train.labels), num_classes, train)
   from byol_jax import input_pipeline  # TensorFlow only on this path
   spec = datasets.parse_dataset(cfg.dataset)

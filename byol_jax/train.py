@@ -49,27 +49,14 @@ class TrainingDiverged(RuntimeError):
 
 
 def validate(cfg: Any, num_devices: int) -> None:
-  """Checks that would otherwise fail late (after compiling) or silently."""
+  """Checks that would otherwise fail late (after compiling), in a traceback, or silently."""
   if cfg.batch_size <= 0 or cfg.batch_size % num_devices:
     raise ConfigError(f'batch_size={cfg.batch_size} must be a positive multiple of the '
                       f'{num_devices} devices')
-  if cfg.optimizer.base_lr <= 0:
-    raise ConfigError(f'optimizer.base_lr={cfg.optimizer.base_lr} must be positive')
-  if cfg.get('tau_schedule', 'cosine') not in optim.TAU_SCHEDULES:
-    raise ConfigError(f'tau_schedule={cfg.tau_schedule!r}; valid: '
-                      f'{", ".join(optim.TAU_SCHEDULES)}')
-  if cfg.optimizer.name not in optim.OPTIMIZERS:
-    raise ConfigError(f'optimizer.name={cfg.optimizer.name!r}; valid: '
-                      f'{", ".join(optim.OPTIMIZERS)}')
   if cfg.epochs <= 0 and cfg.steps <= 0:
     raise ConfigError(f'epochs={cfg.epochs} must be positive (or set steps)')
-  if cfg.model.depth not in train_step.networks.RESNET_LAYOUTS:
-    raise ConfigError(f'model.depth={cfg.model.depth} is not a ResNet depth; valid: '
-                      f'{sorted(train_step.networks.RESNET_LAYOUTS)}')
-  for name in ('projector_norm', 'predictor_norm'):
-    if cfg.model[name] not in train_step.networks.NORM_KINDS:
-      raise ConfigError(f'model.{name}={cfg.model[name]!r}; valid: '
-                        f'{", ".join(train_step.networks.NORM_KINDS)}')
+  if cfg.image_size < 8:
+    raise ConfigError(f'image_size={cfg.image_size} must be at least 8 pixels')
   try:
     train_step.precision_dtype(cfg.precision)
     data_lib.datasets.parse_dataset(cfg.dataset)
@@ -77,16 +64,59 @@ def validate(cfg: Any, num_devices: int) -> None:
     raise ConfigError(str(e)) from None
   if cfg.loss not in ('byol', 'infonce'):
     raise ConfigError(f'loss={cfg.loss!r}; valid: byol, infonce')
+  _validate_model(cfg.model)
+  _validate_optimisation(cfg)
+  _validate_augment(cfg.augment)
+  _need_positive(cfg.knn, 'knn', ('k', 'temperature'))
+  _validate_faults(cfg)
+
+
+def _need_positive(section: Any, prefix: str, names: tuple[str, ...]) -> None:
+  for name in names:
+    if not section[name] > 0:
+      raise ConfigError(f'{prefix}.{name}={section[name]} must be positive')
+
+
+def _validate_model(model: Any) -> None:
+  if model.depth not in train_step.networks.RESNET_LAYOUTS:
+    raise ConfigError(f'model.depth={model.depth} is not a ResNet depth; valid: '
+                      f'{sorted(train_step.networks.RESNET_LAYOUTS)}')
+  _need_positive(model, 'model', ('width', 'projector_hidden', 'predictor_hidden',
+                                  'projection_dim'))
+  for name in ('projector_norm', 'predictor_norm'):
+    if model[name] not in train_step.networks.NORM_KINDS:
+      raise ConfigError(f'model.{name}={model[name]!r}; valid: '
+                        f'{", ".join(train_step.networks.NORM_KINDS)}')
+
+
+def _validate_optimisation(cfg: Any) -> None:
+  opt = cfg.optimizer
+  if opt.name not in optim.OPTIMIZERS:
+    raise ConfigError(f'optimizer.name={opt.name!r}; valid: {", ".join(optim.OPTIMIZERS)}')
+  _need_positive(opt, 'optimizer', ('base_lr', 'trust_coefficient'))
+  if opt.weight_decay < 0 or opt.warmup_epochs < 0:
+    raise ConfigError(f'optimizer.weight_decay={opt.weight_decay} and optimizer.warmup_epochs='
+                      f'{opt.warmup_epochs} must be >= 0')
+  if not 0 <= opt.momentum < 1:
+    raise ConfigError(f'optimizer.momentum={opt.momentum} must be in [0, 1)')
+  if cfg.get('tau_schedule', 'cosine') not in optim.TAU_SCHEDULES:
+    raise ConfigError(f'tau_schedule={cfg.tau_schedule!r}; valid: '
+                      f'{", ".join(optim.TAU_SCHEDULES)}')
+  if not 0 <= cfg.tau_base <= 1:
+    raise ConfigError(f'tau_base={cfg.tau_base} must be in [0, 1] (the EMA keeps tau of the '
+                      'target)')
+
+
+def _validate_augment(aug: Any) -> None:
   from byol_jax import augment  # local: keeps the import graph of this module small
-  style = cfg.augment.get('jitter_style', 'tf')
+  style = aug.get('jitter_style', 'tf')
   if style not in augment.JITTER_STYLES:
     raise ConfigError(f'augment.jitter_style={style!r}; valid: '
                       f'{", ".join(augment.JITTER_STYLES)}')
   try:
-    augment.check_config(cfg.augment)
+    augment.check_config(aug)
   except ValueError as e:
     raise ConfigError(str(e)) from None
-  _validate_faults(cfg)
 
 
 def _validate_faults(cfg: Any) -> None:

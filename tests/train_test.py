@@ -2,9 +2,10 @@
 faults are in checkpointing_test.py."""
 
 import jax.numpy as jnp
+import pytest
 from conftest import tiny_config
 
-from byol_jax import losses, train
+from byol_jax import data, datasets, losses, train
 
 
 def _metrics(std: float) -> dict:
@@ -36,3 +37,38 @@ def test_a_collapsing_run_warns(tmp_path, caplog, monkeypatch):
   assert result['train']['proj_std'] == 0.0 and result['train']['step'] == 6
   assert caplog.text.count('the projections are collapsing') == 1, caplog.text[-3000:]
   assert 'Adam or a much too high learning rate' in caplog.text
+
+
+@pytest.mark.parametrize('field, value, says', [
+  ('model.width', 0.0, 'model.width=0.0 must be positive'),
+  ('model.projection_dim', 0, 'model.projection_dim=0 must be positive'),
+  ('image_size', 4, 'image_size=4 must be at least 8'),
+  ('knn.k', 0, 'knn.k=0 must be positive'),
+  ('tau_base', 1.5, 'tau_base=1.5 must be in [0, 1]'),
+  ('optimizer.weight_decay', -1.0, 'optimizer.weight_decay=-1.0'),
+  ('optimizer.momentum', 1.0, 'optimizer.momentum=1.0 must be in [0, 1)'),
+  ('augment.mean', (0.5, 0.5), 'augment.mean=(0.5, 0.5) must hold 3 numbers'),
+])
+def test_nonsense_values_are_config_errors(field, value, says):
+  """Each of these either failed deep in tracing with a traceback (a zero projection
+  size, a tiny image) or trained silently on nonsense (tau above 1 extrapolates the EMA,
+  negative weight decay grows the weights, k=0 neighbours)."""
+  with pytest.raises(train.ConfigError) as e:
+    train.validate(tiny_config(**{field: value}), 1)
+  assert says in str(e.value)
+
+
+def test_every_preset_passes_validation():
+  """The checks must not reject what the presets ship."""
+  from configs import ablation, byol
+  for name in byol.PRESETS:
+    train.validate(byol.get_config(name), 1)
+  for name in ablation.VARIANTS:
+    train.validate(ablation.get_config(name), 1)
+
+
+def test_resident_data_smaller_than_a_batch_is_a_data_error():
+  """A small image folder (or demo size) below one batch failed inside the traced sampler."""
+  cfg = tiny_config(**{'demo.train_examples': 10})
+  with pytest.raises(datasets.DataError, match='10 training images, fewer than one batch of 16'):
+    data.make_train_data(cfg)
