@@ -139,6 +139,8 @@ def test_random_init_baseline_and_missing_checkpoint(workdir, tmp_path):
   with pytest.raises(train.ConfigError, match='bn_calibration_examples'):
     linear_eval.resolve_config(eval_config(random_init=True, bn_calibration_examples=0),
                                pre.config)
+  with pytest.raises(train.ConfigError, match='image_size=3 must be at least 8'):
+    linear_eval.resolve_config(eval_config(image_size=3), pre.config)  # ran on 3 px images
   with pytest.raises(train.ConfigError, match='no finalised checkpoint'):
     linear_eval.run(eval_config(), str(tmp_path))
   with pytest.raises(train.ConfigError, match='no checkpoint at step 3'):
