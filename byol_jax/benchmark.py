@@ -369,12 +369,16 @@ def _loss(carry: Any) -> float | None:
   return None
 
 
-def _check_request(cfg: Any, data: str, mode: str, steps: int, warmup: int) -> None:
+def _check_request(cfg: Any, data: str, mode: str, steps: int, warmup: int,
+                   num_images: int = 0) -> None:
   """Refuses what cannot run before anything is built or compiled."""
   if data not in DATA_KINDS or mode not in MODES:
     raise BenchmarkError(f'data={data!r}, mode={mode!r}; valid: {DATA_KINDS}, {MODES}')
   if steps < 1 or warmup < 0:
     raise BenchmarkError(f'steps={steps} must be >= 1 and warmup={warmup} >= 0')
+  if num_images and not num_images >= cfg.batch_size:
+    raise BenchmarkError(f'num_images={num_images} must be 0 (automatic) or at least one '
+                         f'batch ({cfg.batch_size})')
   if data == 'views' and mode == 'input':
     raise BenchmarkError('--data=views has no input work to time; use another --data')
   if data == 'stream' and datasets.parse_dataset(cfg.dataset).kind not in ('folder', 'tfds'):
@@ -399,7 +403,7 @@ def run_benchmark(cfg: Any, *, data: str = 'resident', mode: str = 'step', steps
   """Times the configured step (or its input) and returns the figures of the BENCH line;
   with profile_dir, then traces profile_steps more calls (after the timing, so the figures
   never include the profiler's overhead)."""
-  _check_request(cfg, data, mode, steps, warmup)
+  _check_request(cfg, data, mode, steps, warmup, num_images)
   if profile_dir and (profile_steps < 1 or data == 'stream'):
     raise BenchmarkError(f'--profile_dir needs --profile_steps >= 1 (got {profile_steps}) and '
                          'a device-side --data (not stream)')

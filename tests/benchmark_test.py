@@ -91,6 +91,8 @@ def test_impossible_requests_are_refused_before_compiling(image_folder):
       benchmark.run_benchmark(cfg, **kwargs)
   with pytest.raises(benchmark.BenchmarkError, match='batch_size'):
     benchmark.run_benchmark(tiny_config(batch_size=0))
+  with pytest.raises(benchmark.BenchmarkError, match='num_images=3 must be 0'):
+    benchmark.run_benchmark(cfg, data='synthetic', num_images=3)  # fewer images than a batch
 
 
 def test_flops_read_from_dict_or_list_cost_analysis():
