@@ -392,7 +392,11 @@ def export(workdir: str, fmt: str = 'npz', step: int | None = None, network: str
   path = output or default_output(workdir, fmt, network, step)
   meta = sidecar(cfg, fmt, network, step)
   save = save_npz if fmt == 'npz' else save_torch
-  return save(path, params, state, meta)
+  try:
+    return save(path, params, state, meta)
+  except (OSError, RuntimeError) as e:  # torch.save reports an unwritable path as RuntimeError
+    reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+    raise OSError(f'cannot write {path}: {reason}') from None
 
 
 def _require_torch() -> None:
@@ -426,8 +430,10 @@ def _run(f: Any) -> int:
     return _fail(f'workdir {f.workdir!r} does not exist')
   try:
     path = export(f.workdir, f.format, f.step, f.network, f.output)
-  except (ValueError, OSError, KeyError, checkpointing.CheckpointError) as e:
-    return _fail(str(e).strip('"\''))
+  except KeyError as e:
+    return _fail(str(e).strip('"\''))  # a KeyError's text comes quoted
+  except (ValueError, OSError, checkpointing.CheckpointError) as e:
+    return _fail(str(e))
   print(f'exported the {f.network} encoder to {path} (sidecar {sidecar_path(path)})')
   return 0
 

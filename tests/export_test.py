@@ -231,6 +231,16 @@ def test_cli_bad_requests_are_one_line(checkpointed, args, message):
   assert 'Traceback' not in result.stderr
 
 
+def test_cli_unwritable_output_is_one_line(checkpointed, tmp_path):
+  """An output under a regular file: one line naming the path, not a traceback or a
+  message with its quotes chipped off."""
+  (tmp_path / 'a_file').write_text('')
+  output = tmp_path / 'a_file' / 'weights.npz'
+  result = _cli(f'--workdir={checkpointed[0]}', f'--output={output}')
+  assert result.returncode == 2 and 'Traceback' not in result.stderr
+  assert f'error: cannot write {output}: ' in result.stderr, result.stderr
+
+
 def test_cli_missing_workdir_is_one_line(tmp_path):
   """A traceback or exit code other than 2 for a missing workdir breaks this."""
   result = _cli(f'--workdir={tmp_path / "nope"}')
