@@ -31,9 +31,11 @@ TFDS datasets also accept any raw TFDS split expression (e.g. 'unlabelled' or 't
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import io
+import logging as std_logging
 import os
 import re
 import time
@@ -182,14 +184,31 @@ def tfds_builder(spec: DatasetSpec, data_dir: str | None = None) -> Any:
   prepare (or hang waiting for the network). Never calls download_and_prepare.
   """
   tfds = import_tfds(spec)
-  try:
-    builder = tfds.builder(spec.name, data_dir=data_dir)
-  except (tfds.core.DatasetNotFoundError, ValueError, KeyError) as e:
-    raise DataError(f'TFDS has no dataset {spec.name!r} (and none is prepared under '
-                    f'data_dir={data_dir}): {one_line(e)}; {_VALID_FORMS}') from None
-  if not builder.is_prepared():
-    raise DataError(_not_prepared_message(spec, builder, data_dir))
+  with _without_variant_folder_warnings():
+    try:
+      builder = tfds.builder(spec.name, data_dir=data_dir)
+    except (tfds.core.DatasetNotFoundError, ValueError, KeyError) as e:
+      raise DataError(f'TFDS has no dataset {spec.name!r} (and none is prepared under '
+                      f'data_dir={data_dir}): {one_line(e)}; {_VALID_FORMS}') from None
+    if not builder.is_prepared():
+      raise DataError(_not_prepared_message(spec, builder, data_dir))
   return builder
+
+
+@contextlib.contextmanager
+def _without_variant_folder_warnings():
+  """TFDS warns 'Variant folder ... has no dataset_info.json' for a half-prepared dataset
+  while it looks for one; the not-prepared error below says the same with what to do, so
+  the warning would only double it."""
+  def keep(record: std_logging.LogRecord) -> bool:
+    return not str(record.msg).startswith('Variant folder')
+
+  logger = std_logging.getLogger('absl')
+  logger.addFilter(keep)
+  try:
+    yield
+  finally:
+    logger.removeFilter(keep)
 
 
 def _not_prepared_message(spec: DatasetSpec, builder: Any, data_dir: str | None) -> str:

@@ -249,7 +249,7 @@ def test_choose_input_mode():
     datasets.choose_input_mode(1, 1, 1, 'gpu')
 
 
-def test_unprepared_tfds_dataset_is_a_one_line_error(tmp_path, monkeypatch):
+def test_unprepared_tfds_dataset_is_a_one_line_error(tmp_path, monkeypatch, caplog):
   """A missing TFDS dataset must explain itself and never start a download."""
   tfds = pytest.importorskip('tensorflow_datasets')
 
@@ -262,6 +262,12 @@ def test_unprepared_tfds_dataset_is_a_one_line_error(tmp_path, monkeypatch):
     datasets.load_arrays(datasets.parse_dataset('cifar10'), 'train', data_dir=data_dir)
   assert data_dir in str(info.value) and 'tfds build cifar10' in str(info.value)
   assert '--config.data_dir' in str(info.value)  # the flag that exists, not --data_dir
+  # Half prepared (the version folder without dataset_info.json): the error alone, without
+  # TFDS's 'Variant folder ... has no dataset_info.json' warning saying it twice.
+  os.makedirs(os.path.join(data_dir, 'cifar10', '3.0.2'))
+  with caplog.at_level('WARNING'), pytest.raises(datasets.DataError, match='not prepared'):
+    datasets.load_arrays(datasets.parse_dataset('cifar10'), 'train', data_dir=data_dir)
+  assert 'Variant folder' not in caplog.text
   with pytest.raises(datasets.DataError) as info:
     datasets.dataset_size(datasets.parse_dataset('imagenet2012'), 'train', data_dir)
   message = str(info.value)
