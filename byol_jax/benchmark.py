@@ -427,7 +427,8 @@ def run_benchmark(cfg: Any, *, data: str = 'resident', mode: str = 'step', steps
     tflops=step_flops / median_s / 1e12 if step_flops else None,
     compile_s=timing['compile_s'], compiles=timing['compiles'], cores_used=timing['cores_used'],
     compiles_while_timing=timing['compiles_while_timing'], loss=_loss(timing['carry']),
-    depth=cfg.model.depth, width=cfg.model.width, jax=jax.__version__,
+    depth=cfg.model.depth, width=cfg.model.width,
+    fuse_views=bool(cfg.get('fuse_views', False)), jax=jax.__version__,
     backend=jax.default_backend(), time=time.strftime('%Y-%m-%dT%H:%M:%S'))
 
 

@@ -186,7 +186,7 @@ def test_stream_step_trains_from_an_image_folder(image_folder):
 
 @pytest.mark.slow
 def test_gpu_benchmark_script_dry_run(tmp_path):
-  """experiments/gpu_benchmark.sh --dry-run runs its five runs of ours on CPU with tiny
+  """experiments/gpu_benchmark.sh --dry-run runs its seven runs of ours on CPU with tiny
   models and writes results.jsonl, the summary table and the two step profiles in one
   profiles.tgz (peer skipped without a GPU)."""
   env = dict(os.environ, OUT=str(tmp_path / 'bench'), PYTHON=sys.executable,
@@ -196,11 +196,12 @@ def test_gpu_benchmark_script_dry_run(tmp_path):
                        timeout=900)
   assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
   records = [json.loads(line) for line in (tmp_path / 'bench' / 'results.jsonl').open()]
-  tags = ['r50_bf16', 'cifar_bf16', 'r50_f32', 'r50_views_bf16', 'r50_aug_bf16']
+  tags = ['r50_bf16', 'cifar_bf16', 'cifar_bf16_fused', 'r50_bf16_fused', 'r50_f32',
+          'r50_views_bf16', 'r50_aug_bf16']
   assert [r['tag'] for r in records] == tags
-  assert [r['precision'] for r in records] == ['bfloat16', 'bfloat16', 'float32', 'bfloat16',
-                                               'bfloat16']
-  assert [(r['data'], r['mode']) for r in records][3:] == [('views', 'step'),
+  assert [r['precision'] for r in records] == ['bfloat16'] * 4 + ['float32'] + ['bfloat16'] * 2
+  assert [r['fuse_views'] for r in records] == [False, False, True, True, False, False, False]
+  assert [(r['data'], r['mode']) for r in records][5:] == [('views', 'step'),
                                                            ('synthetic', 'input')]
   summary = (tmp_path / 'bench' / 'summary.txt').read_text()
   for tag in tags:
