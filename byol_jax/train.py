@@ -277,7 +277,7 @@ def _check_faults(faults: dict[str, Any], max_bad: int, workdir: str,
     f'{checkpointing.checkpoint_dir(workdir)}. Lower the learning rate or check the data.')
 
 
-# ------------------------------------------------------------------------- preemption
+# -------------------------------------------------------------------------- collapse
 
 
 class _CollapseWatch:
@@ -296,6 +296,9 @@ class _CollapseWatch:
     if self.in_a_row >= 2 and not self.warned:
       logging.warning('%s', message)
       self.warned = True
+
+
+# ------------------------------------------------------------------------- preemption
 
 
 class _Preemption:
