@@ -277,7 +277,7 @@ def _check_faults(faults: dict[str, Any], max_bad: int, workdir: str,
     f'{checkpointing.checkpoint_dir(workdir)}. Lower the learning rate or check the data.')
 
 
-# -------------------------------------------------------------------------- collapse
+# ---------------------------------------------------------------------------- collapse
 
 
 class _CollapseWatch:
@@ -298,7 +298,7 @@ class _CollapseWatch:
       self.warned = True
 
 
-# ------------------------------------------------------------------------- preemption
+# -------------------------------------------------------------------------- preemption
 
 
 class _Preemption:
