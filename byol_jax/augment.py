@@ -76,6 +76,8 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
     if not ok:
       raise ValueError(f'augment.{what}')
 
+  style = cfg.get('jitter_style', 'tf')
+  need(style in JITTER_STYLES, f'jitter_style={style!r}; valid: {", ".join(JITTER_STYLES)}')
   need(0 < cfg.crop_area_min <= cfg.crop_area_max <= 1,
        f'crop_area_min={cfg.crop_area_min} and crop_area_max={cfg.crop_area_max} must satisfy '
        '0 < min <= max <= 1 (fractions of the image area)')

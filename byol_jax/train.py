@@ -109,10 +109,6 @@ def _validate_optimisation(cfg: Any) -> None:
 
 def _validate_augment(aug: Any) -> None:
   from byol_jax import augment  # local: keeps the import graph of this module small
-  style = aug.get('jitter_style', 'tf')
-  if style not in augment.JITTER_STYLES:
-    raise ConfigError(f'augment.jitter_style={style!r}; valid: '
-                      f'{", ".join(augment.JITTER_STYLES)}')
   try:
     augment.check_config(aug)
   except ValueError as e:
