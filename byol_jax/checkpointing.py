@@ -377,9 +377,11 @@ def load_state(workdir: str, step: int | None = None,
       raise NoCheckpointError(f'no finalised checkpoint in {checkpoint_dir(workdir)}')
     state, meta, step = restored.state, restored.meta, restored.step
   else:
-    if step not in finalised_steps(workdir):
+    steps = finalised_steps(workdir)
+    if step not in steps:
+      have = f' (finalised: {", ".join(map(str, steps))})' if steps else ''
       raise NoCheckpointError(f'no finalised checkpoint for step {step} in '
-                              f'{checkpoint_dir(workdir)}')
+                              f'{checkpoint_dir(workdir)}{have}')
     state, meta = read_checkpoint(workdir, step, template_fn)
   return state, config_from_dict(meta['config']), step
 

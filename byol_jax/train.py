@@ -382,9 +382,12 @@ def _restore(cfg: Any, workdir: str, num_classes: int) -> checkpointing.Restored
   def check(meta):
     trajectory, other = checkpointing.config_differences(meta['config'], cfg)
     if trajectory:
+      longer = any(c.split(' ')[0] in ('epochs', 'steps', 'dataset') for c in trajectory)
       raise ConfigError(
         f'{workdir} holds a run with another setup, resuming would not continue it: '
-        f'{", ".join(trajectory)}. Use a new --workdir or the saved values.')
+        f'{", ".join(trajectory)}. Use a new --workdir or the saved values'
+        + (f' (a new --workdir with --config.init_from={workdir} starts a new schedule from '
+           'its networks)' if longer else '') + '.')
     if other:
       logging.info('resuming with changed settings: %s', ', '.join(other))
 
@@ -407,6 +410,33 @@ def _restore(cfg: Any, workdir: str, num_classes: int) -> checkpointing.Restored
                f'; skipped damaged steps {[s for s, _ in restored.skipped]}'
                if restored.skipped else '')
   return restored
+
+
+def _load_init_source(cfg: Any) -> train_step.TrainState | None:
+  """The earlier run that a new run starts from (`init_from`), on the host. Read before
+  any data is loaded, so that a wrong path fails at once, in one line."""
+  if not cfg.get('init_from'):
+    return None
+  try:
+    state, source_cfg, step = checkpointing.load_state(cfg.init_from, cfg.init_from_step or None)
+  except checkpointing.CheckpointError as e:
+    raise ConfigError(f'init_from={cfg.init_from}: {e}') from None
+  changed, _ = checkpointing.config_differences(
+    {'model': checkpointing.config_to_dict(source_cfg.model)},
+    {'model': checkpointing.config_to_dict(cfg.model)})
+  logging.info('starting from the networks of %s, step %d (%s); the schedule, optimiser, '
+               'probe and step count start afresh%s', cfg.init_from, step, source_cfg.preset,
+               f'; model settings changed: {", ".join(changed)}' if changed else '')
+  return state
+
+
+def _warm_start(cfg: Any, fresh: train_step.TrainState, source: train_step.TrainState,
+                mesh) -> train_step.TrainState:
+  try:
+    state = train_step.warm_start_state(jax.device_get(fresh), source)
+  except ValueError as e:
+    raise ConfigError(f'init_from={cfg.init_from}: {e}') from None
+  return train_step.replicate(state, mesh)
 
 
 def _read_records(path: str) -> list[dict[str, Any]]:
@@ -466,6 +496,7 @@ def train_and_evaluate(cfg: Any, workdir: str) -> dict[str, Any]:
   is_main = jax.process_index() == 0
   restored = _restore(cfg, workdir, data_lib.num_classes_of(cfg))
   start = restored.step if restored else 0
+  source = None if restored else _load_init_source(cfg)
   if is_main:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(cfg.to_json_best_effort(indent=2))
@@ -483,6 +514,8 @@ def train_and_evaluate(cfg: Any, workdir: str) -> dict[str, Any]:
     init = jax.jit(lambda rng: train_step.init_state(fns, rng, image_shape),
                    out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
     state = init(jax.random.PRNGKey(cfg.seed))
+    if source is not None:
+      state = _warm_start(cfg, state, source, mesh)
   logging.info('parameters: %d online; LARS mask: %s', train_step.networks.count_params(
     state.online_params), optim.describe_mask(state.online_params))
   faults = _init_faults(mesh)
@@ -534,7 +567,8 @@ def _loop(cfg, workdir, mesh, data, fns, state, faults, ckpt, preemption, num_st
                                          common.BN_CALIBRATION_EXAMPLES, cfg.seed),
       cfg.image_size, cfg.eval_crop_fraction, mesh, cfg.augment, source=f'{cfg.dataset}/train')
     init_knn = {f'{k}_init': v for k, v in knn(state.online_params, init_bn).items()}
-    logging.info('encoder at initialisation: %s', _fmt_metrics(init_knn))
+    logging.info('encoder %s: %s', f'from {cfg.init_from}' if cfg.get('init_from') else
+                 'at initialisation', _fmt_metrics(init_knn))
   if start == 0:
     _write_preview(cfg, state, workdir, eval_writer, data, is_main)
 

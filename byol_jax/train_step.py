@@ -121,6 +121,50 @@ def init_state(fns: StepFns, rng: jax.Array, image_shape: tuple[int, int, int]) 
                     opt_state=fns.optimizer.init(online_params))
 
 
+FRESH_MODULES = ('probe',)  # what a warm start never takes over (see warm_start_state)
+
+
+def warm_start_state(fresh: TrainState, source: TrainState) -> TrainState:
+  """`fresh` with the networks of `source`: a new run that starts from an earlier one.
+
+  Taken over: the online and target networks' parameters and BatchNorm statistics
+  (encoder, projector, predictor). Kept fresh: the step, the random key, the optimiser
+  state (momentum belongs to the old schedule) and the linear probe (its classes may be
+  another dataset's; it tracks the encoder anyway). Raises ValueError, in one line, when
+  a network parameter of `fresh` is missing from `source` or has another shape or dtype.
+  """
+  trees = {}
+  for field in ('online_params', 'online_state', 'target_params', 'target_state'):
+    trees[field] = _take_over(getattr(fresh, field), getattr(source, field), field)
+  return fresh._replace(**trees)
+
+
+def _take_over(fresh: Any, source: Any, field: str) -> Any:
+  out, wrong = {}, []
+  for module, values in fresh.items():
+    if module in FRESH_MODULES:
+      out[module] = values
+      continue
+    out[module] = {}
+    for name, value in values.items():
+      old = source.get(module, {}).get(name)
+      if old is None:
+        wrong.append(f'{module}/{name} missing there')
+      elif np.shape(old) != np.shape(value) or np.dtype(old.dtype) != np.dtype(value.dtype):
+        wrong.append(f'{module}/{name} {old.dtype}{list(np.shape(old))} there, '
+                     f'{value.dtype}{list(np.shape(value))} here')
+      else:
+        out[module][name] = old
+  for module, values in source.items():
+    if module not in FRESH_MODULES:
+      wrong += [f'{module}/{name} only there' for name in values
+                if name not in fresh.get(module, {})]
+  if wrong:
+    more = f' (and {len(wrong) - 3} more)' if len(wrong) > 3 else ''
+    raise ValueError(f'its {field} do not fit this network: {"; ".join(wrong[:3])}{more}')
+  return out
+
+
 def _forward_views(fns: StepFns, params: hk.Params, state: hk.State, view1: jax.Array,
                    view2: jax.Array) -> tuple[dict, dict, hk.State]:
   """One network on both views: (outputs on view1, outputs on view2, new state).

@@ -56,6 +56,10 @@ def _base(epochs: int) -> ml_collections.ConfigDict:
     dataset='imagenet2012', data_dir='', input_mode='auto', image_size=224,
     eval_crop_fraction=0.875, strict_data=False, shuffle_buffer=10_000,
     batch_size=4096, epochs=epochs, steps=0, seed=0,
+    # Start a new run from an earlier run's networks (its workdir; step 0: its newest
+    # checkpoint), with a fresh schedule, optimiser and probe: to train longer or on other
+    # data (train_step.warm_start_state). Ignored once this run has checkpoints of its own.
+    init_from='', init_from_step=0,
     model=_model(50, 1, False),
     loss='byol', infonce_temperature=0.1,
     optimizer=dict(name='lars', base_lr=base_lr, weight_decay=weight_decay, momentum=0.9,

@@ -179,3 +179,47 @@ def test_fused_views_step_equals_one_call_per_view():
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5)
   for k in ('loss', 'probe_loss', 'probe_top1', 'grad_norm'):
     np.testing.assert_allclose(float(m_fused[k]), float(m_separate[k]), rtol=1e-4, err_msg=k)
+
+
+def test_warm_start_takes_the_networks_and_keeps_the_rest_fresh():
+  """A warm start must take both networks' parameters and BN statistics from the source and
+  keep its own step, key, optimiser state and probe. Breaks if the probe (another dataset's
+  classes) or the old schedule's momentum were carried over, or a network left fresh."""
+  init = lambda cfg, seed: train_step.init_state(
+    train_step.make_step_fns(cfg, 10, num_steps=10, steps_per_epoch=5),
+    jax.random.PRNGKey(seed), (16, 16, 3))
+  source, fresh = init(tiny_config(), 1), init(tiny_config(), 2)
+  source = source._replace(  # BN statistics and momentum as after training
+    online_state=jax.tree_util.tree_map(lambda x: x + 1, source.online_state),
+    opt_state=jax.tree_util.tree_map(lambda x: x + 1, source.opt_state))
+  out = train_step.warm_start_state(fresh, source)
+  same = lambda a, b: all(np.array_equal(x, y) for x, y in zip(
+    jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True))
+  drop_probe = lambda p: {m: v for m, v in p.items() if m != 'probe'}
+  for field in ('online_params', 'target_params'):
+    assert same(drop_probe(getattr(out, field)), drop_probe(getattr(source, field)))
+    assert not same(drop_probe(getattr(out, field)), drop_probe(getattr(fresh, field)))
+  for field in ('online_state', 'target_state'):
+    assert same(getattr(out, field), getattr(source, field))
+  assert same(out.online_params['probe'], fresh.online_params['probe'])
+  assert not same(out.online_params['probe'], source.online_params['probe'])
+  assert same((out.step, out.rng, out.opt_state), (fresh.step, fresh.rng, fresh.opt_state))
+
+
+def test_warm_start_refuses_another_architecture_in_one_line():
+  """Another width, or a head norm the source lacks, must be refused naming the parameters,
+  not half-loaded: a silent mix of old and fresh layers would train a different model."""
+  init = lambda cfg: jax.eval_shape(lambda: train_step.init_state(
+    train_step.make_step_fns(cfg, 10, num_steps=10, steps_per_epoch=5),
+    jax.random.PRNGKey(0), (16, 16, 3)))
+  source = init(tiny_config())
+  for overrides, says in (({'model.width': 0.25}, 'encoder/stem_conv/w float32[3, 3, 3, 8] '
+                           'there, float32[3, 3, 3, 16] here'),
+                          ({'model.projector_norm': 'none'}, 'projector/batch_norm/scale only '
+                           'there')):
+    try:
+      train_step.warm_start_state(init(tiny_config(**overrides)), source)
+    except ValueError as e:
+      assert says in str(e) and '\n' not in str(e), e
+    else:
+      raise AssertionError(f'{overrides} was accepted')

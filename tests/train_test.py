@@ -72,3 +72,39 @@ def test_resident_data_smaller_than_a_batch_is_a_data_error():
   cfg = tiny_config(**{'demo.train_examples': 10})
   with pytest.raises(datasets.DataError, match='10 training images, fewer than one batch of 16'):
     data.make_train_data(cfg)
+
+
+def test_init_from_starts_a_new_schedule_from_an_earlier_runs_networks(pretrained_workdir,
+                                                                          tmp_path):
+  """`init_from` must hand the earlier run's networks to a new run: its first kNN is the
+  earlier run's last, and with tau held at 1 its target stays the earlier target. The new
+  run counts its own steps, and once it has checkpoints it resumes from them, whatever
+  init_from then says. Breaks if the fresh init were kept, or a resume reloaded the source."""
+  import json
+
+  import numpy as np
+
+  from byol_jax import checkpointing
+  cfg = tiny_config(init_from=pretrained_workdir, steps=2, eval_at_init=True, tau_base=1.0,
+                    tau_schedule='constant')
+  result = train.train_and_evaluate(cfg, str(tmp_path))
+  with open(f'{pretrained_workdir}/metrics/eval.jsonl') as f:
+    source_knn = [json.loads(line) for line in f][-1]['knn_top1']
+  assert result['eval']['knn_top1_init'] == source_knn
+  new, _, step = checkpointing.load_state(str(tmp_path))
+  old, _, old_step = checkpointing.load_state(pretrained_workdir)
+  assert (step, old_step) == (2, 4)
+  for module, values in old.target_params.items():
+    if module != 'probe':
+      for name, value in values.items():
+        np.testing.assert_array_equal(new.target_params[module][name], value)
+  cfg.init_from = str(tmp_path / 'gone')
+  assert train.train_and_evaluate(cfg, str(tmp_path))['start_step'] == 2
+
+
+def test_init_from_without_a_checkpoint_fails_before_loading_data(tmp_path, monkeypatch):
+  """A wrong init_from path must be a one-line config error before any data is read."""
+  monkeypatch.setattr(data, 'make_train_data', lambda *a, **k: pytest.fail('data was loaded'))
+  cfg = tiny_config(init_from=str(tmp_path / 'nothing'))
+  with pytest.raises(train.ConfigError, match=r'^init_from=.*nothing: no finalised checkpoint'):
+    train.train_and_evaluate(cfg, str(tmp_path / 'run'))
