@@ -6,7 +6,7 @@ import pytest
 from conftest import tiny_config
 
 from byol_jax import checkpointing, export, features, train_step
-from byol_jax.evaluators.common import embed_arrays, make_embed_fn
+from byol_jax.evaluators.common import embed_arrays, embed_batches, make_embed_fn
 
 
 @pytest.fixture(scope='module')
@@ -111,3 +111,13 @@ def test_bad_images_are_rejected(trained, images, message):
   encoder = features.Encoder.from_train_state(state, cfg)
   with pytest.raises(ValueError, match=message):
     encoder.embed(images)
+
+
+def test_embed_batches_keeps_order_and_drops_padding_with_a_batch_in_flight():
+  """With one batch in flight, features must still come back in order, each batch cut to
+  its valid rows. Breaks if the lookahead dropped the last batch or paired a batch with
+  another's valid count."""
+  batches = [(np.full((4, 2), i, np.float32), valid) for i, valid in enumerate((4, 4, 1))]
+  out = embed_batches(lambda p, s, b: jax.numpy.asarray(b) * 2, None, None, iter(batches))
+  np.testing.assert_array_equal(out[:, 0], [0, 0, 0, 0, 2, 2, 2, 2, 4])
+  assert embed_batches(lambda p, s, b: b, None, None, iter([])).shape == (0, 0)

@@ -74,8 +74,19 @@ def _chunks(images: np.ndarray, batch_size: int) -> Iterable[tuple[np.ndarray, i
 
 def embed_batches(embed: Callable, params: hk.Params, state: hk.State,
                   batches: Iterable[tuple[np.ndarray, int]]) -> np.ndarray:
-  """Concatenated features of (padded batch, number of valid rows) pairs."""
-  out = [np.asarray(embed(params, state, batch))[:valid] for batch, valid in batches]
+  """Concatenated features of (padded batch, number of valid rows) pairs.
+
+  One batch stays in flight: the next batch is dispatched before the previous one's
+  features are fetched, so the device does not idle while the host copies and pads.
+  """
+  out, pending = [], None
+  for batch, valid in batches:
+    features = embed(params, state, batch)
+    if pending is not None:
+      out.append(np.asarray(pending[0])[:pending[1]])
+    pending = features, valid
+  if pending is not None:
+    out.append(np.asarray(pending[0])[:pending[1]])
   return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
