@@ -141,6 +141,50 @@ def prepare_workdir(workdir: str) -> None:
     raise ConfigError(f'workdir {workdir!r} is not writable: {e.strerror}') from None
 
 
+class WorkdirBusy(ConfigError):
+  """Another trainer holds the workdir."""
+
+
+@contextlib.contextmanager
+def _trainer_lock(workdir: str) -> Iterator[None]:
+  """Keeps a second trainer out of a workdir that one is training in.
+
+  Two trainers in one workdir interleave their metrics and save the same steps: the second
+  one's resume would set aside or truncate what the first is writing. An advisory lock per
+  process index (flock: released by the kernel when the process dies, even by SIGKILL, so a
+  crash leaves nothing to clean up) makes the second one stop at once, naming the first.
+  Eval workers and evaluations never take it. Where the file system has no locks, training
+  goes on unguarded, with a warning.
+  """
+  try:
+    import fcntl
+  except ImportError:  # not a POSIX system
+    yield
+    return
+  path = os.path.join(workdir, f'.trainer.lock.{jax.process_index()}')
+  f = open(path, 'a+')
+  try:
+    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    f.seek(0)
+    holder = f.read().strip() or 'a process that has not written its name yet'
+    f.close()
+    raise WorkdirBusy(f'{workdir} is in use by another trainer ({holder}); stop it first, or '
+                      'use another --workdir') from None
+  except OSError as e:
+    logging.warning('cannot lock %s (%s): nothing stops a second trainer in this workdir',
+                    path, e)
+  f.seek(0)
+  f.truncate()
+  f.write(f'host {socket.gethostname()}, pid {os.getpid()}, since '
+          f'{time.strftime("%Y-%m-%d %H:%M:%S")}\n')
+  f.flush()
+  try:
+    yield
+  finally:
+    f.close()
+
+
 def configure_determinism(cfg: Any) -> None:
   """`deterministic=True`: bitwise-reproducible GPU runs via XLA's deterministic ops.
 
@@ -493,6 +537,11 @@ def train_and_evaluate(cfg: Any, workdir: str) -> dict[str, Any]:
   mesh = train_step.make_mesh()
   validate(cfg, mesh.size)
   prepare_workdir(workdir)
+  with _trainer_lock(workdir):
+    return _train(cfg, workdir, mesh)
+
+
+def _train(cfg: Any, workdir: str, mesh) -> dict[str, Any]:
   is_main = jax.process_index() == 0
   restored = _restore(cfg, workdir, data_lib.num_classes_of(cfg))
   start = restored.step if restored else 0

@@ -1,11 +1,15 @@
 """Tests of the host training loop's own judgements (train.py); resume, checkpoints and
 faults are in checkpointing_test.py."""
 
+import json
+import os
+
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from conftest import tiny_config
 
-from byol_jax import data, datasets, losses, train
+from byol_jax import checkpointing, data, datasets, losses, train
 
 
 def _metrics(std: float) -> dict:
@@ -80,11 +84,6 @@ def test_init_from_starts_a_new_schedule_from_an_earlier_runs_networks(pretraine
   earlier run's last, and with tau held at 1 its target stays the earlier target. The new
   run counts its own steps, and once it has checkpoints it resumes from them, whatever
   init_from then says. Breaks if the fresh init were kept, or a resume reloaded the source."""
-  import json
-
-  import numpy as np
-
-  from byol_jax import checkpointing
   cfg = tiny_config(init_from=pretrained_workdir, steps=2, eval_at_init=True, tau_base=1.0,
                     tau_schedule='constant')
   result = train.train_and_evaluate(cfg, str(tmp_path))
@@ -108,3 +107,17 @@ def test_init_from_without_a_checkpoint_fails_before_loading_data(tmp_path, monk
   cfg = tiny_config(init_from=str(tmp_path / 'nothing'))
   with pytest.raises(train.ConfigError, match=r'^init_from=.*nothing: no finalised checkpoint'):
     train.train_and_evaluate(cfg, str(tmp_path / 'run'))
+
+
+def test_a_second_trainer_in_the_same_workdir_stops_at_once_naming_the_first(tmp_path,
+                                                                              monkeypatch):
+  """While one trainer holds a workdir, another must stop before touching it (its resume
+  would set aside or truncate what the first writes), naming the holder; the lock must be
+  free again once the holder is done. Breaks without the lock, or if it were never released."""
+  monkeypatch.setattr(data, 'make_train_data', lambda *a, **k: pytest.fail('data was loaded'))
+  with train._trainer_lock(str(tmp_path)):
+    with pytest.raises(train.WorkdirBusy, match=rf'in use by another trainer \(host .+, pid '
+                       rf'{os.getpid()}, since .+\); stop it first'):
+      train.train_and_evaluate(tiny_config(), str(tmp_path))
+  with train._trainer_lock(str(tmp_path)):
+    pass
