@@ -109,6 +109,22 @@ def test_two_process_checkpoints_restore_in_one_process(runs, tmp_path):
   assert_close(params(workdir, STEPS), params(one, STEPS))
 
 
+def test_two_processes_start_from_an_earlier_run(runs, tmp_path):
+  """init_from in a 2-process run: each process reads the earlier run's newest checkpoint and
+  the pair starts from its networks (tau held at 1 keeps the target exactly the earlier
+  one). Breaks if reading another workdir's checkpoint hung orbax across the processes, or
+  if the processes started from different networks."""
+  one, _, _ = runs
+  workdir = str(tmp_path / 'warm')
+  procs = launch_pair(workdir, {'init_from': one, 'steps': 2, 'tau_base': 1.0,
+                                'tau_schedule': 'constant'})
+  for code, log in [finish(p, timeout=300) for p in procs]:
+    assert code == 0, log[-3000:]
+  new, old = (checkpointing.load_state(w)[0].target_params for w in (workdir, one))
+  assert_close({m: v for m, v in new.items() if m != 'probe'},
+               {m: v for m, v in old.items() if m != 'probe'})
+
+
 def wait_for_step(workdir, step, procs):
   train_log = os.path.join(workdir, 'metrics', 'train.jsonl')
   deadline = time.time() + 400
