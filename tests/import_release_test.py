@@ -1,0 +1,95 @@
+"""Importing the original release's checkpoints, checked against Haiku's own ResNet.
+
+The stand-in checkpoint (tests/scripts/release_standin.py) is built from Haiku's modules as
+the release builds its network, and pickled as the release's dill pickle is laid out, in a
+process of its own that has fake `byol` and `dill` modules; this process has neither. The
+real files (570 MB and 4.6 GB) cannot be downloaded here.
+"""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import REPO
+
+from byol_jax import checkpointing, import_release, networks
+
+STANDIN = os.path.join(REPO, 'tests', 'scripts', 'release_standin.py')
+
+
+@pytest.fixture(scope='module')
+def release(tmp_path_factory):
+  """(stand-in release.pkl of a ResNet-50, its reference features, imported workdir)."""
+  out = tmp_path_factory.mktemp('release')
+  subprocess.run([sys.executable, STANDIN, '50', str(out)], check=True, timeout=300,
+                 capture_output=True)
+  workdir = str(out / 'run')
+  preset, step, model = import_release.import_release(str(out / 'release.pkl'), workdir)
+  assert (preset, model['depth'], model['width']) == ('r50', 50, 1.0)
+  return str(out / 'release.pkl'), np.load(out / 'reference.npz'), workdir
+
+
+def test_imported_encoder_computes_what_haikus_release_network_computes(release):
+  """The imported online encoder and probe must give Haiku's features and logits on the same
+  images, its BatchNorm in inference mode with randomised statistics. Breaks on any
+  misplaced layer, a BN's scale and offset or mean and variance swapped, a wrong block
+  order or a stride on the wrong conv."""
+  _, ref, workdir = release
+  state, cfg, _ = checkpointing.load_state(workdir)
+  encoder = networks.build_encoder(cfg.model)
+  features, _ = encoder.apply(networks.encoder_subtree(state.online_params),
+                              networks.encoder_subtree(state.online_state), None, ref['images'])
+  np.testing.assert_allclose(features, ref['embedding'], rtol=1e-5, atol=1e-5)
+  probe = state.online_params['probe']
+  np.testing.assert_allclose(features @ probe['w'] + probe['b'], ref['logits'], rtol=1e-4,
+                             atol=1e-4)
+
+
+def test_imported_run_holds_both_networks_and_is_finished(release):
+  """Target and heads must come across (the heads' missing last bias as zeros), and the
+  step must be the preset's last, so a trainer would not continue it with a fresh
+  optimiser as if resuming. Breaks if the target were the online network or fresh."""
+  pkl, _, workdir = release
+  raw = import_release.read_release_pickle(pkl)
+  state, _, step = checkpointing.load_state(workdir)
+  meta = checkpointing.read_metadata(workdir, step)
+  assert step == meta['num_steps'] and meta['release_step'] == 1234
+  np.testing.assert_array_equal(state.target_params['projector/linear_0']['w'],
+                                raw['target_params']['projector/linear']['w'])
+  assert not np.array_equal(state.target_params['encoder/stem_conv']['w'],
+                            state.online_params['encoder/stem_conv']['w'])
+  np.testing.assert_array_equal(state.target_params['encoder/stem_conv']['w'],
+                                raw['target_params']['res_net50/~/initial_conv']['w'])
+  assert not np.any(state.online_params['predictor/linear_1']['b'])
+
+
+def test_command_line_errors_are_one_line(release, tmp_path):
+  """Not a release pickle, a missing file, and a workdir that already holds a run: each one
+  line and exit 2, with nothing written."""
+  pkl, _, workdir = release
+  not_release = tmp_path / 'other.pkl'
+  not_release.write_bytes(b'\x80\x02}q\x00.')  # a pickled empty dict
+  for args, says in (([f'--pkl={not_release}'], 'holds no experiment_state'),
+                     ([f'--pkl={tmp_path}/missing.pkl'], 'cannot read'),
+                     ([f'--pkl={pkl}', f'--workdir={workdir}'], 'already holds checkpoints')):
+    argv = [sys.executable, '-m', 'byol_jax.import_release', f'--workdir={tmp_path}/new', *args]
+    proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith('error: ') and says in proc.stderr
+  assert not os.path.exists(tmp_path / 'new')
+
+
+def test_release_names_map_to_ours():
+  """Both of Haiku's spellings (`a/~/b` for a sub-module made in __init__, `a/b` in a
+  method) map alike; unknown modules are not guessed at."""
+  ours = import_release.our_module
+  assert ours('res_net50/~/block_group_2/~/block_5/~/batchnorm_2/~/var_ema',
+              'res_net50') == 'encoder/~_bn/stage_2_block_5_bn_2/~/var_ema'
+  assert ours('res_net50/block_group_0/block_0/shortcut_conv',
+              'res_net50') == 'encoder/~_block/stage_0_block_0_shortcut_conv'
+  assert ours('projector/~/linear', 'res_net50') == 'projector/linear_0'
+  assert ours('predictor/batch_norm/~/mean_ema', 'x') == 'predictor/batch_norm/~/mean_ema'
+  assert ours('classifier', 'x') == 'probe'
+  assert ours('res_net50/~/logits', 'res_net50') is None
