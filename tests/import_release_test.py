@@ -10,13 +10,16 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 from conftest import REPO
 
-from byol_jax import checkpointing, import_release, networks
+from byol_jax import checkpointing, import_release, networks, train_step
 
 STANDIN = os.path.join(REPO, 'tests', 'scripts', 'release_standin.py')
+sys.path.insert(0, os.path.dirname(STANDIN))
+import release_standin  # noqa: E402
 
 
 @pytest.fixture(scope='module')
@@ -93,3 +96,25 @@ def test_release_names_map_to_ours():
   assert ours('predictor/batch_norm/~/mean_ema', 'x') == 'predictor/batch_norm/~/mean_ema'
   assert ours('classifier', 'x') == 'probe'
   assert ours('res_net50/~/logits', 'res_net50') is None
+
+
+@pytest.mark.parametrize('depth, width, preset', [(50, 2, 'r50x2'), (200, 2, 'r200x2')])
+def test_wider_and_deeper_release_networks_fit_ours(depth, width, preset):
+  """The release's other published network (ResNet-200 x2) and a width multiplier must map
+  onto this code's preset of that shape, every parameter and statistic, shapes only (no
+  arrays: their pickles would be hundreds of MB). Breaks if width scaled other channels
+  than the release's, or a deep layout were read as another depth."""
+  images = np.zeros((1, 32, 32, 3), np.float32)
+  params, state = jax.eval_shape(lambda: release_standin.build(depth, width).init(
+    jax.random.PRNGKey(0), images, is_training=True))
+  model = import_release.model_of(params)
+  assert (model['depth'], model['width']) == (depth, width)
+  cfg = import_release.config_for(model)
+  assert cfg.preset == preset
+  fresh = checkpointing.state_template(cfg, import_release.NUM_CLASSES)
+  prefix = f'res_net{depth}'
+  renamed = {name: import_release._rename(tree, prefix) for name, tree in
+             (('online_params', params), ('online_state', state))}
+  source = fresh._replace(online_params=renamed['online_params'],
+                          online_state=renamed['online_state'])
+  train_step.warm_start_state(fresh, source)  # raises, naming them, if any shape differs

@@ -1,6 +1,6 @@
 """Writes a stand-in for a checkpoint of the original release, and reference features.
 
-    python tests/scripts/release_standin.py DEPTH OUT_DIR
+    python tests/scripts/release_standin.py DEPTH OUT_DIR   (DEPTH: 18, 50 or 200)
 
 The networks are built the way the release builds them, from Haiku's own modules (Haiku
 names them: `res_net50/~/block_group_0/~/block_0/~/conv_0`, `projector/linear`, ...):
@@ -30,19 +30,22 @@ import numpy as np
 from haiku._src import data_structures
 
 LAYOUTS = {18: ((2, 2, 2, 2), False, (64, 128, 256, 512)),
-           50: ((3, 4, 6, 3), True, (256, 512, 1024, 2048))}
+           50: ((3, 4, 6, 3), True, (256, 512, 1024, 2048)),
+           200: ((3, 24, 36, 3), True, (256, 512, 1024, 2048))}
 BN = dict(decay_rate=0.9, eps=1e-5, create_scale=True, create_offset=True)
 
 
 class _Torso(hk.Module):
   """Sub-modules made in __init__, as the release's ResNetTorso makes them, so Haiku names
   them `res_net50/~/initial_conv` (the heads make theirs in __call__: `projector/linear`)."""
-  layout = None
+  layout, width = None, 1
 
   def __init__(self):
     super().__init__()
     blocks, bottleneck, channels = self.layout
-    self.conv = hk.Conv2D(64, 7, stride=2, with_bias=False, padding='SAME', name='initial_conv')
+    channels = [c * self.width for c in channels]
+    self.conv = hk.Conv2D(64 * self.width, 7, stride=2, with_bias=False, padding='SAME',
+                          name='initial_conv')
     self.bn = hk.BatchNorm(name='initial_batchnorm', **BN)
     self.groups = [hk.nets.ResNet.BlockGroup(
       channels=channels[i], num_blocks=blocks[i], stride=(1, 2, 2, 2)[i], bn_config=BN,
@@ -68,8 +71,9 @@ class _MLP(hk.Module):
     return hk.Linear(self.out, with_bias=False)(x)
 
 
-def build(depth):
-  torso = type(f'ResNet{depth}', (_Torso,), {'layout': LAYOUTS[depth]})
+def build(depth, width=1):
+  """The release's network (heads 64 wide, 32 out) as a Haiku transform."""
+  torso = type(f'ResNet{depth}', (_Torso,), {'layout': LAYOUTS[depth], 'width': width})
 
   def forward(images, is_training):
     embedding = torso()(images, is_training)
