@@ -236,12 +236,11 @@ def release_to_byol_jax(release: dict[str, Any], cfg: Any) -> train_step.TrainSt
   source = {name: _rename(release[name], prefix) for name in
             ('online_params', 'online_state', 'target_params', 'target_state')}
   num_steps = optim.total_steps(cfg, IMAGENET_TRAIN_EXAMPLES)
-  fns = train_step.make_step_fns(cfg, NUM_CLASSES, num_steps=num_steps,
-                                 steps_per_epoch=optim.steps_per_epoch(
-                                   IMAGENET_TRAIN_EXAMPLES, cfg.batch_size), axis_name=None)
-  shape = (cfg.image_size, cfg.image_size, 3)
-  fresh = jax.device_get(jax.jit(lambda rng: train_step.init_state(fns, rng, shape))(
-    jax.random.PRNGKey(cfg.seed)))
+  # Zeros are a fresh optimiser state (LARS's momentum and step count); every network
+  # array is replaced below, so nothing needs a real initialisation (or a compilation).
+  fresh = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype),
+                                 checkpointing.state_template(cfg, NUM_CLASSES))
+  fresh = fresh._replace(rng=np.asarray(jax.random.PRNGKey(cfg.seed)))
   try:
     state = train_step.warm_start_state(fresh, train_step.TrainState(
       step=None, rng=None, opt_state=None, **source))
@@ -261,7 +260,8 @@ def release_to_byol_jax(release: dict[str, Any], cfg: Any) -> train_step.TrainSt
 def import_release(pkl: str, workdir: str) -> tuple[str, int, dict[str, Any]]:
   """Writes the release checkpoint `pkl` as a finished byol-jax run in `workdir`.
 
-  Returns (preset, step written, model). Refuses a workdir that already has checkpoints.
+  Returns (preset, step written, model with the release's step). Refuses a workdir that
+  already has checkpoints.
   """
   if checkpointing.finalised_steps(workdir):
     raise ReleaseFormatError(f'{workdir} already holds checkpoints; use a new --workdir')
@@ -284,7 +284,7 @@ def import_release(pkl: str, workdir: str) -> tuple[str, int, dict[str, Any]]:
   ckpt.close()
   with open(f'{workdir}/config.json', 'w') as f:
     f.write(cfg.to_json_best_effort(indent=2))
-  return cfg.preset, num_steps, model
+  return cfg.preset, num_steps, {**model, 'release_step': release['step']}
 
 
 def main() -> None:
@@ -303,7 +303,8 @@ def _run(f: Any) -> int:
     print(f'error: {e}', file=sys.stderr)
     return 2
   print(f'imported {f.pkl} into {f.workdir}: ResNet-{model["depth"]} x{model["width"]:g} '
-        f'({preset} preset), checkpoint step {step}')
+        f'({preset} preset), saved at the release\'s step {model["release_step"]} as '
+        f'checkpoint step {step}, the preset\'s last')
   return 0
 
 

@@ -56,7 +56,7 @@ def test_imported_run_holds_both_networks_and_is_finished(release):
   optimiser as if resuming. Breaks if the target were the online network or fresh."""
   pkl, _, workdir = release
   raw = import_release.read_release_pickle(pkl)
-  state, _, step = checkpointing.load_state(workdir)
+  state, cfg, step = checkpointing.load_state(workdir)
   meta = checkpointing.read_metadata(workdir, step)
   assert step == meta['num_steps'] and meta['release_step'] == 1234
   np.testing.assert_array_equal(state.target_params['projector/linear_0']['w'],
@@ -66,11 +66,17 @@ def test_imported_run_holds_both_networks_and_is_finished(release):
   np.testing.assert_array_equal(state.target_params['encoder/stem_conv']['w'],
                                 raw['target_params']['res_net50/~/initial_conv']['w'])
   assert not np.any(state.online_params['predictor/linear_1']['b'])
+  fns = train_step.make_step_fns(cfg, import_release.NUM_CLASSES, num_steps=step,
+                                 steps_per_epoch=1)
+  fresh_opt = fns.optimizer.init(state.online_params)  # what a new run's optimiser starts at
+  for a, b in zip(jax.tree_util.tree_leaves(state.opt_state),
+                  jax.tree_util.tree_leaves(fresh_opt), strict=True):
+    np.testing.assert_array_equal(a, b)
 
 
-def test_command_line_errors_are_one_line(release, tmp_path):
+def test_command_line_errors_are_one_line_and_success_says_what_came_in(release, tmp_path):
   """Not a release pickle, a missing file, and a workdir that already holds a run: each one
-  line and exit 2, with nothing written."""
+  line and exit 2, with nothing written; then a good import names network and steps."""
   pkl, _, workdir = release
   not_release = tmp_path / 'other.pkl'
   not_release.write_bytes(b'\x80\x02}q\x00.')  # a pickled empty dict
@@ -82,6 +88,11 @@ def test_command_line_errors_are_one_line(release, tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1].startswith('error: ') and says in proc.stderr
   assert not os.path.exists(tmp_path / 'new')
+  proc = subprocess.run([sys.executable, '-m', 'byol_jax.import_release', f'--pkl={pkl}',
+                         f'--workdir={tmp_path}/new'], cwd=REPO, capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 0 and "ResNet-50 x1 (r50 preset), saved at the release's step " \
+    '1234 as checkpoint step' in proc.stdout, proc.stderr[-2000:]
 
 
 def test_release_names_map_to_ours():
