@@ -73,7 +73,14 @@ def _create_array(f: Any, args: Any, state: Any, npdict: Any = None) -> np.ndarr
   return array
 
 
-_DILL_STANDINS = {'_create_namedtuple': _create_namedtuple, '_create_array': _create_array}
+def _create_dtypemeta(scalar_type: Any) -> type:
+  return np.dtype if scalar_type is None else type(np.dtype(scalar_type))
+
+
+# dill's reconstructors that its pickles of these trees may name, by dill's signatures; any
+# other dill name needs dill itself (the error says so).
+_DILL_STANDINS = {'_create_namedtuple': _create_namedtuple, '_create_array': _create_array,
+                  '_create_dtypemeta': _create_dtypemeta}
 
 
 class _Unpickler(pickle.Unpickler):

@@ -129,3 +129,16 @@ def test_wider_and_deeper_release_networks_fit_ours(depth, width, preset):
   source = fresh._replace(online_params=renamed['online_params'],
                           online_state=renamed['online_state'])
   train_step.warm_start_state(fresh, source)  # raises, naming them, if any shape differs
+
+
+def test_dill_reconstructors_rebuild_what_numpy_reduced():
+  """dill names its own reconstructors in its pickles; without dill, the stand-ins must
+  rebuild the same array and dtype class from what numpy's reduce gives (dill's
+  signatures). Breaks if an argument order differs."""
+  array = np.arange(6, dtype=np.float32).reshape(2, 3)
+  rebuilt = import_release._create_array(*array.__reduce__())
+  np.testing.assert_array_equal(rebuilt, array)
+  assert rebuilt.dtype == array.dtype
+  assert import_release._create_dtypemeta(np.float32) is type(np.dtype(np.float32))
+  point = import_release._create_namedtuple('Point', ('x', 'y'), 'byol.somewhere', None)
+  assert point(1, 2).y == 2
