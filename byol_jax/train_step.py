@@ -131,7 +131,8 @@ def warm_start_state(fresh: TrainState, source: TrainState) -> TrainState:
   (encoder, projector, predictor). Kept fresh: the step, the random key, the optimiser
   state (momentum belongs to the old schedule) and the linear probe (its classes may be
   another dataset's; it tracks the encoder anyway). Raises ValueError, in one line, when
-  a network parameter of `fresh` is missing from `source` or has another shape or dtype.
+  the two networks differ in a parameter's name, shape or dtype: a silent mix of carried
+  and fresh layers would train another model than either.
   """
   trees = {}
   for field in ('online_params', 'online_state', 'target_params', 'target_state'):
