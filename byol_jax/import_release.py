@@ -95,6 +95,11 @@ class _Unpickler(pickle.Unpickler):
           return _DILL_STANDINS[name]
         raise ReleaseFormatError(
           f'the pickle needs dill ({module}.{name}): pip install dill') from None
+    if module.split('.')[0] == 'haiku' and name in ('FlatMapping', 'FlatMap'):
+      try:  # old Haiku's params container, pickled as FlatMapping(dict); Haiku still reads it
+        return super().find_class(module, name)
+      except (ImportError, AttributeError):  # should a later Haiku drop it
+        return lambda data: {k: dict(v) for k, v in dict(data).items()}
     return super().find_class(module, name)
 
 

@@ -142,3 +142,19 @@ def test_dill_reconstructors_rebuild_what_numpy_reduced():
   assert import_release._create_dtypemeta(np.float32) is type(np.dtype(np.float32))
   point = import_release._create_namedtuple('Point', ('x', 'y'), 'byol.somewhere', None)
   assert point(1, 2).y == 2
+
+
+def test_old_haiku_containers_read_even_without_haikus_own_class(release, monkeypatch):
+  """The release's trees are pickled as old Haiku's FlatMapping(dict). Should Haiku drop the
+  class, the reader must still get the same dicts. Breaks if it then failed to load."""
+  from haiku._src import data_structures
+  pkl, _, _ = release
+  with_haiku = import_release.read_release_pickle(pkl)
+  monkeypatch.delattr(data_structures, 'FlatMapping')
+  without = import_release.read_release_pickle(pkl)
+  assert without.keys() == with_haiku.keys() and without['step'] == with_haiku['step']
+  for name in ('online_params', 'target_state'):
+    assert without[name].keys() == with_haiku[name].keys()
+    for module, values in with_haiku[name].items():
+      for key, value in values.items():
+        np.testing.assert_array_equal(without[name][module][key], value)
