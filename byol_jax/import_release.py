@@ -38,6 +38,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from absl import logging
 
 from byol_jax import checkpointing, cli, networks, optim, train_step
 
@@ -278,10 +279,15 @@ def import_release(pkl: str, workdir: str) -> tuple[str, int, dict[str, Any]]:
   if checkpointing.finalised_steps(workdir):
     raise ReleaseFormatError(f'{workdir} already holds checkpoints; use a new --workdir')
   checkpointing.quiet_orbax_logs()
+  size = os.path.getsize(pkl) / 2**30 if os.path.isfile(pkl) else 0.0
+  logging.info('reading %s (%.2f GiB)', pkl, size)
   release = read_release_pickle(pkl)
   model = model_of(release['online_params'])
   cfg = config_for(model)
   state = release_to_byol_jax(release, cfg)
+  logging.info('ResNet-%d x%g, %d online parameters, mapped onto the %s preset; writing the '
+               'checkpoint', model['depth'], model['width'],
+               networks.count_params(state.online_params), cfg.preset)
   num_steps = int(state.step)
   meta = dict(config=checkpointing.config_to_dict(cfg), num_classes=NUM_CLASSES,
               num_examples=IMAGENET_TRAIN_EXAMPLES, num_steps=num_steps,
