@@ -78,7 +78,7 @@ def encoder_of(train_state: Any, network: str = 'online') -> tuple[dict, dict]:
     raise ValueError(f'unknown network {network!r}; valid: {", ".join(NETWORKS)}')
   params = getattr(train_state, f'{network}_params')
   state = getattr(train_state, f'{network}_state')
-  return _numpy_tree(networks.encoder_subtree(params)), _numpy_tree(networks.encoder_subtree(state))
+  return tuple(networks.numpy_tree(networks.encoder_subtree(t)) for t in (params, state))
 
 
 def load_encoder(workdir: str, step: int | None = None,
@@ -88,10 +88,6 @@ def load_encoder(workdir: str, step: int | None = None,
   train_state, cfg, step = checkpointing.load_state(workdir, step)
   params, state = encoder_of(train_state, network)
   return params, state, cfg, int(step)
-
-
-def _numpy_tree(tree: Tree) -> dict[str, dict[str, np.ndarray]]:
-  return {m: {k: np.asarray(v) for k, v in leaves.items()} for m, leaves in tree.items()}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -122,12 +122,8 @@ def read_release_pickle(path: str) -> dict[str, Any]:
   trees = {n: getattr(state, n, None) for n in names}
   if any(t is None for t in trees.values()):  # the stand-in tuple: fields by position
     trees = dict(zip(names, tuple(state)[:4], strict=True))
-  return dict(**{n: _plain(t) for n, t in trees.items()}, step=int(data.get('step', 0)))
-
-
-def _plain(tree: Any) -> dict[str, dict[str, np.ndarray]]:
-  return {module: {name: np.asarray(value) for name, value in values.items()}
-          for module, values in tree.items()}
+  return dict(**{n: networks.numpy_tree(t) for n, t in trees.items()},
+              step=int(data.get('step', 0)))
 
 
 # ------------------------------------------------------------------------------ names

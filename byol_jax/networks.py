@@ -484,5 +484,10 @@ def encoder_subtree(tree: Mapping[str, Any]) -> dict[str, Any]:
   return {k: v for k, v in tree.items() if k.startswith('encoder')}
 
 
+def numpy_tree(tree: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, np.ndarray]]:
+  """A Haiku params or state dict ({module: {name: array}}) as plain dicts of numpy arrays."""
+  return {m: {k: np.asarray(v) for k, v in leaves.items()} for m, leaves in tree.items()}
+
+
 def count_params(params: Any) -> int:
   return int(sum(np.prod(p.shape) for p in jax.tree_util.tree_leaves(params)))

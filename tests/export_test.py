@@ -46,7 +46,7 @@ def _random_encoder(depth, width, cifar_stem, seed=0, stem_relu=True):
   init = jax.jit(hk.transform_with_state(forward).init)
   params, state = init(jax.random.PRNGKey(seed), jnp.zeros((1, 16, 16, 3)))
   rng = np.random.default_rng(seed)
-  params, state = export._numpy_tree(params), export._numpy_tree(state)
+  params, state = networks.numpy_tree(params), networks.numpy_tree(state)
   for leaves in params.values():
     if 'scale' in leaves:
       leaves['scale'] = rng.uniform(0.5, 1.5, leaves['scale'].shape).astype(np.float32)
