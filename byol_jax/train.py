@@ -469,7 +469,8 @@ def _load_init_source(cfg: Any) -> train_step.TrainState | None:
     {'model': checkpointing.config_to_dict(source_cfg.model)},
     {'model': checkpointing.config_to_dict(cfg.model)})
   logging.info('starting from the networks of %s, step %d (%s); the schedule, optimiser, '
-               'probe and step count start afresh%s', cfg.init_from, step, source_cfg.preset,
+               'probe and step count start afresh%s', cfg.init_from, step,
+               source_cfg.get('preset', '?'),
                f'; model settings changed: {", ".join(changed)}' if changed else '')
   return state
 
