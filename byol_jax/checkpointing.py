@@ -44,7 +44,7 @@ from absl import logging
 from absl.logging import get_absl_handler
 from etils import epath
 
-from byol_jax import train_step
+from byol_jax import cli, train_step
 
 CHECKPOINT_SUBDIR = 'checkpoints'
 UNUSABLE_SUBDIR = 'checkpoints_unusable'  # damaged checkpoints are moved here, not deleted
@@ -369,6 +369,8 @@ def load_state(workdir: str, step: int | None = None,
   saved config and metadata. With `step=None` damaged newer checkpoints are skipped (and
   logged); an explicit step must be intact.
   """
+  if cli.remote_path_error(workdir):
+    raise NoCheckpointError(cli.remote_path_error(workdir))
   template_fn = lambda meta: state_template(config_from_dict(meta['config']),
                                             int(meta['num_classes']))
   if step is None:

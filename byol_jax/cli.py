@@ -84,6 +84,35 @@ def tensorflow_start_up_filtered():
         sys.stderr.write('\n'.join(lines) + '\n')
 
 
+# A URL such as gs://bucket/run: Python's file functions would take it as a relative path.
+_URL = re.compile(r'^[A-Za-z][A-Za-z0-9+.-]*://')
+
+
+def remote_path_error(path: str, what: str = 'workdir') -> str | None:
+  """Why `path` cannot be used, if it is a URL (gs://, s3://, ...), else None.
+
+  Runs, datasets and exports are read and written with local file operations (and a run
+  with file locks). Given `gs://bucket/run`, those would create a directory named `gs:` in
+  the working directory, write part of a run there and then fail, so a URL is refused
+  before anything is written. (TFDS's data_dir is TFDS's business and may be a URL.)
+  """
+  if not path or not _URL.match(path):
+    return None
+  return (f'{what} {path!r} is a URL, and byol-jax reads and writes local paths only: use '
+          'a local path, or one on a shared file system that every host mounts (NFS, Filestore)')
+
+
+def validate_path_flag(name: str, what: str = 'workdir') -> None:
+  """Refuses a URL in flag --NAME while flags are parsed (one line, exit 2)."""
+  def check(path: str | None) -> bool:
+    message = remote_path_error(path or '', what)
+    if message:
+      raise flags.ValidationError(message)
+    return True
+
+  flags.register_validator(name, check)
+
+
 def _unknown_field(e: BaseException) -> str | None:
   """ml_collections' error for an unknown --config.FIELD: a KeyError (possibly inside an
   AttributeError) whose text is the quoted field, then a 'Did you mean' line if any."""

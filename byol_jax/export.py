@@ -410,6 +410,8 @@ def main() -> None:
   flags.DEFINE_integer('step', None, 'Checkpoint step; the latest finalised one by default.')
   flags.DEFINE_enum('network', 'online', NETWORKS, 'Which encoder to export.')
   flags.DEFINE_string('output', None, 'Weights path; default WORKDIR/export/encoder_*.')
+  cli.validate_path_flag('workdir')
+  cli.validate_path_flag('output', 'output')
   cli.quiet_startup_logs()
   app.run(lambda argv: sys.exit(_run(flags.FLAGS)), flags_parser=cli.parse_flags)
 

@@ -306,6 +306,8 @@ def main() -> None:
   flags.DEFINE_string('pkl', None, 'The release checkpoint, e.g. pretrain_res50x1.pkl.')
   flags.DEFINE_string('workdir', None, 'New run directory to write it into.')
   flags.mark_flags_as_required(['pkl', 'workdir'])
+  cli.validate_path_flag('pkl', 'pkl')
+  cli.validate_path_flag('workdir')
   cli.quiet_startup_logs()
   app.run(lambda argv: sys.exit(_run(flags.FLAGS)), flags_parser=cli.parse_flags)
 

@@ -32,6 +32,7 @@ _CONFIG = cli.define_config_flag(
   'any field overridden as --config.FIELD=VALUE (presets and fields: configs/byol.py).')
 flags.declare_key_flag('config')  # defined inside ml_collections: list it in --help too
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/demo', 'Where metrics, checkpoints go.')
+cli.validate_path_flag('workdir')
 _MODE = flags.DEFINE_enum('worker_mode', 'train', WORKER_MODES, 'What this process does.')
 # Several processes (hosts) in one run; see README "Multi-host".
 _MULTIHOST = flags.DEFINE_enum(

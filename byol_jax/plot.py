@@ -255,6 +255,8 @@ def main() -> None:
   flags.DEFINE_string('workdir', None, 'Run directory (with metrics/*.jsonl).')
   flags.DEFINE_string('output', None, 'Folder for the PNGs (default WORKDIR/plots), or a .png '
                       'path when --figures names one figure.')
+  cli.validate_path_flag('workdir')
+  cli.validate_path_flag('output', 'output')
   flags.DEFINE_list('figures', None, f'Which figures (default all): {",".join(FIGURE_NAMES)}.')
   cli.quiet_startup_logs()
   app.run(lambda argv: sys.exit(_run(flags.FLAGS.workdir, flags.FLAGS.output,

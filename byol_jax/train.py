@@ -30,7 +30,16 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from byol_jax import checkpointing, losses, metric_writers, multihost, optim, preview, train_step
+from byol_jax import (
+  checkpointing,
+  cli,
+  losses,
+  metric_writers,
+  multihost,
+  optim,
+  preview,
+  train_step,
+)
 from byol_jax import data as data_lib
 from byol_jax.evaluators import common
 from byol_jax.evaluators import knn as knn_lib
@@ -131,6 +140,8 @@ def prepare_workdir(workdir: str) -> None:
   share the workdir, and one shared name let one process delete another's probe mid-check
   (a flaky 'not writable: No such file or directory').
   """
+  if cli.remote_path_error(workdir):
+    raise ConfigError(cli.remote_path_error(workdir))
   try:
     os.makedirs(workdir, exist_ok=True)
     probe = os.path.join(workdir, f'.write_test.{socket.gethostname()}.{os.getpid()}')

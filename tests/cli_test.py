@@ -217,3 +217,33 @@ def test_eval_worker_shares_the_gpu_unless_told_otherwise():
   env = {'XLA_PYTHON_CLIENT_MEM_FRACTION': '.3'}
   main.share_accelerator_memory('eval', env)
   assert env == {'XLA_PYTHON_CLIENT_MEM_FRACTION': '.3'}
+
+
+@pytest.mark.parametrize('path, remote', [
+  ('gs://bucket/run', True), ('s3://b/x', True), ('file:///tmp/x', True),
+  ('runs/demo', False), ('/tmp/gs:/x', False), ('~/runs/a', False), ('', False),
+])
+def test_remote_path_error_names_urls_only(path, remote):
+  """Only a URL is refused: a local path that merely contains a colon must still work."""
+  message = cli.remote_path_error(path)
+  assert (message is not None) == remote
+  if remote:
+    assert repr(path) in message and 'NFS' in message
+
+
+@pytest.mark.parametrize('module, argv', [
+  ('byol_jax.main', ['--config=configs/byol.py:demo', '--workdir=gs://bucket/run']),
+  ('byol_jax.export', ['--workdir=gs://bucket/run']),
+  ('byol_jax.plot', ['--workdir=.', '--output=gs://bucket/plots']),
+  ('byol_jax.import_release', ['--pkl=gs://bucket/pretrain_res50x1.pkl', '--workdir=run']),
+])
+def test_a_url_path_is_refused_before_anything_is_written(module, argv, tmp_path):
+  """gs://bucket/run used to become a local folder 'gs:/bucket/run' holding half a run,
+  then a traceback from the TensorBoard writer: now one line and nothing written."""
+  proc = subprocess.run([sys.executable, '-m', module, *argv], cwd=tmp_path,
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  errors = [line for line in proc.stderr.splitlines() if line.startswith('error: ')]
+  assert len(errors) == 1 and 'is a URL' in errors[0], proc.stderr[-2000:]
+  assert 'Traceback' not in proc.stderr
+  assert list(tmp_path.iterdir()) == []

@@ -85,6 +85,13 @@ def test_parse_dataset_rejects_garbage(name):
     datasets.parse_dataset(name)
 
 
+def test_a_url_dataset_folder_is_refused_by_name():
+  """folder:gs://b/x would otherwise be reported missing as '<cwd>/gs:/b/x', which hides
+  that URLs are not read at all."""
+  with pytest.raises(datasets.DataError, match=r"^dataset folder 'gs://b/x' is a URL"):
+    datasets.parse_dataset('folder:gs://b/x')
+
+
 def test_tfds_split_table():
   """The split table decides what every reported number is measured on."""
   imagenet = datasets.tfds_split_table('imagenet2012')

@@ -109,6 +109,18 @@ def test_init_from_without_a_checkpoint_fails_before_loading_data(tmp_path, monk
     train.train_and_evaluate(cfg, str(tmp_path / 'run'))
 
 
+@pytest.mark.parametrize('field', ['workdir', 'init_from'])
+def test_a_url_workdir_or_init_from_is_refused_from_python_too(field, tmp_path, monkeypatch):
+  """A notebook calling train_and_evaluate with gs://... must get the CLI's one-line error,
+  not a local folder named 'gs:' (makedirs takes the URL as a relative path)."""
+  monkeypatch.chdir(tmp_path)
+  cfg = tiny_config(init_from='gs://bucket/old' if field == 'init_from' else '')
+  workdir = 'gs://bucket/run' if field == 'workdir' else str(tmp_path / 'run')
+  with pytest.raises(train.ConfigError, match=r"'gs://bucket/\w+' is a URL"):
+    train.train_and_evaluate(cfg, workdir)
+  assert not (tmp_path / 'gs:').exists()
+
+
 def test_a_second_trainer_in_the_same_workdir_stops_at_once_naming_the_first(tmp_path,
                                                                               monkeypatch):
   """While one trainer holds a workdir, another must stop before touching it (its resume
