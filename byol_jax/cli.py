@@ -211,13 +211,22 @@ def define_config_flag(default: str, help_text: str):
     _exit_with(e)
 
 
+_HELP_FLAG = re.compile(r'^--?(help|helpshort|helpfull|helpxml|\?)(=(true|1))?$', re.IGNORECASE)
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, with a mistyped flag, config field, preset or config file ending
-  the program with one line (exit 2) instead of a traceback."""
+  the program with one line (exit 2) instead of a traceback, and help exiting 0."""
   try:
     rest = flags.FLAGS(argv)
     if 'config' in flags.FLAGS:  # a config file that failed to load fails on first use
       flags.FLAGS['config'].value.keys()
+  except SystemExit as e:
+    # absl ends every help flag with exit code 1, which reads as a failure to a shell
+    # script or a CI step that checks that a command's help works.
+    if e.code == 1 and any(_HELP_FLAG.match(arg) for arg in argv[1:]):
+      sys.exit(0)
+    raise
   except Exception as e:  # absl and ml_collections raise several types for user mistakes
     _exit_with(e)
   return rest

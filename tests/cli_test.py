@@ -141,6 +141,7 @@ def test_help_lists_the_config_flag(module):
   proc = subprocess.run([sys.executable, '-m', module, '--help'], cwd=REPO, capture_output=True,
                         text=True, timeout=120)
   assert '  --config: Config file and preset' in proc.stdout + proc.stderr, proc.stderr[-2000:]
+  assert proc.returncode == 0  # absl's own exit code for help is 1, which reads as failure
 
 
 def test_flags_named_in_messages_and_docstrings_exist():
