@@ -72,6 +72,9 @@ ADDED_FIELD_DEFAULTS = {
   'model.weight_init': 'release',  # 2026-11-27
   'optimizer.decay_all_params': False,  # 2026-11-27
   'target_init': 'random',  # 2026-11-27
+  'optimizer.trust_clip': False,  # 2026-11-26
+  'model.stem_relu': True,  # 2026-11-27
+  'model.head_output_bias': True,  # 2026-11-28
 }
 
 # Trajectory fields that were removed, with the value under which the current code behaves
@@ -193,19 +196,44 @@ def _flatten(d: dict[str, Any], prefix: str = '') -> dict[str, Any]:
   return out
 
 
-def config_differences(saved: Any, current: Any) -> tuple[list[str], list[str]]:
-  """(trajectory changes, other changes) between two configs, as 'field (old -> new)'."""
+_UNSET = '<unset>'
+
+
+def _changed_fields(saved: Any, current: Any) -> tuple[dict, dict, list[str]]:
+  """Both configs flattened, the saved one completed as ADDED/REMOVED_FIELD_* say, and the
+  fields whose values differ."""
   a = _flatten(config_to_dict(saved) if not isinstance(saved, dict) else saved)
   b = _flatten(config_to_dict(current) if not isinstance(current, dict) else current)
   a = {**{k: v for k, v in ADDED_FIELD_DEFAULTS.items() if k in b}, **a}
   a = {k: v for k, v in a.items()
        if not (k in REMOVED_FIELD_VALUES and k not in b and v == REMOVED_FIELD_VALUES[k])}
-  missing = '<unset>'
-  changed = [k for k in sorted(set(a) | set(b)) if a.get(k, missing) != b.get(k, missing)]
-  fmt = lambda k: f'{k} ({a.get(k, missing)!r} -> {b.get(k, missing)!r})'
-  is_trajectory = lambda k: k.split('.')[0] in TRAJECTORY_FIELDS
-  return ([fmt(k) for k in changed if is_trajectory(k)],
-          [fmt(k) for k in changed if not is_trajectory(k)])
+  return a, b, [k for k in sorted(set(a) | set(b)) if a.get(k, _UNSET) != b.get(k, _UNSET)]
+
+
+def _is_trajectory(field: str) -> bool:
+  return field.split('.')[0] in TRAJECTORY_FIELDS
+
+
+def config_differences(saved: Any, current: Any) -> tuple[list[str], list[str]]:
+  """(trajectory changes, other changes) between two configs, as 'field (old -> new)'."""
+  a, b, changed = _changed_fields(saved, current)
+  fmt = lambda k: f'{k} ({a.get(k, _UNSET)!r} -> {b.get(k, _UNSET)!r})'
+  return ([fmt(k) for k in changed if _is_trajectory(k)],
+          [fmt(k) for k in changed if not _is_trajectory(k)])
+
+
+def saved_value_flags(saved: Any, current: Any) -> list[str]:
+  """The `--config.FIELD=VALUE` flags that put the saved trajectory values back, for the
+  fields that the current config can set (a field the code no longer has cannot be)."""
+  a, b, changed = _changed_fields(saved, current)
+
+  def text(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+      return '(' + ','.join(text(v) for v in value) + ('' if len(value) != 1 else ',') + ')'
+    return str(value)
+
+  return [f'--config.{k}={text(a[k])}' for k in changed
+          if _is_trajectory(k) and k in a and k in b]
 
 
 # ------------------------------------------------------------------- state and checks

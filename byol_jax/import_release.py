@@ -23,7 +23,7 @@ What the run holds: both networks, their BatchNorm statistics, and the release's
 classifier as the probe; a fresh optimiser state (the release's LARS state is not
 carried). Its step is the preset's final step, so `--worker_mode=train` has nothing left to
 train; `--config.init_from` starts new training from it. The heads' last layers have no
-bias in the release; here they get a zero bias, which computes the same.
+bias in the release, as in this code's presets (`model.head_output_bias`).
 """
 
 from __future__ import annotations
@@ -190,10 +190,6 @@ def _rename(tree: dict[str, dict[str, np.ndarray]], prefix: str) -> dict[str, di
   if unknown:
     raise ReleaseFormatError(f'modules this code has no place for: {", ".join(unknown[:3])}'
                              + (f' (and {len(unknown) - 3} more)' if len(unknown) > 3 else ''))
-  for head in ('projector', 'predictor'):  # the release's last head layer has no bias
-    last = out.get(f'{head}/linear_1')
-    if last is not None and 'b' not in last:
-      last['b'] = np.zeros(last['w'].shape[-1], last['w'].dtype)
   return out
 
 
@@ -221,7 +217,8 @@ def model_of(params: dict[str, Any]) -> dict[str, Any]:
     return dict(depth=depths[layout], width=plain[f'{prefix}/initial_conv']['w'].shape[-1] / 64,
                 projector_hidden=int(plain['projector/linear']['w'].shape[1]),
                 projection_dim=int(plain['projector/linear_1']['w'].shape[1]),
-                predictor_hidden=int(plain['predictor/linear']['w'].shape[1]))
+                predictor_hidden=int(plain['predictor/linear']['w'].shape[1]),
+                head_output_bias='b' in plain['projector/linear_1'])
   except KeyError as e:
     raise ReleaseFormatError(f'no {e.args[0]} parameters: not the release\'s BYOL '
                              'network') from None

@@ -254,6 +254,11 @@ def _config_weight_init(model_cfg: Any) -> str:
   return kind
 
 
+def head_output_bias_of(model: Any) -> bool:
+  """A model config's head_output_bias; configs saved before the option: True."""
+  return bool(model.get('head_output_bias', True))
+
+
 def stem_relu_of(model: Any) -> bool:
   """A model config's (or export sidecar's) stem_relu; those saved before the option: True."""
   return bool(model.get('stem_relu', True))
@@ -279,12 +284,13 @@ def _conv(channels: int, kernel: int, stride: int, name: str,
                    w_init=init, name=name)
 
 
-def _linear(size: int, fan_in: int, name: str, weight_init: str = 'release') -> hk.Linear:
+def _linear(size: int, fan_in: int, name: str, weight_init: str = 'release',
+            with_bias: bool = True) -> hk.Linear:
   if weight_init == 'pytorch':
     bound = 1.0 / np.sqrt(fan_in)
-    return hk.Linear(size, w_init=_pytorch_uniform(),
+    return hk.Linear(size, with_bias=with_bias, w_init=_pytorch_uniform(),
                      b_init=hk.initializers.RandomUniform(-bound, bound), name=name)
-  return hk.Linear(size, name=name)
+  return hk.Linear(size, with_bias=with_bias, name=name)
 
 
 class ResNet(hk.Module):
@@ -384,11 +390,15 @@ def resnet_output_dim(bottleneck: bool, width: float) -> int:
 
 
 class MLP(hk.Module):
-  """Linear -> norm -> ReLU -> Linear, the projector and predictor of BYOL."""
+  """Linear -> norm -> ReLU -> Linear, the projector and predictor of BYOL.
+
+  The release's last Linear has no bias (`output_bias=False`); PyTorch heads such as
+  lightly's keep one.
+  """
 
   def __init__(self, hidden: int, output: int, norm: str, bn_decay: float = 0.9,
                bn_eps: float = 1e-5, axis_name: str | None = None, name: str | None = None,
-               weight_init: str = 'release', bn_groups: int = 1):
+               weight_init: str = 'release', bn_groups: int = 1, output_bias: bool = True):
     super().__init__(name=name)
     if norm not in NORM_KINDS:
       raise ValueError(f'unknown norm {norm!r}; valid: {", ".join(NORM_KINDS)}')
@@ -396,13 +406,15 @@ class MLP(hk.Module):
     self.hidden, self.output, self.norm = hidden, output, norm
     self.bn = (bn_decay, bn_eps, axis_name, bn_groups)
     self.weight_init = weight_init
+    self.output_bias = output_bias
 
   def __call__(self, x: jax.Array, is_training: bool) -> jax.Array:
     bn_decay, bn_eps, axis_name, groups = self.bn
     x = _linear(self.hidden, x.shape[-1], 'linear_0', self.weight_init)(x)
     x = _norm(self.norm, x, is_training, axis_name, bn_decay, bn_eps, groups)
     x = jax.nn.relu(x)
-    return _linear(self.output, self.hidden, 'linear_1', self.weight_init)(x)
+    return _linear(self.output, self.hidden, 'linear_1', self.weight_init,
+                   with_bias=self.output_bias)(x)
 
 
 def _cast_getter(dtype: jnp.dtype) -> Callable[..., Any]:
@@ -443,6 +455,7 @@ def build_network(model_cfg: Any, num_classes: int, axis_name: str | None = None
   """
   cfg = model_cfg
   weight_init = _config_weight_init(cfg)  # checked here: a bad value fails before tracing
+  output_bias = head_output_bias_of(cfg)
 
   def forward(images: jax.Array, is_training: bool, views: int = 1) -> dict[str, jax.Array]:
     cast = dtype != jnp.float32
@@ -451,10 +464,10 @@ def build_network(model_cfg: Any, num_classes: int, axis_name: str | None = None
       embedding = encoder(images.astype(dtype), is_training)
       projector = MLP(cfg.projector_hidden, cfg.projection_dim, cfg.projector_norm,
                       cfg.bn_decay, cfg.bn_eps, axis_name, name='projector',
-                      weight_init=weight_init, bn_groups=views)
+                      weight_init=weight_init, bn_groups=views, output_bias=output_bias)
       predictor = MLP(cfg.predictor_hidden, cfg.projection_dim, cfg.predictor_norm,
                       cfg.bn_decay, cfg.bn_eps, axis_name, name='predictor',
-                      weight_init=weight_init, bn_groups=views)
+                      weight_init=weight_init, bn_groups=views, output_bias=output_bias)
       projection = projector(embedding, is_training)
       prediction = predictor(projection, is_training)
     logits = hk.Linear(num_classes, name='probe')(jax.lax.stop_gradient(embedding)

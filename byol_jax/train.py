@@ -438,9 +438,11 @@ def _restore(cfg: Any, workdir: str, num_classes: int) -> checkpointing.Restored
     trajectory, other = checkpointing.config_differences(meta['config'], cfg)
     if trajectory:
       longer = any(c.split(' ')[0] in ('epochs', 'steps', 'dataset') for c in trajectory)
+      saved = ' '.join(checkpointing.saved_value_flags(meta['config'], cfg))
       raise ConfigError(
         f'{workdir} holds a run with another setup, resuming would not continue it: '
         f'{", ".join(trajectory)}. Use a new --workdir or the saved values'
+        + (f' ({saved})' if saved else '')
         + (f' (a new --workdir with --config.init_from={workdir} starts a new schedule from '
            'its networks)' if longer else '') + '.')
     if other:

@@ -44,6 +44,8 @@ def _model(depth: int, width: float, cifar_stem: bool) -> ml_collections.ConfigD
     depth=depth, width=float(width), cifar_stem=cifar_stem, zero_init_last_bn=True,
     stem_relu=True,  # False: no ReLU after the stem's BN (lightly's CIFAR-10 benchmark)
     weight_init='release',  # or 'pytorch' (see networks.WEIGHT_INITS)
+    # The release's projector and predictor end in a Linear without bias; lightly's keep one.
+    head_output_bias=False,
     bn_decay=0.9, bn_eps=1e-5, projector_hidden=4096, predictor_hidden=4096,
     projection_dim=256, projector_norm='batchnorm', predictor_norm='batchnorm'))
 
@@ -181,7 +183,8 @@ def _cifar10_lightly(epochs: int) -> ml_collections.ConfigDict:
     weight decay 5e-4 on the mean of two -cos terms; our loss, the sum of two 2 - 2cos
     terms, has 4x that gradient, so base LR 0.03 (LR 0.06 at batch 512) and weight decay
     2e-3 make the same update.
-  - A constant tau of 0.99, heads 1024 wide.
+  - A constant tau of 0.99, heads 1024 wide, whose last Linear keeps its bias (the
+    release's has none).
   - SimCLR's views: torchvision's colour jitter (0.4, 0.4, 0.4, 0.1), no blur or solarisation.
   - PyTorch's default layer init and no zero-init of the last BN of each block (lightly's
     ResNet keeps PyTorch's defaults). Under SGD a weight followed by BatchNorm has an
@@ -207,6 +210,7 @@ def _cifar10_lightly(epochs: int) -> ml_collections.ConfigDict:
   cfg.model.projector_hidden = cfg.model.predictor_hidden = 1024
   cfg.model.weight_init = 'pytorch'
   cfg.model.zero_init_last_bn = False
+  cfg.model.head_output_bias = True
   cfg.augment.jitter_style = 'torchvision'
   cfg.augment.saturation = 0.4
   cfg.augment.view2.solarize_prob = 0.0

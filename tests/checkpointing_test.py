@@ -387,6 +387,7 @@ def test_incompatible_config_is_refused_compatible_change_reported(reference, tm
     train._restore(cfg, workdir, 10)
   message = str(e.value)
   assert 'batch_size (16 -> 32)' in message and 'model.projection_dim (16 -> 8)' in message
+  assert '(--config.batch_size=16 --config.model.projection_dim=16)' in message
   assert '\n' not in message
   cfg = tiny_config(**{**RUN_FLAGS, 'log_every_steps': 4, 'checkpoint.keep': 3})
   with caplog.at_level('INFO'):
@@ -405,18 +406,60 @@ def test_config_survives_the_json_round_trip():
 
 def test_runs_saved_before_a_field_existed_resume_at_its_old_behaviour():
   """A config saved before a field existed (tau_schedule, augment.jitter_style,
-  model.weight_init, optimizer.decay_all_params, target_init) matches the current one when
+  model.weight_init, optimizer.decay_all_params, target_init, optimizer.trust_clip,
+  model.stem_relu, model.head_output_bias) matches the current one when
   it holds the values that reproduce the old code, and differs (naming the field)
   otherwise. Breaks if an upgrade makes every older run unresumable, or hides a change."""
-  cfg = tiny_config()
+  cfg = tiny_config(**{'model.head_output_bias': True})
   old = checkpointing.config_to_dict(cfg)
   del old['tau_schedule'], old['augment']['jitter_style'], old['model']['weight_init']
-  del old['optimizer']['decay_all_params'], old['target_init']
+  del old['optimizer']['decay_all_params'], old['target_init'], old['optimizer']['trust_clip']
+  del old['model']['stem_relu'], old['model']['head_output_bias']
   assert checkpointing.config_differences(old, cfg) == ([], [])
   cfg.tau_schedule = 'constant'
   cfg.target_init = 'copy'
   trajectory, _ = checkpointing.config_differences(old, cfg)
   assert trajectory == ["target_init ('random' -> 'copy')", "tau_schedule ('cosine' -> 'constant')"]
+
+
+def test_saved_value_flags_put_the_saved_run_back(monkeypatch):
+  """The flags that the refusal to resume suggests must, given on the command line, make
+  the config match the saved run (a tuple, a bool, a string, a float and a field added since),
+  or the suggestion sends the user round in circles."""
+  from absl import flags
+  from ml_collections import config_flags
+  saved = tiny_config()
+  old = checkpointing.config_to_dict(saved)
+  del old['model']['head_output_bias']  # saved before the field existed: True
+  current = tiny_config(**{'augment.mean': (0.4, 0.5, 0.6), 'model.zero_init_last_bn': False,
+                           'tau_schedule': 'constant', 'optimizer.base_lr': 0.25,
+                           'model.head_output_bias': False, 'log_every_steps': 7})
+  suggested = checkpointing.saved_value_flags(old, current)
+  assert len(suggested) == 5 and not any('log_every_steps' in f for f in suggested)
+  values = flags.FlagValues()
+  monkeypatch.setattr('sys.argv', ['prog', *suggested])  # ml_collections reads them here
+  config_flags.DEFINE_config_dict('config', current, flag_values=values)
+  values(['prog', *suggested])
+  trajectory, other = checkpointing.config_differences(old, values.config)
+  assert trajectory == [] and other == [f'log_every_steps ({saved.log_every_steps} -> 7)']
+
+
+def test_every_trajectory_field_added_since_runs_were_saved_has_its_old_value():
+  """A trajectory field that a preset gains must be listed in ADDED_FIELD_DEFAULTS, or every
+  run saved before it is refused on resume as '<unset> -> value' (model.stem_relu and
+  optimizer.trust_clip were missing until 2026-11-28). The snapshot holds the fields runs
+  may have been saved with; a field outside it must be in ADDED_FIELD_DEFAULTS."""
+  from configs import ablation, byol
+  snapshot = os.path.join(os.path.dirname(__file__), 'data', 'trajectory_fields_saved.txt')
+  with open(snapshot) as f:
+    saved = {line.strip() for line in f if line.strip() and not line.startswith('#')}
+  fields = set()
+  for get, names in ((byol.get_config, byol.PRESETS), (ablation.get_config, ablation.VARIANTS)):
+    for name in names:
+      flat = checkpointing._flatten(checkpointing.config_to_dict(get(name)))
+      fields |= {k for k in flat if checkpointing._is_trajectory(k)}
+  assert fields - saved - set(checkpointing.ADDED_FIELD_DEFAULTS) == set()
+  assert set(checkpointing.ADDED_FIELD_DEFAULTS) <= fields  # no stale entries
 
 
 def test_runs_saved_with_a_removed_field_resume_only_at_its_current_behaviour():

@@ -51,7 +51,7 @@ def test_imported_encoder_computes_what_haikus_release_network_computes(release)
 
 
 def test_imported_run_holds_both_networks_and_is_finished(release):
-  """Target and heads must come across (the heads' missing last bias as zeros), and the
+  """Target and heads must come across (heads without a last bias, as the release's), and the
   step must be the preset's last, so a trainer would not continue it with a fresh
   optimiser as if resuming. Breaks if the target were the online network or fresh."""
   pkl, _, workdir = release
@@ -65,7 +65,8 @@ def test_imported_run_holds_both_networks_and_is_finished(release):
                             state.online_params['encoder/stem_conv']['w'])
   np.testing.assert_array_equal(state.target_params['encoder/stem_conv']['w'],
                                 raw['target_params']['res_net50/~/initial_conv']['w'])
-  assert not np.any(state.online_params['predictor/linear_1']['b'])
+  assert set(state.online_params['predictor/linear_1']) == {'w'}
+  assert cfg.model.head_output_bias is False
   fns = train_step.make_step_fns(cfg, import_release.NUM_CLASSES, num_steps=step,
                                  steps_per_epoch=1)
   fresh_opt = fns.optimizer.init(state.online_params)  # what a new run's optimiser starts at

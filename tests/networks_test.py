@@ -96,6 +96,31 @@ def test_pytorch_weight_init_is_uniform_within_one_over_sqrt_fan_in():
   assert checked >= 8
 
 
+@pytest.mark.parametrize('bias', [False, True, None])
+def test_head_output_bias_follows_the_config(bias):
+  """The release's projector and predictor end in a Linear without bias (every preset but
+  cifar10_lightly); a config saved before the option (None: no field) had one, and must
+  rebuild it, or its checkpoints would no longer restore."""
+  cfg = _model_cfg()
+  if bias is not None:
+    cfg.head_output_bias = bias
+  net = networks.build_network(cfg, num_classes=3)
+  params = jax.eval_shape(lambda: net.init(jax.random.PRNGKey(0), jnp.zeros((2, 16, 16, 3)),
+                                           True)[0])
+  expected = {'w', 'b'} if bias in (True, None) else {'w'}
+  for head in ('projector', 'predictor'):
+    assert set(params[f'{head}/linear_1']) == expected
+    assert set(params[f'{head}/linear_0']) == {'w', 'b'}
+
+
+def test_presets_follow_the_release_heads_except_lightlys():
+  from configs import byol as byol_configs
+  presets = {name: byol_configs.get_config(name).model.head_output_bias
+             for name in byol_configs.PRESETS}
+  assert presets.pop('cifar10_lightly') is True
+  assert not any(presets.values()), presets
+
+
 def test_unknown_weight_init_is_refused():
   with pytest.raises(ValueError, match="unknown weight_init 'xavier'"):
     _init_params('xavier')
