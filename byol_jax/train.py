@@ -470,17 +470,25 @@ def _restore(cfg: Any, workdir: str, num_classes: int) -> checkpointing.Restored
 
 
 def _load_init_source(cfg: Any) -> train_step.TrainState | None:
-  """The earlier run that a new run starts from (`init_from`), on the host. Read before
-  any data is loaded, so that a wrong path fails at once, in one line."""
+  """The earlier run that a new run starts from (`init_from`), on the host. Read and checked
+  against this run's network before any data is loaded, so that a wrong path or a network
+  that does not fit fails at once, in one line (naming the source's model flags)."""
   if not cfg.get('init_from'):
     return None
   try:
     state, source_cfg, step = checkpointing.load_state(cfg.init_from, cfg.init_from_step or None)
   except checkpointing.CheckpointError as e:
     raise ConfigError(f'init_from={cfg.init_from}: {e}') from None
-  changed, _ = checkpointing.config_differences(
-    {'model': checkpointing.config_to_dict(source_cfg.model)},
-    {'model': checkpointing.config_to_dict(cfg.model)})
+  source_model = {'model': checkpointing.config_to_dict(source_cfg.model)}
+  model = {'model': checkpointing.config_to_dict(cfg.model)}
+  try:
+    train_step.warm_start_state(
+      checkpointing.state_template(cfg, data_lib.num_classes_of(cfg)), state)
+  except ValueError as e:
+    flags = ' '.join(checkpointing.saved_value_flags(source_model, model))
+    raise ConfigError(f'init_from={cfg.init_from}: {e}'
+                      + (f'; its model: {flags}' if flags else '')) from None
+  changed, _ = checkpointing.config_differences(source_model, model)
   logging.info('starting from the networks of %s, step %d (%s); the schedule, optimiser, '
                'probe and step count start afresh%s', cfg.init_from, step,
                source_cfg.get('preset', '?'),

@@ -109,6 +109,21 @@ def test_init_from_without_a_checkpoint_fails_before_loading_data(tmp_path, monk
     train.train_and_evaluate(cfg, str(tmp_path / 'run'))
 
 
+def test_init_from_another_network_fails_before_loading_data_naming_its_model(
+    pretrained_workdir, tmp_path, monkeypatch):
+  """A source whose network does not fit (here its heads have no last bias, where this run's
+  do) must fail before data is loaded, which can take minutes on a real dataset, and name
+  the source's model flags that would fit."""
+  monkeypatch.setattr(data, 'make_train_data', lambda *a, **k: pytest.fail('data was loaded'))
+  cfg = tiny_config(init_from=pretrained_workdir, **{'model.head_output_bias': True})
+  with pytest.raises(train.ConfigError) as e:
+    train.train_and_evaluate(cfg, str(tmp_path / 'run'))
+  message = str(e.value)
+  assert message.startswith(f'init_from={pretrained_workdir}: its online_params do not fit')
+  assert 'projector/linear_1/b missing there' in message
+  assert message.endswith('; its model: --config.model.head_output_bias=False'), message
+
+
 @pytest.mark.parametrize('field', ['workdir', 'init_from'])
 def test_a_url_workdir_or_init_from_is_refused_from_python_too(field, tmp_path, monkeypatch):
   """A notebook calling train_and_evaluate with gs://... must get the CLI's one-line error,
