@@ -31,6 +31,7 @@ import datetime
 import json
 import logging as std_logging
 import os
+import shlex
 import shutil
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -224,7 +225,8 @@ def config_differences(saved: Any, current: Any) -> tuple[list[str], list[str]]:
 
 def saved_value_flags(saved: Any, current: Any) -> list[str]:
   """The `--config.FIELD=VALUE` flags that put the saved trajectory values back, for the
-  fields that the current config can set (a field the code no longer has cannot be)."""
+  fields that the current config can set (a field the code no longer has cannot be),
+  quoted for a shell where needed (a tuple's parentheses)."""
   a, b, changed = _changed_fields(saved, current)
 
   def text(value: Any) -> str:
@@ -232,7 +234,7 @@ def saved_value_flags(saved: Any, current: Any) -> list[str]:
       return '(' + ','.join(text(v) for v in value) + ('' if len(value) != 1 else ',') + ')'
     return str(value)
 
-  return [f'--config.{k}={text(a[k])}' for k in changed
+  return [shlex.quote(f'--config.{k}={text(a[k])}') for k in changed
           if _is_trajectory(k) and k in a and k in b]
 
 

@@ -13,6 +13,7 @@ resident data is uint8), so they compile a second step once.
 import errno
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -436,10 +437,12 @@ def test_saved_value_flags_put_the_saved_run_back(monkeypatch):
                            'model.head_output_bias': False, 'log_every_steps': 7})
   suggested = checkpointing.saved_value_flags(old, current)
   assert len(suggested) == 5 and not any('log_every_steps' in f for f in suggested)
+  assert "'--config.augment.mean=(0.485,0.456,0.406)'" in suggested  # bash: quoted
   values = flags.FlagValues()
-  monkeypatch.setattr('sys.argv', ['prog', *suggested])  # ml_collections reads them here
+  argv = ['prog', *shlex.split(' '.join(suggested))]  # as a shell passes them on
+  monkeypatch.setattr('sys.argv', argv)  # ml_collections reads the overrides here
   config_flags.DEFINE_config_dict('config', current, flag_values=values)
-  values(['prog', *suggested])
+  values(argv)
   trajectory, other = checkpointing.config_differences(old, values.config)
   assert trajectory == [] and other == [f'log_every_steps ({saved.log_every_steps} -> 7)']
 
