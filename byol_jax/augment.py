@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from byol_jax import config_compat
+
 Array = jax.Array
 
 # tf.image.rgb_to_grayscale's luma weights.
@@ -76,7 +78,7 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
     if not ok:
       raise ValueError(f'augment.{what}')
 
-  style = cfg.get('jitter_style', 'tf')
+  style = config_compat.setting(cfg, 'augment.jitter_style')
   need(style in JITTER_STYLES, f'jitter_style={style!r}; valid: {", ".join(JITTER_STYLES)}')
   need(0 < cfg.crop_area_min <= cfg.crop_area_max <= 1,
        f'crop_area_min={cfg.crop_area_min} and crop_area_max={cfg.crop_area_max} must satisfy '
@@ -415,7 +417,7 @@ def augment_view(
 def _random_jitter(image: Array, u: Array, cfg: ml_collections.ConfigDict) -> Array:
   """Colour jitter with strengths from cfg, parameters and order taken from the uniforms u."""
   ub, uc, us, uh = 2.0 * u[_U_PARAMS] - 1.0  # Each in [-1, 1).
-  style = cfg.get('jitter_style', 'tf')
+  style = config_compat.setting(cfg, 'augment.jitter_style')
   return apply_color_jitter(
       image,
       jnp.argsort(u[_U_ORDER]),

@@ -45,7 +45,7 @@ from absl import logging
 from absl.logging import get_absl_handler
 from etils import epath
 
-from byol_jax import cli, train_step
+from byol_jax import cli, config_compat, train_step
 
 CHECKPOINT_SUBDIR = 'checkpoints'
 UNUSABLE_SUBDIR = 'checkpoints_unusable'  # damaged checkpoints are moved here, not deleted
@@ -64,28 +64,6 @@ TRAJECTORY_FIELDS = (
 )
 
 
-# Trajectory fields added after runs were first saved, with the value that reproduces how the
-# code behaved before each existed: a run saved without the field resumes when the current
-# config holds that value (and is refused, naming the field, when it holds another).
-ADDED_FIELD_DEFAULTS = {
-  'tau_schedule': 'cosine',  # 2026-11-27
-  'augment.jitter_style': 'tf',  # 2026-11-27
-  'model.weight_init': 'release',  # 2026-11-27
-  'optimizer.decay_all_params': False,  # 2026-11-27
-  'target_init': 'random',  # 2026-11-27
-  'optimizer.trust_clip': False,  # 2026-11-26
-  'model.stem_relu': True,  # 2026-11-27
-  'model.head_output_bias': True,  # 2026-11-28
-}
-
-# Trajectory fields that were removed, with the value under which the current code behaves
-# as the old code did: a run saved with that value resumes, one saved with another is
-# refused, naming the field.
-REMOVED_FIELD_VALUES = {
-  # 2026-11-26 to 11-27, replaced by augment.jitter_style; 'multiplicative' changed only the
-  # brightness, which no jitter_style reproduces alone.
-  'augment.brightness_mode': 'additive',
-}
 
 
 class CheckpointError(RuntimeError):
@@ -201,13 +179,13 @@ _UNSET = '<unset>'
 
 
 def _changed_fields(saved: Any, current: Any) -> tuple[dict, dict, list[str]]:
-  """Both configs flattened, the saved one completed as ADDED/REMOVED_FIELD_* say, and the
+  """Both configs flattened, the saved one completed as config_compat's tables say, and the
   fields whose values differ."""
   a = _flatten(config_to_dict(saved) if not isinstance(saved, dict) else saved)
   b = _flatten(config_to_dict(current) if not isinstance(current, dict) else current)
-  a = {**{k: v for k, v in ADDED_FIELD_DEFAULTS.items() if k in b}, **a}
-  a = {k: v for k, v in a.items()
-       if not (k in REMOVED_FIELD_VALUES and k not in b and v == REMOVED_FIELD_VALUES[k])}
+  a = {**{k: v for k, v in config_compat.ADDED_FIELD_DEFAULTS.items() if k in b}, **a}
+  removed = config_compat.REMOVED_FIELD_VALUES
+  a = {k: v for k, v in a.items() if not (k in removed and k not in b and v == removed[k])}
   return a, b, [k for k in sorted(set(a) | set(b)) if a.get(k, _UNSET) != b.get(k, _UNSET)]
 
 

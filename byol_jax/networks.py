@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from byol_jax import config_compat
+
 # Blocks per stage and whether the stage uses bottleneck blocks, per ResNet depth.
 # depth 10 is a tiny variant used only by the CPU demo.
 RESNET_LAYOUTS: Mapping[int, tuple[Sequence[int], bool]] = {
@@ -249,19 +251,19 @@ WEIGHT_INITS = ('release', 'pytorch')
 
 def _config_weight_init(model_cfg: Any) -> str:
   """The config's weight_init, checked; configs saved before the option have none: release."""
-  kind = model_cfg.get('weight_init', 'release')
+  kind = config_compat.setting(model_cfg, 'model.weight_init')
   _check_weight_init(kind)
   return kind
 
 
 def head_output_bias_of(model: Any) -> bool:
   """A model config's head_output_bias; configs saved before the option: True."""
-  return bool(model.get('head_output_bias', True))
+  return bool(config_compat.setting(model, 'model.head_output_bias'))
 
 
 def stem_relu_of(model: Any) -> bool:
   """A model config's (or export sidecar's) stem_relu; those saved before the option: True."""
-  return bool(model.get('stem_relu', True))
+  return bool(config_compat.setting(model, 'model.stem_relu'))
 
 
 def _check_weight_init(kind: str) -> None:

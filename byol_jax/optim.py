@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from byol_jax import config_compat
 from byol_jax.networks import NORM_PARAM_NAMES
 
 
@@ -130,13 +131,13 @@ def make_optimizer(opt_cfg: Any, learning_rate: optax.Schedule) -> optax.Gradien
   """
   if opt_cfg.name not in OPTIMIZERS:
     raise ValueError(f'unknown optimizer {opt_cfg.name!r}; valid: {", ".join(OPTIMIZERS)}')
-  decay_mask = None if opt_cfg.get('decay_all_params', False) else lars_mask
+  decay_mask = None if config_compat.setting(opt_cfg, 'optimizer.decay_all_params') else lars_mask
   if opt_cfg.name == 'sgd':
     return optax.chain(
       optax.add_decayed_weights(opt_cfg.weight_decay, decay_mask),
       optax.trace(decay=opt_cfg.momentum, nesterov=False),
       optax.scale_by_learning_rate(learning_rate))
-  if not opt_cfg.get('trust_clip', False):
+  if not config_compat.setting(opt_cfg, 'optimizer.trust_clip'):
     return optax.lars(
       learning_rate=learning_rate, weight_decay=opt_cfg.weight_decay,
       weight_decay_mask=True if decay_mask is None else decay_mask,

@@ -33,6 +33,7 @@ from absl import logging
 from byol_jax import (
   checkpointing,
   cli,
+  config_compat,
   losses,
   metric_writers,
   multihost,
@@ -108,7 +109,7 @@ def _validate_optimisation(cfg: Any) -> None:
                       f'{opt.warmup_epochs} must be >= 0')
   if not 0 <= opt.momentum < 1:
     raise ConfigError(f'optimizer.momentum={opt.momentum} must be in [0, 1)')
-  if cfg.get('tau_schedule', 'cosine') not in optim.TAU_SCHEDULES:
+  if config_compat.setting(cfg, 'tau_schedule') not in optim.TAU_SCHEDULES:
     raise ConfigError(f'tau_schedule={cfg.tau_schedule!r}; valid: '
                       f'{", ".join(optim.TAU_SCHEDULES)}')
   if not 0 <= cfg.tau_base <= 1:

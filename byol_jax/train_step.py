@@ -20,7 +20,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from byol_jax import augment, losses, networks, optim
+from byol_jax import augment, config_compat, losses, networks, optim
 
 AXIS = 'data'
 TARGET_INITS = ('random', 'copy')
@@ -71,11 +71,11 @@ def make_step_fns(cfg: Any, num_classes: int, num_steps: int, steps_per_epoch: i
   warmup = min(int(round(cfg.optimizer.warmup_epochs * steps_per_epoch)), num_steps)
   peak = optim.scaled_lr(cfg.optimizer.base_lr, cfg.batch_size)
   lr_fn = optim.learning_rate_schedule(peak, warmup, num_steps)
-  tau_fn = optim.tau_schedule(cfg.tau_base, num_steps, cfg.get('tau_schedule', 'cosine'))
+  tau_fn = optim.tau_schedule(cfg.tau_base, num_steps, config_compat.setting(cfg, 'tau_schedule'))
   optimizer = optim.make_optimizer(cfg.optimizer, lr_fn)
   if cfg.loss not in ('byol', 'infonce'):
     raise ValueError(f'unknown loss {cfg.loss!r}; valid: byol, infonce')
-  target_init = cfg.get('target_init', 'random')
+  target_init = config_compat.setting(cfg, 'target_init')
   if target_init not in TARGET_INITS:
     raise ValueError(f'unknown target_init {target_init!r}; valid: {", ".join(TARGET_INITS)}')
   return StepFns(network, init_network, optimizer, lr_fn, tau_fn, cfg.loss,

@@ -27,7 +27,7 @@ import orbax.checkpoint as ocp
 import pytest
 from conftest import FAST_COMPILE, REPO, tiny_config
 
-from byol_jax import checkpointing, train
+from byol_jax import checkpointing, config_compat, train
 
 COMPILE_CACHE = os.path.join(tempfile.gettempdir(), 'byol_jax_test_compile_cache')
 NUM_STEPS = 8
@@ -448,10 +448,10 @@ def test_saved_value_flags_put_the_saved_run_back(monkeypatch):
 
 
 def test_every_trajectory_field_added_since_runs_were_saved_has_its_old_value():
-  """A trajectory field that a preset gains must be listed in ADDED_FIELD_DEFAULTS, or every
+  """A trajectory field that a preset gains must be listed in config_compat's table, or every
   run saved before it is refused on resume as '<unset> -> value' (model.stem_relu and
   optimizer.trust_clip were missing until 2026-11-28). The snapshot holds the fields runs
-  may have been saved with; a field outside it must be in ADDED_FIELD_DEFAULTS."""
+  may have been saved with; a field outside it must be in the table."""
   from configs import ablation, byol
   snapshot = os.path.join(os.path.dirname(__file__), 'data', 'trajectory_fields_saved.txt')
   with open(snapshot) as f:
@@ -461,8 +461,8 @@ def test_every_trajectory_field_added_since_runs_were_saved_has_its_old_value():
     for name in names:
       flat = checkpointing._flatten(checkpointing.config_to_dict(get(name)))
       fields |= {k for k in flat if checkpointing._is_trajectory(k)}
-  assert fields - saved - set(checkpointing.ADDED_FIELD_DEFAULTS) == set()
-  assert set(checkpointing.ADDED_FIELD_DEFAULTS) <= fields  # no stale entries
+  assert fields - saved - set(config_compat.ADDED_FIELD_DEFAULTS) == set()
+  assert set(config_compat.ADDED_FIELD_DEFAULTS) <= fields  # no stale entries
 
 
 def test_runs_saved_with_a_removed_field_resume_only_at_its_current_behaviour():

@@ -1,0 +1,47 @@
+"""Configs saved by earlier versions: the fields added or removed since, with old values.
+
+One table of the trajectory fields added since runs were first saved, with the value that
+reproduces the code before each existed. Code that reads such a field calls `setting`, so
+the old behaviour is written down once, here: the resume check
+(`checkpointing.config_differences`) and the networks, optimiser and augmentations built
+from an old run's saved config agree on it. A field missing from the table fails at once
+(KeyError) instead of silently taking a second, different default.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# Trajectory fields added after runs were first saved, with the value that reproduces how the
+# code behaved before each existed: a run saved without the field resumes when the current
+# config holds that value (and is refused, naming the field, when it holds another).
+ADDED_FIELD_DEFAULTS = {
+  'tau_schedule': 'cosine',  # 2026-11-27
+  'augment.jitter_style': 'tf',  # 2026-11-27
+  'model.weight_init': 'release',  # 2026-11-27
+  'optimizer.decay_all_params': False,  # 2026-11-27
+  'target_init': 'random',  # 2026-11-27
+  'optimizer.trust_clip': False,  # 2026-11-26
+  'model.stem_relu': True,  # 2026-11-27
+  'model.head_output_bias': True,  # 2026-11-28
+}
+
+# Trajectory fields that were removed, with the value under which the current code behaves
+# as the old code did: a run saved with that value resumes, one saved with another is
+# refused, naming the field.
+REMOVED_FIELD_VALUES = {
+  # 2026-11-26 to 11-27, replaced by augment.jitter_style; 'multiplicative' changed only the
+  # brightness, which no jitter_style reproduces alone.
+  'augment.brightness_mode': 'additive',
+}
+
+
+def setting(cfg: Any, field: str) -> Any:
+  """`field`'s value in `cfg`, or its value from before it existed.
+
+  `field` is the dotted name from the config's root ('model.stem_relu'); `cfg` is the
+  (sub-)config that holds its last part (the model config for 'model.stem_relu'), so
+  functions that take only their part of the config can use it.
+  """
+  default = ADDED_FIELD_DEFAULTS[field]
+  return cfg.get(field.rsplit('.', 1)[-1], default)
