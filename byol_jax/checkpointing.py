@@ -377,8 +377,8 @@ def load_state(workdir: str, step: int | None = None,
   saved config and metadata. With `step=None` damaged newer checkpoints are skipped (and
   logged); an explicit step must be intact.
   """
-  if cli.remote_path_error(workdir):
-    raise NoCheckpointError(cli.remote_path_error(workdir))
+  if message := cli.remote_path_error(workdir):
+    raise NoCheckpointError(message)
   template_fn = lambda meta: state_template(config_from_dict(meta['config']),
                                             int(meta['num_classes']))
   if step is None:

@@ -122,8 +122,8 @@ def parse_dataset(name: str) -> DatasetSpec:
     root = text[len('folder:'):].strip()
     if not root:
       raise DataError(f"dataset {name!r} names no folder; {_VALID_FORMS}")
-    if cli.remote_path_error(root):
-      raise DataError(cli.remote_path_error(root, 'dataset folder'))
+    if message := cli.remote_path_error(root, 'dataset folder'):
+      raise DataError(message)
     return DatasetSpec('folder', text, os.path.abspath(os.path.expanduser(root)))
   if _TFDS_NAME.match(text):
     return DatasetSpec('tfds', text)

@@ -141,8 +141,8 @@ def prepare_workdir(workdir: str) -> None:
   share the workdir, and one shared name let one process delete another's probe mid-check
   (a flaky 'not writable: No such file or directory').
   """
-  if cli.remote_path_error(workdir):
-    raise ConfigError(cli.remote_path_error(workdir))
+  if message := cli.remote_path_error(workdir):
+    raise ConfigError(message)
   try:
     os.makedirs(workdir, exist_ok=True)
     probe = os.path.join(workdir, f'.write_test.{socket.gethostname()}.{os.getpid()}')
