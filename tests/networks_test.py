@@ -114,6 +114,8 @@ def test_head_output_bias_follows_the_config(bias):
 
 
 def test_presets_follow_the_release_heads_except_lightlys():
+  """Every preset builds the release's heads except cifar10_lightly, which follows lightly's
+  PyTorch heads; breaks if a preset silently takes the other kind."""
   from configs import byol as byol_configs
   presets = {name: byol_configs.get_config(name).model.head_output_bias
              for name in byol_configs.PRESETS}
