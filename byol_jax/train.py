@@ -611,6 +611,23 @@ def _train(cfg: Any, workdir: str, mesh) -> dict[str, Any]:
   return result
 
 
+def _initial_knn(cfg: Any, state: train_step.TrainState, knn: KnnEval, mesh) -> dict[str, float]:
+  """kNN of the encoder before training (`*_init` keys), written beside every later
+  evaluation so that each can be read against it."""
+  # Never-updated BN statistics (mean 0, var 0) would scale every BN input by 1/sqrt(eps)
+  # in inference mode; re-estimate them on the kNN training images, as the eval worker
+  # and linear_eval do for the initial encoder (the training state itself is unchanged).
+  init_bn, _ = common.ensure_bn_statistics(
+    cfg.model, state.online_params, state.online_state,
+    lambda: common.calibration_batches(knn.train.images, cfg.knn.batch_size, mesh.size,
+                                       common.BN_CALIBRATION_EXAMPLES, cfg.seed),
+    cfg.image_size, cfg.eval_crop_fraction, mesh, cfg.augment, source=f'{cfg.dataset}/train')
+  init_knn = {f'{k}_init': v for k, v in knn(state.online_params, init_bn).items()}
+  logging.info('encoder %s: %s', f'from {cfg.init_from}' if cfg.get('init_from') else
+               'at initialisation', _fmt_metrics(init_knn))
+  return init_knn
+
+
 def _loop(cfg, workdir, mesh, data, fns, state, faults, ckpt, preemption, num_steps, spe,
           start, is_main) -> dict[str, Any]:
   """The step loop proper; see `train_and_evaluate`."""
@@ -628,19 +645,7 @@ def _loop(cfg, workdir, mesh, data, fns, state, faults, ckpt, preemption, num_st
   inputs = _input_fn(data, mesh)
   count_faults = _make_fault_counter(cfg.max_bad_steps)
 
-  init_knn = {}
-  if cfg.eval_at_init and start == 0:
-    # Never-updated BN statistics (mean 0, var 0) would scale every BN input by 1/sqrt(eps)
-    # in inference mode; re-estimate them on the kNN training images, as the eval worker
-    # and linear_eval do for the initial encoder (the training state itself is unchanged).
-    init_bn, _ = common.ensure_bn_statistics(
-      cfg.model, state.online_params, state.online_state,
-      lambda: common.calibration_batches(knn.train.images, cfg.knn.batch_size, mesh.size,
-                                         common.BN_CALIBRATION_EXAMPLES, cfg.seed),
-      cfg.image_size, cfg.eval_crop_fraction, mesh, cfg.augment, source=f'{cfg.dataset}/train')
-    init_knn = {f'{k}_init': v for k, v in knn(state.online_params, init_bn).items()}
-    logging.info('encoder %s: %s', f'from {cfg.init_from}' if cfg.get('init_from') else
-                 'at initialisation', _fmt_metrics(init_knn))
+  init_knn = _initial_knn(cfg, state, knn, mesh) if cfg.eval_at_init and start == 0 else {}
   if start == 0:
     _write_preview(cfg, state, workdir, eval_writer, data, is_main)
 
