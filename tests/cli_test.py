@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, config_fields
+from conftest import REPO, checkout_env, config_fields
 
 from byol_jax import cli
 
@@ -198,8 +198,8 @@ def test_readme_command_runs_outside_the_checkout(tmp_path):
   """The repository's preset file is read from another directory: the preset's own error
   comes back, not 'config file not found'."""
   proc = subprocess.run([sys.executable, '-m', 'byol_jax.main', '--config=configs/byol.py:nope',
-                         f'--workdir={tmp_path}'], cwd=tmp_path, capture_output=True,
-                        text=True, timeout=120)
+                         f'--workdir={tmp_path}'], cwd=tmp_path, env=checkout_env(),
+                        capture_output=True, text=True, timeout=120)
   assert proc.returncode == 2 and "unknown preset 'nope'" in proc.stderr, proc.stderr[-2000:]
 
 
@@ -242,7 +242,7 @@ def test_a_url_path_is_refused_before_anything_is_written(module, argv, tmp_path
   """gs://bucket/run used to become a local folder 'gs:/bucket/run' holding half a run,
   then a traceback from the TensorBoard writer: now one line and nothing written."""
   proc = subprocess.run([sys.executable, '-m', module, *argv], cwd=tmp_path,
-                        capture_output=True, text=True, timeout=120)
+                        env=checkout_env(), capture_output=True, text=True, timeout=120)
   assert proc.returncode == 2, proc.stderr[-2000:]
   errors = [line for line in proc.stderr.splitlines() if line.startswith('error: ')]
   assert len(errors) == 1 and 'is a URL' in errors[0], proc.stderr[-2000:]

@@ -15,6 +15,14 @@ os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + FAST_COMPILE)
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 
+def checkout_env(**extra: str) -> dict[str, str]:
+  """The environment for a subprocess that runs outside the repository root: this checkout
+  first on its path, so it tests this code, not whichever byol_jax pip installed last (an
+  editable install of another clone, or none)."""
+  path = os.pathsep.join(p for p in (REPO, os.environ.get('PYTHONPATH')) if p)
+  return dict(os.environ, PYTHONPATH=path, **extra)
+
+
 def tiny_config(**overrides):
   """The demo preset shrunk to a model and data that train a step in about a second."""
   from configs import byol
