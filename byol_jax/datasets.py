@@ -190,8 +190,10 @@ def tfds_builder(spec: DatasetSpec, data_dir: str | None = None) -> Any:
     try:
       builder = tfds.builder(spec.name, data_dir=data_dir)
     except (tfds.core.DatasetNotFoundError, ValueError, KeyError) as e:
+      where = f'data_dir={data_dir}' if data_dir else (
+        "TFDS's default data_dir, $TFDS_DATA_DIR or ~/tensorflow_datasets")
       raise DataError(f'TFDS has no dataset {spec.name!r} (and none is prepared under '
-                      f'data_dir={data_dir}): {one_line(e)}; {_VALID_FORMS}') from None
+                      f'{where}): {one_line(e).rstrip(".")}; {_VALID_FORMS}') from None
     if not builder.is_prepared():
       raise DataError(_not_prepared_message(spec, builder, data_dir))
   return builder

@@ -282,6 +282,11 @@ def test_unprepared_tfds_dataset_is_a_one_line_error(tmp_path, monkeypatch, capl
   assert '\n' not in message
   with pytest.raises(datasets.DataError, match='no dataset'):
     datasets.dataset_size(datasets.parse_dataset('no_such_dataset_xyz'), 'train', data_dir)
+  # Without a data_dir the message says where TFDS looks, not 'data_dir=None'.
+  with pytest.raises(datasets.DataError) as info:
+    datasets.dataset_size(datasets.parse_dataset('no_such_dataset_xyz'), 'train', None)
+  assert 'None' not in str(info.value) and '~/tensorflow_datasets' in str(info.value)
+  assert '.;' not in str(info.value)
 
 
 @pytest.mark.slow
