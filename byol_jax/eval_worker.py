@@ -19,7 +19,9 @@ set, `_target` appended for `eval_network='target'`) and TensorBoard. The file i
 worker's memory: a restarted worker skips the steps it already holds. Unfinished saves are
 ignored, and a checkpoint that is damaged or deleted while being read (the trainer's
 retention) is logged and skipped. The worker exits 0 after the run's final step, and
-`IDLE_EXIT` when no new checkpoint appeared for `eval_idle_timeout_secs`.
+`IDLE_EXIT` when no new checkpoint appeared for `eval_idle_timeout_secs`. Until the first
+checkpoint it says what it waits for every `WAITING_NOTICE_SECS` and writes nothing, so a
+mistyped --workdir is seen in the log and not created.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from byol_jax import checkpointing, metric_writers, optim, train, train_step
 from byol_jax.evaluators import common
 
 IDLE_EXIT = 75  # EX_TEMPFAIL: stopped waiting before the run's final checkpoint
+WAITING_NOTICE_SECS = 300.0  # how often a worker with no checkpoint yet says so
 NETWORKS = ('online', 'target')
 
 
@@ -74,8 +77,11 @@ class Worker:
     if cfg.eval_network not in NETWORKS:
       raise train.ConfigError(f'eval_network={cfg.eval_network!r}; valid: {", ".join(NETWORKS)}')
     self.cfg, self.workdir = cfg, workdir
-    self.writer = metric_writers.MetricWriter(workdir, metrics_name(cfg))
-    self.done = {int(r['step']) for r in train._read_records(self.writer.path)
+    # Opened with the first record, so that a worker pointed at a mistyped --workdir
+    # creates nothing there while it waits.
+    self.writer: metric_writers.MetricWriter | None = None
+    self.path = metric_writers.jsonl_path(workdir, metrics_name(cfg))
+    self.done = {int(r['step']) for r in train._read_records(self.path)
                  if r.get('network', 'online') == cfg.eval_network}
     self.failed: dict[int, float] = {}  # step -> mtime of its folder when it failed
     self.reported: set[str] = set()
@@ -85,7 +91,7 @@ class Worker:
     self.dataset = ''
     if self.done:
       logging.info('eval worker: already evaluated steps %s (%s)', sorted(self.done),
-                   self.writer.path)
+                   self.path)
 
   def pending(self) -> list[int]:
     """Finalised steps not yet evaluated (a failed one again only if it was rewritten)."""
@@ -135,6 +141,8 @@ class Worker:
                   test_examples=len(self.knn.test.labels))
     if with_probe:
       record['probe_top1'] = probe_top1(params, test_feats, self.knn.test.labels)
+    if self.writer is None:
+      self.writer = metric_writers.MetricWriter(self.workdir, metrics_name(self.cfg))
     record = self.writer.write(step, record)
     self.writer.flush()
     self.done.add(step)
@@ -142,7 +150,7 @@ class Worker:
               if record.get(k) is not None}  # first: what a user reads the line for
     logging.info('eval worker: step %d: %s  (%s encoder, %s/test, %s weights, BN statistics: '
                  '%s; the whole record in %s)', step, train._fmt_metrics(scores), network,
-                 self.dataset, weights, bn_note, self.writer.path)
+                 self.dataset, weights, bn_note, self.path)
     return record
 
   def _calibration_batches(self) -> list[np.ndarray]:
@@ -163,6 +171,23 @@ class Worker:
   def finished(self) -> bool:
     return self.final_step is not None and self.final_step in self.done
 
+  def close(self) -> None:
+    if self.writer is not None:
+      self.writer.close()
+
+
+def waiting_message(workdir: str, idle_timeout_secs: float) -> str:
+  """What a worker that has no checkpoint yet is waiting for, and until when: a mistyped
+  --workdir otherwise looks like a trainer that has not saved yet."""
+  folder = checkpointing.checkpoint_dir(workdir)
+  if not os.path.isdir(workdir):
+    what = f'{workdir} does not exist yet (is --workdir the trainer\'s?)'
+  else:
+    what = f'no checkpoint in {folder} yet'
+  until = (f'stopping after {idle_timeout_secs:.0f} s without one (eval_idle_timeout_secs)'
+           if idle_timeout_secs else 'never stopping (eval_idle_timeout_secs=0)')
+  return f'eval worker: {what}; waiting for the trainer to save one, {until}'
+
 
 def _mtime(workdir: str, step: int) -> float:
   try:
@@ -178,11 +203,16 @@ def run(cfg: Any, workdir: str) -> int:
   idle_since = time.time()
   logging.info('eval worker: following %s (poll %.1f s)', checkpointing.checkpoint_dir(workdir),
                cfg.eval_poll_secs)
+  next_notice = idle_since  # while nothing has come: say what is awaited, now and then
   try:
     while True:
-      for step in worker.pending():
+      pending = worker.pending()
+      for step in pending:
         if worker.evaluate(step) is not None:
           idle_since = time.time()
+      if not pending and not worker.done and time.time() >= next_notice:
+        logging.info(waiting_message(workdir, cfg.eval_idle_timeout_secs))
+        next_notice = time.time() + WAITING_NOTICE_SECS
       if worker.finished():
         logging.info('eval worker: evaluated the final step %d; done', worker.final_step)
         return 0
@@ -193,4 +223,4 @@ def run(cfg: Any, workdir: str) -> int:
         return IDLE_EXIT
       time.sleep(cfg.eval_poll_secs)
   finally:
-    worker.writer.close()
+    worker.close()

@@ -22,12 +22,17 @@ def _plain(value: Any) -> Any:
   return value
 
 
+def jsonl_path(workdir: str, name: str) -> str:
+  """Where a writer called `name` keeps its records: metrics/<name>.jsonl."""
+  return os.path.join(workdir, 'metrics', f'{name}.jsonl')
+
+
 class MetricWriter:
   """Appends `{"step": s, **scalars}` to metrics/<name>.jsonl and mirrors to TensorBoard."""
 
   def __init__(self, workdir: str, name: str, enabled: bool = True):
     self.enabled = enabled
-    self.path = os.path.join(workdir, 'metrics', f'{name}.jsonl')
+    self.path = jsonl_path(workdir, name)
     self.prefix = name
     self._tb = None
     if enabled:

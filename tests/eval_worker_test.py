@@ -163,3 +163,24 @@ def test_bad_network_is_a_config_error(tmp_path):
   """An unknown eval_network must fail at once, listing the valid choices."""
   with pytest.raises(train.ConfigError, match='online, target'):
     eval_worker.run(_worker_cfg(eval_network='ema'), str(tmp_path))
+
+
+def test_a_worker_waiting_for_a_mistyped_workdir_says_so_and_creates_nothing(
+    tmp_path, monkeypatch, caplog):
+  """A --workdir typo used to look like a trainer that had not saved yet: an hour of silence,
+  and the mistyped folder created (metrics/, tensorboard/). Now the worker says what it
+  waits for, repeats it while waiting, and leaves the path alone."""
+  missing = str(tmp_path / 'runs' / 'typo')
+  monkeypatch.setattr(eval_worker, 'WAITING_NOTICE_SECS', 0.3)
+  with caplog.at_level('INFO'):
+    assert eval_worker.run(_worker_cfg(eval_idle_timeout_secs=1.0), missing) == \
+        eval_worker.IDLE_EXIT
+  notices = [r.getMessage() for r in caplog.records if 'waiting for the trainer' in r.getMessage()]
+  assert len(notices) >= 2, caplog.text  # said at once, then again while waiting
+  assert f"{missing} does not exist yet (is --workdir the trainer's?)" in notices[0]
+  assert 'stopping after 1 s without one (eval_idle_timeout_secs)' in notices[0]
+  assert list(tmp_path.iterdir()) == []
+  # An existing run folder without checkpoints: the other wording.
+  os.makedirs(missing)
+  assert 'no checkpoint in' in eval_worker.waiting_message(missing, 0)
+  assert 'never stopping' in eval_worker.waiting_message(missing, 0)
