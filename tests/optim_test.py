@@ -226,3 +226,33 @@ def test_cifar10_lightly_preset_makes_lightlys_sgd_update():
   aug = cfg.augment
   assert (aug.jitter_style, aug.saturation, aug.view2.solarize_prob, aug.blur) == (
     'torchvision', 0.4, 0.0, False)
+
+
+# The paper's and the release's optimisation facts (reference/byol_facts.md), written out
+# here independently of configs/byol.py: epochs -> (base LR, weight decay, tau_base).
+RELEASE_SCHEDULES = {40: (0.45, 1e-6, 0.97), 100: (0.45, 1e-6, 0.99),
+                     300: (0.3, 1e-6, 0.99), 1000: (0.2, 1.5e-6, 0.996)}
+
+
+@pytest.mark.parametrize('epochs', [None, 40, 100, 300, 1000])
+def test_imagenet_presets_follow_the_release_per_schedule_length(epochs):
+  """A wrong entry in the preset's table would train every ImageNet run with another
+  schedule's LR, weight decay or tau; the rest of the recipe must not depend on it."""
+  from configs import byol
+  cfg = byol.get_config('r50' if epochs is None else f'r50,epochs={epochs}')
+  want = RELEASE_SCHEDULES[epochs or 1000]
+  opt = cfg.optimizer
+  assert (cfg.epochs, opt.base_lr, opt.weight_decay, cfg.tau_base) == (epochs or 1000, *want)
+  assert (cfg.batch_size, opt.name, opt.momentum, opt.trust_coefficient, opt.warmup_epochs,
+          cfg.tau_schedule) == (4096, 'lars', 0.9, 1e-3, 10, 'cosine')
+
+
+def test_other_schedule_lengths_take_the_nearest_release_entry():
+  """`r50,epochs=N` for an N the release did not train keeps N epochs with the settings of
+  the nearest length it did (ties: the shorter), as the presets' docstring says."""
+  from configs import byol
+  for epochs, nearest in ((60, 40), (70, 40), (200, 100), (500, 300), (800, 1000)):
+    cfg = byol.get_config(f'r50x2,epochs={epochs}')
+    assert cfg.epochs == epochs and cfg.model.width == 2
+    assert (cfg.optimizer.base_lr, cfg.optimizer.weight_decay,
+            cfg.tau_base) == RELEASE_SCHEDULES[nearest]
