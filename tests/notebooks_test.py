@@ -62,3 +62,30 @@ def test_colab_notebook_prepares_and_passes_cifar10(tmp_path, tiny_notebook_env,
   monkeypatch.setenv('BYOL_NOTEBOOK_DATA_DIR', str(data_dir))
   outputs = _execute('colab_tpu_pretraining.ipynb', tmp_path)
   assert "'dataset': 'cifar10'" in outputs and 'knn_top1' in outputs
+
+
+def _helper_cell(name: str) -> str:
+  nb = nbformat.read(os.path.join(REPO, 'experiments', name), as_version=4)
+  cells = [c.source for c in nb.cells if c.cell_type == 'code' and 'def sh(' in c.source]
+  assert len(cells) == 1, name
+  return cells[0]
+
+
+@pytest.mark.parametrize('name', ['quickstart.ipynb', 'colab_tpu_pretraining.ipynb'])
+def test_notebook_commands_show_their_output_as_it_comes(name, tmp_path, monkeypatch):
+  """A notebook cell that trains for an hour must show its progress lines while it runs, not
+  the tail of its output at the end (as `sh` once did), and must still fail on an error."""
+  import time
+  monkeypatch.setenv('BYOL_REPO', str(tmp_path))
+  shown = []
+  namespace = {'print': lambda *a, **k: shown.append((time.monotonic(), ' '.join(map(str, a))))}
+  exec(_helper_cell(name), namespace)  # noqa: S102 - the notebook's own helper, from the repo
+  start = time.monotonic()
+  namespace['sh'](sys.executable, '-c',
+                  'import time; print("F" * 3); time.sleep(2); print("L" * 3)')
+  end = time.monotonic()
+  first = next(t for t, text in shown if 'FFF' in text)  # not the echoed command line
+  assert first - start < end - start - 1.0, shown  # shown before the command went on
+  assert any('LLL' in text for _, text in shown)
+  with pytest.raises(AssertionError, match='exit code 3'):
+    namespace['sh'](sys.executable, '-c', 'raise SystemExit(3)')
