@@ -89,3 +89,23 @@ def test_notebook_commands_show_their_output_as_it_comes(name, tmp_path, monkeyp
   assert any('LLL' in text for _, text in shown)
   with pytest.raises(AssertionError, match='exit code 3'):
     namespace['sh'](sys.executable, '-c', 'raise SystemExit(3)')
+
+
+def test_colab_notebook_leaves_the_tpu_to_the_trainer():
+  """A TPU serves one process at a time: a notebook kernel that imported JAX (or TensorFlow)
+  would hold it, and the trainer started by the next cell would fall back to the CPU. So the
+  Colab notebook runs every such step through `sh` and its kernel imports none of them."""
+  import ast
+  nb = nbformat.read(os.path.join(REPO, 'experiments', 'colab_tpu_pretraining.ipynb'),
+                     as_version=4)
+  held = {'jax', 'jaxlib', 'tensorflow', 'tensorflow_datasets', 'byol_jax', 'haiku'}
+  imported = set()
+  for cell in nb.cells:
+    if cell.cell_type != 'code':
+      continue
+    for node in ast.walk(ast.parse(cell.source)):
+      if isinstance(node, ast.Import):
+        imported |= {a.name.split('.')[0] for a in node.names}
+      elif isinstance(node, ast.ImportFrom) and node.module:
+        imported.add(node.module.split('.')[0])
+  assert not imported & held, sorted(imported & held)
