@@ -380,3 +380,30 @@ def test_parallel_map_uses_threads_only_for_slow_items():
   on_main = [main for _, main in slow]
   assert all(on_main[:datasets._PROBE_ITEMS]) and not any(on_main[datasets._PROBE_ITEMS:])
   assert datasets._parallel_map(traced(0.0), []) == []
+
+
+@pytest.mark.parametrize('delay', [0.0, 2e-3])  # in a row, in threads
+def test_long_decodes_say_how_far_they_are(delay, monkeypatch, caplog):
+  """Decoding a large folder on a few cores takes minutes: it must report progress and the
+  total, in order and without changing the results; a short or unnamed map stays quiet."""
+  import time
+  monkeypatch.setattr(datasets, '_PROGRESS_EVERY_SEC', 0.0)
+  monkeypatch.setattr(datasets, '_CHUNK_ITEMS', 50)
+
+  def fn(x):
+    if delay:
+      time.sleep(delay)
+    return -x
+
+  items = list(range(datasets._PROBE_ITEMS + 120))
+  with caplog.at_level('INFO'):
+    assert datasets._parallel_map(fn, items, 'decoding /data/x (train)') == [-i for i in items]
+  lines = [r.getMessage() for r in caplog.records if '/data/x' in r.getMessage()]
+  n, probe = len(items), datasets._PROBE_ITEMS
+  assert [line.split(':')[1].split(' images')[0].strip() for line in lines[:-1]] == [
+    f'{probe + 50} of {n}', f'{probe + 100} of {n}'], lines
+  assert 'left)' in lines[0] and lines[-1].startswith(f'decoding /data/x (train): {n} images in')
+  caplog.clear()
+  with caplog.at_level('INFO'):
+    datasets._parallel_map(fn, items)
+  assert not caplog.records
