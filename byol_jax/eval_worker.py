@@ -128,8 +128,9 @@ class Worker:
     params = state.online_params if network == 'online' else state.target_params
     bn_state = state.online_state if network == 'online' else state.target_state
     bn_state, bn_note = common.ensure_bn_statistics(
-      self.run_cfg.model, params, bn_state, self._calibration_batches, self.run_cfg.image_size,
-      self.run_cfg.eval_crop_fraction, self.knn.mesh, source=f'{self.dataset}/train')
+      self.run_cfg.model, params, bn_state, self.knn.calibration_batches(self.run_cfg.seed),
+      self.run_cfg.image_size, self.knn.crop_fraction, self.knn.mesh, self.run_cfg.augment,
+      source=f'{self.dataset}/train')
     train_feats, test_feats = self.knn.features(params, bn_state)
     with_probe = network == 'online' and not self.cfg.eval_dataset and weights == 'checkpoint'
     record = dict(checkpoint_step=step, dataset=self.dataset, split='test', network=network,
@@ -137,10 +138,10 @@ class Worker:
                   bn_statistics=bn_note, **self.knn.score(train_feats, test_feats),
                   probe_top1=None, knn_k=self.cfg.knn.k,
                   knn_temperature=self.cfg.knn.temperature,
-                  train_examples=len(self.knn.train.labels),
-                  test_examples=len(self.knn.test.labels))
+                  train_examples=len(self.knn.train_labels),
+                  test_examples=len(self.knn.test_labels))
     if with_probe:
-      record['probe_top1'] = probe_top1(params, test_feats, self.knn.test.labels)
+      record['probe_top1'] = probe_top1(params, test_feats, self.knn.test_labels)
     if self.writer is None:
       self.writer = metric_writers.MetricWriter(self.workdir, metrics_name(self.cfg))
     record = self.writer.write(step, record)
@@ -152,12 +153,6 @@ class Worker:
                  '%s; the whole record in %s)', step, train._fmt_metrics(scores), network,
                  self.dataset, weights, bn_note, self.path)
     return record
-
-  def _calibration_batches(self) -> list[np.ndarray]:
-    """Equal-size batches of the kNN training images (never test) for BN recalibration."""
-    return common.calibration_batches(self.knn.train.images, self.cfg.knn.batch_size,
-                                      self.knn.mesh.size, common.BN_CALIBRATION_EXAMPLES,
-                                      self.run_cfg.seed)
 
   def _setup(self, saved_cfg: Any, meta: dict[str, Any]) -> None:
     """Builds the evaluator from the first checkpoint's config (the model is the run's)."""

@@ -176,10 +176,17 @@ def _dataset_options(threads: int | None) -> Any:
 
 
 def _folder_shard(spec: datasets.DatasetSpec, split: str, process_index: int,
-                  process_count: int, strict: bool) -> tuple[list[str], np.ndarray, int, int]:
-  """This process's readable files of a folder split, its label array, skipped and total."""
+                  process_count: int, strict: bool,
+                  fixed_order: bool = False) -> tuple[list[str], np.ndarray, int, int]:
+  """This process's readable files of a folder split, its label array, skipped and total.
+
+  fixed_order: in `datasets.load_arrays`'s fixed shuffled order instead of class by class, so
+  that a first-N subset of an evaluation pass (`knn.train_examples`) holds every class.
+  """
   found = datasets.scan_folder(spec.root or '', split)
   idx = np.arange(len(found.paths))[process_index::process_count]
+  if fixed_order:
+    idx = idx[datasets.folder_order(len(idx))]
   paths, labels, skipped = datasets.readable_subset(
     [found.paths[i] for i in idx], found.labels[idx],
     f'{spec.root} ({split}, process {process_index})', strict)
@@ -456,7 +463,8 @@ def eval_stream(spec: datasets.DatasetSpec, split: str, *, batch_size: int, imag
   if spec.kind not in ('folder', 'tfds'):
     raise datasets.DataError(f"dataset {spec.name!r} cannot stream: use input_mode='device'")
   if spec.kind == 'folder':
-    paths, labels, _, total = _folder_shard(spec, split, process_index, process_count, strict)
+    paths, labels, _, total = _folder_shard(spec, split, process_index, process_count, strict,
+                                            fixed_order=True)
     source_fn = lambda: _folder_eval_source(paths, labels)
     mine = len(paths)
   else:

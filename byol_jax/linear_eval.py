@@ -133,12 +133,8 @@ def initial_encoder(cfg: Any, pre_cfg: Any) -> tuple[train_step.TrainState, str]
 
 
 def _streamed_calibration_batches(cfg: Any, num_devices: int) -> Callable:
-  """A factory of full host-cropped batches spread evenly over a streamed split.
-
-  Every stride-th batch of one tf.data pass (crops are final: embed with crop 1.0), so a
-  split stored class by class still contributes every class; the padded last batch is left
-  out.
-  """
+  """A factory of full host-cropped batches spread evenly over a streamed split (crops are
+  final: embed with crop 1.0)."""
   from byol_jax import input_pipeline  # TensorFlow only on this path
   batch = max(num_devices, cfg.embed_batch_size - cfg.embed_batch_size % num_devices)
 
@@ -147,11 +143,7 @@ def _streamed_calibration_batches(cfg: Any, num_devices: int) -> Callable:
       datasets.parse_dataset(cfg.dataset), cfg.train_split, batch_size=batch,
       image_size=cfg.image_size, data_dir=cfg.data_dir or None,
       crop_fraction=cfg.crop_fraction, strict=cfg.strict_data)
-    wanted = max(1, cfg.bn_calibration_examples // batch)
-    stride = max(1, len(stream) // wanted)
-    for i, b in enumerate(stream):
-      if i % stride == 0 and i // stride < wanted and np.all(b['mask']):
-        yield b['images']
+    return common.spread_batches(stream, batch, cfg.bn_calibration_examples)
 
   return batches
 
@@ -372,14 +364,7 @@ def stream_split(cfg: Any, split: str, apply: Callable[[np.ndarray], Any],
   stream = input_pipeline.eval_stream(
     spec, split, batch_size=batch, image_size=cfg.image_size, data_dir=cfg.data_dir or None,
     crop_fraction=cfg.crop_fraction, strict=cfg.strict_data)
-  outputs, labels = [], []
-  for i, b in enumerate(stream):
-    outputs.append(np.asarray(apply(b['images']))[b['mask']])
-    labels.append(b['labels'][b['mask']])
-    if (i + 1) % 100 == 0:
-      logging.info('%s/%s: %d/%d batches', cfg.dataset, split, i + 1, len(stream))
-  n = cfg.max_examples or sum(len(y) for y in labels)
-  return np.concatenate(outputs)[:n], np.concatenate(labels).astype(np.int32)[:n]
+  return common.stream_features(apply, stream, cfg.max_examples, f'{cfg.dataset}/{split}')
 
 
 def split_features(cfg: Any, embedder: Embedder, split: str,

@@ -34,6 +34,7 @@ from byol_jax import (
   checkpointing,
   cli,
   config_compat,
+  datasets,
   losses,
   metric_writers,
   multihost,
@@ -232,29 +233,85 @@ def _place_dataset(split: data_lib.Split, mesh) -> tuple[jax.Array, jax.Array]:
 
 
 class KnnEval:
-  """kNN top-1/top-5 of an encoder on the dataset's test split, features of the train split."""
+  """kNN top-1/top-5 of an encoder on the dataset's test split, features of the train split.
 
-  def __init__(self, cfg: Any, mesh, train: data_lib.Split | None):
+  Splits that fit in memory are decoded once and kept (resident data). A run whose data
+  streams (ImageNet) streams both splits through tf.data at each evaluation instead (host
+  centre crops, `knn.train_examples` the first N): decoding 1.28M training images into
+  memory would not fit.
+  """
+
+  def __init__(self, cfg: Any, mesh, train: data_lib.Split | None,
+               streamed: bool | None = None):
     self.cfg, self.mesh = cfg, mesh
-    self.train = train if train is not None else data_lib.load_split(cfg, data_lib.PRETRAIN_SPLIT)
-    limit = cfg.knn.train_examples
-    if limit and limit < len(self.train.labels):
-      self.train = data_lib.Split(self.train.images[:limit], self.train.labels[:limit])
-    self.test = data_lib.load_split(cfg, 'test')
-    self.num_classes = max(int(self.train.labels.max()), int(self.test.labels.max())) + 1
-    self.embed = common.make_embed_fn(cfg.model, cfg.image_size, cfg.eval_crop_fraction, mesh,
-                               cfg.augment)
+    if streamed is None:
+      streamed = train is None and data_lib.choose_mode(cfg)[0] == 'stream'
+    self.streamed = streamed
+    self.train = self.test = None
+    self.train_labels = self.test_labels = None  # known after the first features() if streamed
+    if streamed:
+      self.num_classes = data_lib.num_classes_of(cfg)
+      logging.info('kNN evaluation reads %s (%s and test splits) through tf.data at each '
+                   'evaluation, as this run\'s training data streams', cfg.dataset,
+                   data_lib.PRETRAIN_SPLIT)
+    else:
+      self.train = train if train is not None else data_lib.load_split(
+        cfg, data_lib.PRETRAIN_SPLIT)
+      limit = cfg.knn.train_examples
+      if limit and limit < len(self.train.labels):
+        self.train = data_lib.Split(self.train.images[:limit], self.train.labels[:limit])
+      self.test = data_lib.load_split(cfg, 'test')
+      self.train_labels, self.test_labels = self.train.labels, self.test.labels
+      self.num_classes = max(int(self.train.labels.max()), int(self.test.labels.max())) + 1
+    # Streamed crops come from the host already cropped: the device crop is the identity.
+    self.crop_fraction = 1.0 if streamed else cfg.eval_crop_fraction
+    self.embed = common.make_embed_fn(cfg.model, cfg.image_size, self.crop_fraction, mesh,
+                                      cfg.augment)
+
+  def _batch_size(self) -> int:
+    size, devices = self.cfg.knn.batch_size, self.mesh.size
+    return max(devices, size - size % devices)
+
+  def _stream(self, split: str, batch_size: int = 0):
+    from byol_jax import input_pipeline  # TensorFlow only on this path
+    cfg = self.cfg
+    return input_pipeline.eval_stream(
+      datasets.parse_dataset(cfg.dataset), split, batch_size=batch_size or self._batch_size(),
+      image_size=cfg.image_size, data_dir=cfg.data_dir or None,
+      crop_fraction=cfg.eval_crop_fraction, strict=cfg.strict_data)
 
   def features(self, params, state) -> tuple[np.ndarray, np.ndarray]:
     """Eval-view embeddings of the train and test splits."""
+    if self.streamed:
+      apply = lambda images: self.embed(params, state, images)
+      train, self.train_labels = common.stream_features(
+        apply, self._stream(data_lib.PRETRAIN_SPLIT), self.cfg.knn.train_examples,
+        f'kNN features of {self.cfg.dataset}/{data_lib.PRETRAIN_SPLIT}')
+      test, self.test_labels = common.stream_features(
+        apply, self._stream('test'), 0, f'kNN features of {self.cfg.dataset}/test')
+      return train, test
     train, test = [common.embed_arrays(self.embed, params, state, s.images,
                                        self.cfg.knn.batch_size, self.mesh.size)
                    for s in (self.train, self.test)]
     return train, test
 
+  def calibration_batches(self, seed: int) -> Callable[[], Any]:
+    """A factory of image batches from the kNN training split for BN recalibration (embed
+    them with `self.crop_fraction`)."""
+    if self.streamed:  # full batches only: no larger than the split
+      size = datasets.dataset_size(datasets.parse_dataset(self.cfg.dataset),
+                                   data_lib.PRETRAIN_SPLIT, self.cfg.data_dir or None)
+      devices = self.mesh.size
+      batch = min(self._batch_size(), max(devices, size - size % devices))
+      return lambda: common.spread_batches(self._stream(data_lib.PRETRAIN_SPLIT, batch), batch,
+                                           common.BN_CALIBRATION_EXAMPLES)
+    return lambda: common.calibration_batches(self.train.images, self.cfg.knn.batch_size,
+                                              self.mesh.size, common.BN_CALIBRATION_EXAMPLES,
+                                              seed)
+
   def score(self, train_features: np.ndarray, test_features: np.ndarray) -> dict[str, float]:
-    result = knn_lib.knn_accuracy(train_features, self.train.labels, test_features,
-                                  self.test.labels, self.num_classes, k=self.cfg.knn.k,
+    result = knn_lib.knn_accuracy(train_features, self.train_labels, test_features,
+                                  self.test_labels, self.num_classes, k=self.cfg.knn.k,
                                   temperature=self.cfg.knn.temperature)
     return {'knn_top1': result['top1'], 'knn_top5': result['top5']}
 
@@ -618,10 +675,8 @@ def _initial_knn(cfg: Any, state: train_step.TrainState, knn: KnnEval, mesh) -> 
   # in inference mode; re-estimate them on the kNN training images, as the eval worker
   # and linear_eval do for the initial encoder (the training state itself is unchanged).
   init_bn, _ = common.ensure_bn_statistics(
-    cfg.model, state.online_params, state.online_state,
-    lambda: common.calibration_batches(knn.train.images, cfg.knn.batch_size, mesh.size,
-                                       common.BN_CALIBRATION_EXAMPLES, cfg.seed),
-    cfg.image_size, cfg.eval_crop_fraction, mesh, cfg.augment, source=f'{cfg.dataset}/train')
+    cfg.model, state.online_params, state.online_state, knn.calibration_batches(cfg.seed),
+    cfg.image_size, knn.crop_fraction, mesh, cfg.augment, source=f'{cfg.dataset}/train')
   init_knn = {f'{k}_init': v for k, v in knn(state.online_params, init_bn).items()}
   logging.info('encoder %s: %s', f'from {cfg.init_from}' if cfg.get('init_from') else
                'at initialisation', _fmt_metrics(init_knn))
@@ -636,7 +691,7 @@ def _loop(cfg, workdir, mesh, data, fns, state, faults, ckpt, preemption, num_st
     return dict(train={}, eval={}, state=state, preempted=None, start_step=start, signal=None)
   train_writer = metric_writers.MetricWriter(workdir, 'train', is_main)
   eval_writer = metric_writers.MetricWriter(workdir, 'eval', is_main)
-  knn = KnnEval(cfg, mesh, data.train)
+  knn = KnnEval(cfg, mesh, data.train, streamed=data.mode == 'stream')
   if data.mode == 'device':
     step_fn = train_step.make_resident_step(fns, mesh, cfg.augment, cfg.batch_size,
                                             cfg.image_size)

@@ -148,3 +148,55 @@ def test_a_second_trainer_in_the_same_workdir_stops_at_once_naming_the_first(tmp
       train.train_and_evaluate(tiny_config(), str(tmp_path))
   with train._trainer_lock(str(tmp_path)):
     pass
+
+
+@pytest.fixture(scope='module')
+def png_folder(tmp_path_factory):
+  """3 classes of 16 px PNGs (lossless: both readers decode the same pixels), 12 train and 6
+  test images."""
+  from PIL import Image
+  root = tmp_path_factory.mktemp('knn_folder')
+  rng = np.random.default_rng(0)
+  for split, per_class in (('train', 4), ('test', 2)):
+    for c in range(3):
+      os.makedirs(root / split / f'c{c}')
+      for i in range(per_class):
+        pixels = np.clip(rng.normal(60 + 70 * c, 40, (16, 16, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(root / split / f'c{c}' / f'{i}.png')
+  return f'folder:{root}'
+
+
+def test_knn_of_a_streamed_run_streams_both_splits_and_scores_as_resident(png_folder,
+                                                                           monkeypatch):
+  """A run whose data streams (ImageNet) used to decode its whole training split into memory
+  for kNN (1.28M images: out of memory at start-up). Its kNN must read both splits batch by
+  batch, never load_split, and score as the resident path does on the same images; the
+  first knn.train_examples are kept, and BN recalibration gets full streamed batches."""
+  from byol_jax import train_step
+  from byol_jax.evaluators import common
+  cfg = tiny_config(dataset=png_folder, eval_crop_fraction=1.0)  # 16 px images at 16 px
+  mesh = train_step.make_mesh()
+  state = common.initial_state(cfg)
+  bn, _ = common.ensure_bn_statistics(
+    cfg.model, state.online_params, state.online_state,
+    train.KnnEval(cfg, mesh, None, streamed=False).calibration_batches(0), cfg.image_size,
+    1.0, mesh, cfg.augment)
+  resident = train.KnnEval(cfg, mesh, None, streamed=False)
+  want = resident(state.online_params, bn)
+
+  def no_decoding(*args, **kwargs):
+    raise AssertionError('a streamed kNN decoded a whole split')
+  monkeypatch.setattr(data, 'load_split', no_decoding)
+  streamed = train.KnnEval(cfg, mesh, None, streamed=True)
+  assert streamed(state.online_params, bn) == want
+  assert sorted(streamed.train_labels) == sorted(resident.train_labels)
+  assert len(streamed.test_labels) == 6 and streamed.num_classes == 3
+  batches = list(streamed.calibration_batches(0)())
+  assert batches and all(b.shape[1:] == (16, 16, 3) for b in batches)
+
+  cfg.knn.train_examples = 5
+  streamed = train.KnnEval(cfg, mesh, None, streamed=True)
+  train_features, _ = streamed.features(state.online_params, bn)
+  assert len(train_features) == len(streamed.train_labels) == 5
+  cfg.input_mode = 'stream'  # the eval worker's default: the run's own input mode decides
+  assert train.KnnEval(cfg, mesh, None).streamed

@@ -90,6 +90,42 @@ def embed_batches(embed: Callable, params: hk.Params, state: hk.State,
   return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
+def stream_features(apply: Callable[[np.ndarray], Any], stream: Iterable[dict[str, Any]],
+                    limit: int = 0, what: str = '') -> tuple[np.ndarray, np.ndarray]:
+  """apply(uint8 batch) -> features over one pass of an eval stream
+  (`input_pipeline.eval_stream`): the valid rows' features and int32 labels, in order.
+
+  Why streamed: a split too large to keep decoded (ImageNet's 1.28M training images) is
+  read batch by batch, so only its features are held. With `limit` > 0 the pass stops once
+  that many rows are in (a first-N subset, as `knn.train_examples` takes).
+  """
+  outputs, labels, count = [], [], 0
+  total = len(stream) if hasattr(stream, '__len__') else 0
+  for i, b in enumerate(stream):
+    outputs.append(np.asarray(apply(b['images']))[b['mask']])
+    labels.append(np.asarray(b['labels'])[b['mask']])
+    count += len(labels[-1])
+    if limit and count >= limit:
+      break
+    if what and (i + 1) % 100 == 0:
+      logging.info('%s: %d/%d batches', what, i + 1, total)
+  if not outputs:
+    raise ValueError(f'{what or "the stream"}: no images')
+  end = limit or None
+  return np.concatenate(outputs)[:end], np.concatenate(labels).astype(np.int32)[:end]
+
+
+def spread_batches(stream: Any, batch_size: int, max_examples: int) -> Iterable[np.ndarray]:
+  """Full batches spread evenly over one pass of an eval stream, about max_examples images
+  in all, for BN recalibration: every stride-th batch, so a split stored class by class
+  still contributes every class; padded batches are left out."""
+  wanted = max(1, max_examples // batch_size)
+  stride = max(1, len(stream) // wanted)
+  for i, b in enumerate(stream):
+    if i % stride == 0 and i // stride < wanted and np.all(b['mask']):
+      yield b['images']
+
+
 # ------------------------------------------------------------------------------------------
 # The encoder at initialisation, with estimated BatchNorm statistics.
 # ------------------------------------------------------------------------------------------
