@@ -200,3 +200,26 @@ def test_knn_of_a_streamed_run_streams_both_splits_and_scores_as_resident(png_fo
   assert len(train_features) == len(streamed.train_labels) == 5
   cfg.input_mode = 'stream'  # the eval worker's default: the run's own input mode decides
   assert train.KnnEval(cfg, mesh, None).streamed
+
+
+def test_a_streamed_run_trains_evaluates_and_resumes(png_folder, tmp_path, monkeypatch):
+  """The ImageNet path end to end on a small folder: tf.data batches into the streaming step,
+  kNN read through tf.data (never a decoded split), checkpoints, and a resume that goes on
+  from the saved step to the end of the schedule."""
+  def no_decoding(*args, **kwargs):
+    raise AssertionError('a streamed run decoded a whole split')
+  monkeypatch.setattr(data, 'load_split', no_decoding)
+  cfg = tiny_config(dataset=png_folder, input_mode='stream', steps=4, batch_size=4,
+                    eval_every_steps=2, eval_crop_fraction=1.0)
+  cfg.checkpoint.every_steps = 2
+  result = train.train_and_evaluate(cfg, str(tmp_path))
+  assert result['start_step'] == 0 and 0.0 <= result['eval']['knn_top1'] <= 1.0
+  assert np.isfinite(result['train']['loss']) and 'knn_top1_init' in result['eval']
+  evals = [json.loads(line) for line in open(tmp_path / 'metrics' / 'eval.jsonl')]
+  assert [r['step'] for r in evals] == [2, 4]
+  import shutil  # resume from step 2: the run goes on to its end from there
+  for step in checkpointing.scan(str(tmp_path)).finalised:
+    if step > 2:
+      shutil.rmtree(os.path.join(checkpointing.checkpoint_dir(str(tmp_path)), str(step)))
+  again = train.train_and_evaluate(cfg, str(tmp_path))
+  assert again['start_step'] == 2 and again['eval']['knn_top1'] == result['eval']['knn_top1']
