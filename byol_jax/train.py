@@ -593,12 +593,22 @@ def _truncate_metrics(workdir: str, step: int) -> None:
 # -------------------------------------------------------------------------------- loop
 
 
+# Streamed batches in flight to the devices ahead of the step that takes them.
+STREAM_PREFETCH = 2
+
+
 def _input_fn(data: data_lib.TrainData, mesh) -> Callable[[int], tuple]:
-  """inputs(step) -> the data arguments of the step function for that step."""
+  """inputs(step) -> the data arguments of the step function for that step. Streamed
+  batches are copied to the devices STREAM_PREFETCH steps ahead, so the copy of the next
+  batch overlaps the current step and host jitter is absorbed."""
   if data.mode == 'device':
     arrays = _place_dataset(data.train, mesh)
     return lambda step: arrays
-  return lambda step: _next_stream_batch(data.stream, mesh)
+  from byol_jax import input_pipeline  # the stream mode has imported it (TensorFlow) already
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(train_step.AXIS))
+  batches = input_pipeline.prefetch_to_device(
+    ((b['views'], b['labels']) for b in data.stream), STREAM_PREFETCH, sharding)
+  return lambda step: next(batches)
 
 
 def _meta(cfg: Any, data: data_lib.TrainData, num_steps: int, spe: int,
@@ -697,12 +707,12 @@ def _loop(cfg, workdir, mesh, data, fns, state, faults, ckpt, preemption, num_st
                                             cfg.image_size)
   else:
     step_fn = train_step.make_stream_step(fns, mesh, cfg.augment)
-  inputs = _input_fn(data, mesh)
   count_faults = _make_fault_counter(cfg.max_bad_steps)
 
   init_knn = _initial_knn(cfg, state, knn, mesh) if cfg.eval_at_init and start == 0 else {}
   if start == 0:
     _write_preview(cfg, state, workdir, eval_writer, data, is_main)
+  inputs = _input_fn(data, mesh)  # after the preview, which peeks at the stream
 
   progress = Progress(start, num_steps, cfg.batch_size)
   collapse = _CollapseWatch(cfg.model.projection_dim)
@@ -773,11 +783,6 @@ def run(cfg: Any, workdir: str) -> int:
 def _fail(e: BaseException, code: int) -> int:
   print(f'error: {e}', file=sys.stderr)
   return code
-
-
-def _next_stream_batch(stream: Iterator, mesh):
-  batch = next(stream)
-  return train_step.shard_process_batch((batch['views'], batch['labels']), mesh)
 
 
 def _fmt_metrics(metrics: dict[str, Any]) -> str:

@@ -4,6 +4,7 @@ faults are in checkpointing_test.py."""
 import json
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -223,3 +224,25 @@ def test_a_streamed_run_trains_evaluates_and_resumes(png_folder, tmp_path, monke
       shutil.rmtree(os.path.join(checkpointing.checkpoint_dir(str(tmp_path)), str(step)))
   again = train.train_and_evaluate(cfg, str(tmp_path))
   assert again['start_step'] == 2 and again['eval']['knn_top1'] == result['eval']['knn_top1']
+
+
+def test_streamed_batches_reach_the_devices_one_step_ahead():
+  """Issue 6: input prefetched to the devices ahead of the step. The step's inputs must be
+  device arrays sharded over the data axis, in stream order, with the next batch already
+  taken from the stream (its copy overlapping the current step), and no further."""
+  from byol_jax import train_step
+  consumed = []
+
+  def stream():
+    for i in range(5):
+      consumed.append(i)
+      yield {'views': np.full((8, 2, 4, 4, 3), i, np.uint8), 'labels': np.full((8,), i)}
+
+  mesh = train_step.make_mesh()
+  inputs = train._input_fn(data.TrainData('stream', 40, 10, None, stream()), mesh)
+  assert consumed == []  # nothing is read before the first step asks
+  for step in range(1, 4):
+    views, labels = inputs(step)
+    assert isinstance(views, jax.Array) and tuple(views.sharding.spec) == (train_step.AXIS,)
+    assert int(views[0, 0, 0, 0, 0]) == int(labels[0]) == step - 1
+    assert len(consumed) == step - 1 + train.STREAM_PREFETCH
