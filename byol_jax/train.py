@@ -298,16 +298,21 @@ class KnnEval:
   def calibration_batches(self, seed: int) -> Callable[[], Any]:
     """A factory of image batches from the kNN training split for BN recalibration (embed
     them with `self.crop_fraction`)."""
-    if self.streamed:  # full batches only: no larger than the split
-      size = datasets.dataset_size(datasets.parse_dataset(self.cfg.dataset),
-                                   data_lib.PRETRAIN_SPLIT, self.cfg.data_dir or None)
-      devices = self.mesh.size
-      batch = min(self._batch_size(), max(devices, size - size % devices))
-      return lambda: common.spread_batches(self._stream(data_lib.PRETRAIN_SPLIT, batch), batch,
-                                           common.BN_CALIBRATION_EXAMPLES)
+    if self.streamed:
+      return self._streamed_calibration_batches
     return lambda: common.calibration_batches(self.train.images, self.cfg.knn.batch_size,
                                               self.mesh.size, common.BN_CALIBRATION_EXAMPLES,
                                               seed)
+
+  def _streamed_calibration_batches(self) -> Iterator[np.ndarray]:
+    """Full batches only, so no larger than the split (sized when first needed: a folder
+    scan of ImageNet is not for every evaluation)."""
+    size = datasets.dataset_size(datasets.parse_dataset(self.cfg.dataset),
+                                 data_lib.PRETRAIN_SPLIT, self.cfg.data_dir or None)
+    devices = self.mesh.size
+    batch = min(self._batch_size(), max(devices, size - size % devices))
+    return common.spread_batches(self._stream(data_lib.PRETRAIN_SPLIT, batch), batch,
+                                 common.BN_CALIBRATION_EXAMPLES)
 
   def score(self, train_features: np.ndarray, test_features: np.ndarray) -> dict[str, float]:
     result = knn_lib.knn_accuracy(train_features, self.train_labels, test_features,
