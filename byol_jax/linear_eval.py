@@ -136,7 +136,7 @@ def _streamed_calibration_batches(cfg: Any, num_devices: int) -> Callable:
   """A factory of full host-cropped batches spread evenly over a streamed split (crops are
   final: embed with crop 1.0)."""
   from byol_jax import input_pipeline  # TensorFlow only on this path
-  batch = max(num_devices, cfg.embed_batch_size - cfg.embed_batch_size % num_devices)
+  batch = common.device_batch(cfg.embed_batch_size, num_devices)
 
   def batches():
     stream = input_pipeline.eval_stream(
@@ -360,7 +360,7 @@ def stream_split(cfg: Any, split: str, apply: Callable[[np.ndarray], Any],
   """apply(centre crops uint8 [B, S, S, 3]) over a split streamed by tf.data, and labels."""
   from byol_jax import input_pipeline  # TensorFlow only on this path
   spec = datasets.parse_dataset(cfg.dataset)
-  batch = max(num_devices, cfg.embed_batch_size - cfg.embed_batch_size % num_devices)
+  batch = common.device_batch(cfg.embed_batch_size, num_devices)
   stream = input_pipeline.eval_stream(
     spec, split, batch_size=batch, image_size=cfg.image_size, data_dir=cfg.data_dir or None,
     crop_fraction=cfg.crop_fraction, strict=cfg.strict_data)
@@ -487,7 +487,7 @@ def _augmented(cfg: Any, pre: Pretrained, embedder: Embedder) -> tuple[dict, dic
   mesh = embedder.mesh
   images, labels = train_step.replicate((pool.images[train_rows], pool.labels[train_rows]), mesh)
   featurize = encoder_featurizer(pre.config.model, cfg.image_size, pre.config.augment)
-  batch = max(mesh.size, cfg.batch_size - cfg.batch_size % mesh.size)
+  batch = common.device_batch(cfg.batch_size, mesh.size)
   logging.info('training %d linear heads for %d epochs on augmented views of %d examples',
                len(cfg.learning_rates), cfg.epochs, len(train_rows))
   params = train_heads_on_views(images, labels, featurize, (embedder.params, embedder.state),

@@ -269,8 +269,7 @@ class KnnEval:
                                       cfg.augment)
 
   def _batch_size(self) -> int:
-    size, devices = self.cfg.knn.batch_size, self.mesh.size
-    return max(devices, size - size % devices)
+    return common.device_batch(self.cfg.knn.batch_size, self.mesh.size)
 
   def _stream(self, split: str, batch_size: int = 0):
     from byol_jax import input_pipeline  # TensorFlow only on this path
@@ -309,8 +308,7 @@ class KnnEval:
     scan of ImageNet is not for every evaluation)."""
     size = datasets.dataset_size(datasets.parse_dataset(self.cfg.dataset),
                                  data_lib.PRETRAIN_SPLIT, self.cfg.data_dir or None)
-    devices = self.mesh.size
-    batch = min(self._batch_size(), max(devices, size - size % devices))
+    batch = min(self._batch_size(), common.device_batch(size, self.mesh.size))
     return common.spread_batches(self._stream(data_lib.PRETRAIN_SPLIT, batch), batch,
                                  common.BN_CALIBRATION_EXAMPLES)
 

@@ -55,10 +55,16 @@ def make_embed_fn(model_cfg: Any, image_size: int, crop_fraction: float, mesh: M
   return run
 
 
+def device_batch(batch_size: int, num_devices: int) -> int:
+  """The largest multiple of num_devices not above batch_size (at least one per device):
+  the batch an evaluation shards evenly over the data axis."""
+  return max(num_devices, batch_size - batch_size % num_devices)
+
+
 def embed_arrays(embed: Callable, params: hk.Params, state: hk.State, images: np.ndarray,
                  batch_size: int, num_devices: int) -> np.ndarray:
   """Features of every image, in order, with a fixed batch shape (no recompiles)."""
-  batch_size = max(num_devices, batch_size - batch_size % num_devices)
+  batch_size = device_batch(batch_size, num_devices)
   return embed_batches(embed, params, state, _chunks(images, batch_size))
 
 
@@ -212,7 +218,7 @@ def calibration_batches(images: np.ndarray, batch_size: int, num_devices: int,
   """
   n = min(len(images), max_examples) if max_examples else len(images)
   batch = min(batch_size, n)
-  batch = max(num_devices, batch - batch % num_devices)
+  batch = device_batch(batch, num_devices)
   if n < batch:
     raise ValueError(f'BN recalibration needs at least {batch} images, got {len(images)}')
   rows = np.sort(np.random.default_rng(seed).permutation(len(images))[:n - n % batch])
