@@ -39,7 +39,7 @@ import logging as std_logging
 import os
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -604,34 +604,66 @@ def _tfds_label_names(builder: Any) -> list[str]:
   return list(getattr(label, 'names', None) or [])
 
 
+def _multilabel_names(builder: Any) -> list[str]:
+  """Class names of a TFDS dataset annotated with a set of classes per image and no single
+  label (VOC: 'labels', a sequence of class labels); empty for any other dataset."""
+  features = builder.info.features
+  if 'label' in features or 'labels' not in features:
+    return []
+  return list(getattr(getattr(features['labels'], 'feature', None), 'names', None) or [])
+
+
+def is_multilabel(spec: DatasetSpec, data_dir: str | None = None) -> bool:
+  """Whether a dataset labels each image with a set of classes (VOC), not with one."""
+  return spec.kind == 'tfds' and bool(_multilabel_names(tfds_builder(spec, data_dir)))
+
+
+def multilabel_row(example: Mapping[str, Any], num_classes: int) -> np.ndarray:
+  """One image's targets [C]: 1 for a class it shows, 0 for one it does not, -1 for a class
+  shown only by objects marked difficult ('labels' less 'labels_no_difficult'), which VOC's
+  classification protocol leaves out of the score."""
+  row = np.zeros(num_classes, np.int8)
+  present = np.asarray(example['labels'], np.int64)
+  row[present] = -1
+  row[np.asarray(example.get('labels_no_difficult', present), np.int64)] = 1
+  return row
+
+
 def _load_tfds(spec: DatasetSpec, split: str, data_dir: str | None, image_size: int | None,
-               strict: bool, process_index: int, process_count: int) -> tuple[Any, Any, dict]:
+               strict: bool, process_index: int, process_count: int,
+               multilabel: bool = False) -> tuple[Any, Any, dict]:
   """Reads this process's part of a TFDS split and decodes it with Pillow."""
   tfds = import_tfds(spec)
   builder = tfds_builder(spec, data_dir)
   if 'image' not in builder.info.features:
     raise DataError(f'TFDS dataset {spec.name!r} has no image feature; it has '
                     f'{", ".join(builder.info.features.keys())}')
+  class_names = _multilabel_names(builder) if multilabel else _tfds_label_names(builder)
+  if multilabel and not class_names:
+    raise DataError(f'TFDS dataset {spec.name!r} has no multi-label \'labels\' feature; it '
+                    f'has {", ".join(builder.info.features.keys())}')
+  target = ((lambda ex: multilabel_row(ex, len(class_names))) if multilabel
+            else (lambda ex: int(ex.get('label', -1))))
   expr = tfds_process_split(builder, spec, split, process_index, process_count)
   ds = builder.as_dataset(split=expr, shuffle_files=False,
                           decoders={'image': tfds.decode.SkipDecoding()})
   encoded, labels = [], []
   for example in tfds.as_numpy(ds):
     encoded.append(bytes(example['image']))
-    labels.append(int(example.get('label', -1)))
+    labels.append(target(example))
   names = [f'{spec.name}[{expr}] #{i}' for i in range(len(encoded))]
   images, kept, skipped = _decode_all(encoded, names, image_size, f'{spec.name} ({expr})',
                                       strict)
-  class_names = _tfds_label_names(builder)
-  labels = np.asarray(labels, np.int64)[kept] if labels else np.zeros(0, np.int64)
+  empty = np.zeros((0, len(class_names)) if multilabel else 0, np.int64)
+  labels = np.asarray(labels, np.int64)[kept] if labels else empty
   return images, labels, dict(num_classes=len(class_names), class_names=class_names,
                               skipped=skipped)
 
 
 def load_arrays(spec: DatasetSpec, split: str, *, data_dir: str | None = None,
                 image_size: int | None = None, strict: bool = False, seed: int = 0,
-                process_index: int = 0,
-                process_count: int = 1) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+                process_index: int = 0, process_count: int = 1,
+                multilabel: bool = False) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
   """Decodes this process's part of a split into memory, for the device-resident path.
 
   Returns images uint8 [N, S, S, 3], labels int32 [N] and info dict(num_classes,
@@ -640,7 +672,11 @@ def load_arrays(spec: DatasetSpec, split: str, *, data_dir: str | None = None,
   are split between processes by stride (every process sees every class), TFDS splits by
   tfds.even_splits. `seed` only changes the demo dataset. Unreadable files are skipped,
   counted in info['skipped'] and logged once; strict=True raises DataError instead.
+  multilabel=True (a TFDS dataset where `is_multilabel`) returns targets int32 [N, C] of 1 /
+  0 / -1 (`multilabel_row`) instead of labels.
   """
+  if multilabel and spec.kind != 'tfds':
+    raise DataError(f'multi-label targets come from TFDS datasets (VOC), not {spec.name!r}')
   if spec.kind == 'demo':
     images, labels, info = _load_demo(split, image_size, seed)
     idx = _shard(len(labels), process_index, process_count)
@@ -651,7 +687,7 @@ def load_arrays(spec: DatasetSpec, split: str, *, data_dir: str | None = None,
   elif spec.kind == 'tfds':
     _shard(0, process_index, process_count)  # Validates the process arguments.
     images, labels, info = _load_tfds(spec, split, data_dir, image_size, strict,
-                                      process_index, process_count)
+                                      process_index, process_count, multilabel)
   else:
     raise DataError(f'unknown dataset kind {spec.kind!r}; {_VALID_FORMS}')
   return np.ascontiguousarray(images, np.uint8), labels.astype(np.int32), info

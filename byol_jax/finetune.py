@@ -303,6 +303,9 @@ def evaluate(cfg: Any, pre: linear_eval.Pretrained, workdir: str) -> dict[str, A
   """Fine-tunes `pre` as configured; appends and returns the record."""
   cfg = linear_eval.resolve_config(cfg, pre.config)
   _validate(cfg)
+  if linear_eval.multilabel(cfg):
+    raise ConfigError(f'finetune trains a softmax classifier and {cfg.dataset} is multi-label; '
+                      'evaluate it with --worker_mode=linear_eval (mAP)')
   start, seed = time.time(), pre.config.seed
   logging.info('finetune of the %s encoder at step %d (%s) on %s, subset %g', cfg.network,
                pre.step, pre.weights, cfg.dataset, cfg.subset_fraction)

@@ -9,6 +9,7 @@ Protocol (reference/byol_facts.md): the encoder (online by default, or the targe
 inference mode; one zero-initialised linear head per candidate LR trains with SGD, Nesterov
 momentum 0.9, no weight decay and cosine decay, all heads at once; the LR is picked on a
 validation split held out of the training data and only that head is reported on test.
+A multi-label dataset (VOC2007) trains a sigmoid per class and picks and reports by mAP.
 Two modes:
 - 'cached': features of centre crops are computed once and the heads train on them
   (`evaluators.linear.linear_eval`, a single compiled program). Fast; the usual choice for
@@ -220,6 +221,12 @@ def decode_size(cfg: Any) -> int:
   return int(round(cfg.image_size / cfg.crop_fraction))
 
 
+def multilabel(cfg: Any) -> bool:
+  """Whether the dataset gives each image a set of classes (VOC2007): heads then train with
+  a sigmoid per class and are scored by mAP (`evaluators.linear`)."""
+  return datasets.is_multilabel(datasets.parse_dataset(cfg.dataset), cfg.data_dir or None)
+
+
 def input_mode(cfg: Any, split: str) -> str:
   """'device' (decoded into memory) or 'stream' (tf.data) for one split."""
   spec = datasets.parse_dataset(cfg.dataset)
@@ -230,6 +237,9 @@ def input_mode(cfg: Any, split: str) -> str:
     num = min(num, cfg.max_examples)
   mode, reason = datasets.choose_input_mode(num, decode_size(cfg), data_lib.device_memory_bytes(),
                                             cfg.input_mode)
+  if mode == 'stream' and multilabel(cfg):
+    raise ConfigError(f'{cfg.dataset} is multi-label, read into memory only, and {reason}; '
+                      "pass --config.input_mode=device if it fits, or lower image_size")
   logging.info('%s/%s: %s (%s)', cfg.dataset, split, mode, reason)
   return mode
 
@@ -240,7 +250,7 @@ def load_split(cfg: Any, split: str, seed: int) -> data_lib.Split:
   start = time.time()
   images, labels, info = datasets.load_arrays(
     spec, split, data_dir=cfg.data_dir or None, image_size=decode_size(cfg),
-    strict=cfg.strict_data, seed=seed)
+    strict=cfg.strict_data, seed=seed, multilabel=multilabel(cfg))
   if cfg.max_examples:
     images, labels = images[:cfg.max_examples], labels[:cfg.max_examples]
   logging.info('%s/%s: %d images at %d px decoded in %.1f s', cfg.dataset, split, len(labels),
@@ -261,6 +271,8 @@ def split_definition(cfg: Any, split: str, seed: int) -> str:
 
 def num_classes(cfg: Any, *label_sets: np.ndarray) -> int:
   """Classes of the dataset (metadata where it has any, else the largest label + 1)."""
+  if label_sets and label_sets[0].ndim == 2:  # multi-label targets [N, C]
+    return int(label_sets[0].shape[1])
   spec = datasets.parse_dataset(cfg.dataset)
   known = datasets.num_classes(spec, cfg.data_dir or None) if spec.kind != 'demo' else 0
   return max([known] + [int(np.max(y)) + 1 for y in label_sets if len(y)])
@@ -511,8 +523,12 @@ def evaluate(cfg: Any, pre: Pretrained, workdir: str) -> dict[str, Any]:
                 batch_size=cfg.batch_size, learning_rates=list(cfg.learning_rates),
                 **result, elapsed_sec=time.time() - start)
   record = write_record(workdir, 'linear_eval', pre.step, record)
-  logging.info('linear_eval: best lr %g, val top-1 %.4f, test top-1 %.4f, top-5 %.4f',
-               record['best_lr'], record['val_top1'], record['test_top1'], record['test_top5'])
+  if 'test_map' in record:
+    logging.info('linear_eval: best lr %g, val mAP %.4f, test mAP %.4f (11-point)',
+                 record['best_lr'], record['val_map'], record['test_map'])
+  else:
+    logging.info('linear_eval: best lr %g, val top-1 %.4f, test top-1 %.4f, top-5 %.4f',
+                 record['best_lr'], record['val_top1'], record['test_top1'], record['test_top5'])
   return record
 
 

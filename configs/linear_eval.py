@@ -24,12 +24,15 @@ Presets:
             `imagenet2012_subset` 1pct / 10pct lists for subset_fraction 0.01 / 0.1.
   Transfer (the paper's list, where TFDS has the dataset): food101, cifar100, sun397,
             cars196 (Stanford Cars), dtd, oxford_iiit_pet, caltech101, oxford_flowers102
-            (cifar10 above serves transfer too). Each reads a TFDS dataset prepared under
-            --config.data_dir (nothing is downloaded) and follows the split table of
+            voc2007 (cifar10 above serves transfer too). Each reads a TFDS dataset prepared
+            under --config.data_dir (nothing is downloaded) and follows the split table of
             byol_jax/datasets.py. The paper (after SimCLR) fits an L2-regularised logistic
             regression on centre-crop features; these presets use the same features
-            (mode='cached') with the SGD LR sweep. Not supported: VOC2007 is multi-label
-            (TFDS 'voc/2007' labels objects; a softmax head does not apply); Birdsnap and
+            (mode='cached') with the SGD LR sweep. voc2007 (TFDS 'voc/2007') is multi-label:
+            one sigmoid per class, a class seen only in objects marked difficult ignored,
+            the LR picked on 'validation' by 11-point mAP (VOC2007's metric, which SimCLR
+            and BYOL report) and test mAP reported; linear_eval only (finetune trains a
+            softmax). Not supported: Birdsnap and
             FGVC-Aircraft are not in the TFDS catalogue: arrange them as an image folder
             (root/train/<class>/*.jpg, root/test/<class>/*.jpg) and pass
             --config.dataset=folder:/path/to/root.
@@ -45,7 +48,7 @@ Fields:
                      count) of train_split out instead, chosen by `seed`.
   epochs, batch_size, learning_rates
                      the linear head's SGD: all LRs are trained at once (vmapped heads) and the
-                     one with the best validation top-1 is reported on test.
+                     one with the best validation top-1 (mAP: voc2007) is reported on test.
   mode               'cached': heads train on the frozen encoder's centre-crop features,
                      computed once (fast). 'augmented': the paper's protocol, every step takes
                      a random resized crop + flip and runs the frozen encoder (inference mode).
@@ -98,9 +101,9 @@ TRANSFER_PRESETS = {
   'oxford_iiit_pet': ('oxford_iiit_pet', 100, 256, 50, 64),
   'caltech101': ('caltech101', 100, 256, 50, 64),
   'oxford_flowers102': ('oxford_flowers102', 100, 256, 50, 64),
+  'voc2007': ('voc/2007', 100, 256, 50, 64),
 }
 UNSUPPORTED = {
-  'voc2007': 'VOC2007 is multi-label; the softmax linear head and top-k accuracy do not apply',
   'birdsnap': 'Birdsnap is not in TFDS; pass --config.dataset=folder:/path/to/birdsnap',
   'aircraft': 'FGVC-Aircraft is not in TFDS; pass --config.dataset=folder:/path/to/aircraft',
 }

@@ -3,6 +3,7 @@
 import os
 import sys
 
+import numpy as np
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -78,3 +79,34 @@ def pretrained_workdir(tmp_path_factory):
   cfg.eval_at_init = False
   train.train_and_evaluate(cfg, path)
   return path
+
+
+def prepare_fake_voc2007(data_dir: str, sizes: dict[str, int],
+                         seed: int = 0) -> dict[str, list[dict]]:
+  """A stand-in for TFDS's prepared 'voc/2007' under data_dir: the real builder's version
+  and features (objects with difficult flags, 'labels', 'labels_no_difficult'), random
+  images, nothing downloaded. Returns each split's examples' class sets, in TFDS order."""
+  tfds = pytest.importorskip('tensorflow_datasets')
+  builder = tfds.builder('voc/2007', data_dir=data_dir)
+  rng = np.random.default_rng(seed)
+
+  def example(name):
+    n = int(rng.integers(1, 4))
+    label = rng.integers(0, 20, n)
+    difficult = rng.random(n) < 0.4
+    return {'image': rng.integers(0, 256, (36, 44, 3), np.uint8), 'image/filename': name,
+            'labels': np.unique(label), 'labels_no_difficult': np.unique(label[~difficult]),
+            'objects': {'bbox': np.tile(np.float32([[0.1, 0.2, 0.6, 0.7]]), (n, 1)),
+                        'is_difficult': difficult, 'is_truncated': np.zeros(n, bool),
+                        'label': label, 'pose': np.zeros(n, np.int64)}}
+
+  splits = {s: [(f'{s}_{i}', example(f'{s}_{i}.jpg')) for i in range(k)]
+            for s, k in sizes.items()}
+  tfds.dataset_builders.store_as_tfds_dataset(
+    name='voc', config='2007', version=str(builder.version), features=builder.info.features,
+    data_dir=data_dir, split_datasets=splits)
+  prepared = tfds.builder('voc/2007', data_dir=data_dir)
+  return {s: [dict(labels=set(ex['labels'].tolist()),
+                   positive=set(ex['labels_no_difficult'].tolist()))
+              for ex in tfds.as_numpy(prepared.as_dataset(split=s, shuffle_files=False))]
+          for s in sizes}

@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import prepare_fake_voc2007
 from PIL import Image
 
 from byol_jax import datasets
@@ -407,3 +408,36 @@ def test_long_decodes_say_how_far_they_are(delay, monkeypatch, caplog):
   with caplog.at_level('INFO'):
     datasets._parallel_map(fn, items)
   assert not caplog.records
+
+
+def test_multilabel_row_marks_difficult_only_classes_ignored():
+  """Breaks if a class seen only in difficult objects counts as a positive or a negative."""
+  row = datasets.multilabel_row({'labels': np.array([2, 5, 7]),
+                                 'labels_no_difficult': np.array([5])}, 8)
+  np.testing.assert_array_equal(row, [0, 0, -1, 0, 0, 1, 0, -1])
+  # Without the no-difficult list every class present is a positive.
+  np.testing.assert_array_equal(datasets.multilabel_row({'labels': np.array([1])}, 3), [0, 1, 0])
+
+
+def test_voc2007_loads_as_multilabel_targets(tmp_path):
+  """Breaks if VOC's class sets do not become [N, 20] rows in TFDS order (1 for a
+  non-difficult class, -1 for a difficult-only one), or a single-label load of VOC stops
+  giving label -1 (unlabelled, as pretraining reads it)."""
+  data_dir = str(tmp_path / 'tfds')
+  written = prepare_fake_voc2007(data_dir, {'train': 6, 'validation': 4, 'test': 5})
+  spec = datasets.parse_dataset('voc/2007')
+  assert datasets.is_multilabel(spec, data_dir)
+  assert not datasets.is_multilabel(datasets.parse_dataset('demo'))
+  for split, tfds_split in (('train', 'train'), ('valid', 'validation'), ('test', 'test')):
+    images, rows, info = datasets.load_arrays(spec, split, data_dir=data_dir, image_size=16,
+                                              multilabel=True)
+    assert images.shape == (len(written[tfds_split]), 16, 16, 3)
+    assert rows.shape == (len(images), 20) and info['num_classes'] == 20
+    assert info['class_names'][:3] == ['aeroplane', 'bicycle', 'bird']
+    for row, ex in zip(rows, written[tfds_split], strict=True):
+      assert set(np.flatnonzero(row == 1)) == ex['positive']
+      assert set(np.flatnonzero(row == -1)) == ex['labels'] - ex['positive']
+  _, labels, _ = datasets.load_arrays(spec, 'train', data_dir=data_dir, image_size=16)
+  np.testing.assert_array_equal(labels, -1)
+  with pytest.raises(datasets.DataError, match='TFDS datasets'):
+    datasets.load_arrays(datasets.parse_dataset('demo'), 'train', multilabel=True)

@@ -12,10 +12,10 @@ import types
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, tiny_config
+from conftest import REPO, prepare_fake_voc2007, tiny_config
 
 import byol_jax
-from byol_jax import linear_eval, metric_writers, networks, train
+from byol_jax import finetune, linear_eval, metric_writers, networks, train
 from byol_jax.evaluators import common
 from byol_jax.evaluators import linear as linear_lib
 from configs import linear_eval as eval_configs
@@ -192,6 +192,43 @@ def test_presets_and_bad_fields():
               dict(val_split='', val_size=0), dict(normalize_features=True, mode='augmented')):
     with pytest.raises(train.ConfigError):
       linear_eval.resolve_config(eval_config(**bad), pre)
+
+
+@pytest.fixture(scope='module')
+def voc_dir(tmp_path_factory):
+  """A stand-in for TFDS's prepared VOC2007: 24 train, 12 validation, 16 test images."""
+  data_dir = str(tmp_path_factory.mktemp('voc_tfds'))
+  prepare_fake_voc2007(data_dir, {'train': 24, 'validation': 12, 'test': 16})
+  return data_dir
+
+
+def test_voc2007_preset_reports_map_from_the_validation_choice(workdir, voc_dir):
+  """The paper's VOC2007 transfer protocol end to end on TFDS-shaped data; breaks if the
+  multi-label targets do not reach the heads (top-k instead of mAP), a split is misnamed,
+  or the reported row is not the validation choice, in either mode."""
+  for mode in ('cached', 'augmented'):
+    cfg = eval_configs.get_config('voc2007')
+    cfg.update(data_dir=voc_dir, epochs=2, batch_size=8, learning_rates=(0.01, 0.1), mode=mode)
+    rec = linear_eval.evaluate(cfg, _pretrained(workdir), workdir)
+    assert rec['dataset'] == 'voc/2007' and rec['num_classes'] == 20
+    assert {k: (v['definition'], v['size']) for k, v in rec['splits'].items()} == {
+      'train': ('voc/2007[train]', 24), 'val': ('voc/2007[validation]', 12),
+      'test': ('voc/2007[test]', 16)}
+    assert 'test_top1' not in rec and 0.0 < rec['test_map'] <= 1.0
+    assert rec['best_index'] == int(np.argmax([r['val_map'] for r in rec['per_lr']]))
+    assert rec['test_map'] == rec['per_lr'][rec['best_index']]['test_map']
+
+
+def test_voc2007_refusals_name_what_to_do(workdir, voc_dir):
+  """Breaks if a multi-label dataset reaches finetune's softmax, or is streamed (whose
+  batches carry single labels), instead of stopping with a one-line reason."""
+  cfg = eval_configs.get_config('voc2007')
+  cfg.update(data_dir=voc_dir, epochs=1, batch_size=8)
+  with pytest.raises(train.ConfigError, match='linear_eval'):
+    finetune.evaluate(cfg, _pretrained(workdir), workdir)
+  cfg.input_mode = 'stream'
+  with pytest.raises(train.ConfigError, match='input_mode=device'):
+    linear_eval.evaluate(cfg, _pretrained(workdir), workdir)
 
 
 @pytest.mark.slow

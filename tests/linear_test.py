@@ -124,7 +124,7 @@ def test_matches_optax_sgd_nesterov_cosine():
   for key in keys:  # Same batch order as the trainer: a fresh permutation per epoch.
     perm = np.asarray(jax.random.permutation(key, 64)).reshape(-1, batch)
     for idx in perm:
-      grads = jax.grad(linear._cross_entropy)(params, x[idx], y[idx])
+      grads = jax.grad(linear._head_loss)(params, x[idx], y[idx])
       updates, state = opt.update(grads, state)
       params = optax.apply_updates(params, updates)
   np.testing.assert_allclose(got["w"][0], params["w"], rtol=1e-4, atol=1e-6)
@@ -147,3 +147,84 @@ def test_evaluate_heads_counts_top1_top5_with_padding():
   got = linear.evaluate_heads(params, x, y, chunk_size=2)
   np.testing.assert_allclose(got["top1"], [0.8, 0.0])
   np.testing.assert_allclose(got["top5"], [1.0, 1.0])
+
+
+# ------------------------------------------------------------------------------------------
+# Multi-label heads (VOC2007): masked sigmoid loss and 11-point mAP.
+# ------------------------------------------------------------------------------------------
+
+
+def _ap_11pt_reference(scores, labels):
+  """VOC2007's 11-point AP from its definition, cutoff by cutoff, in float64."""
+  kept = [(float(s), int(t)) for s, t in zip(scores, labels, strict=True) if t >= 0]
+  ranked = [t for _, t in sorted(kept, key=lambda p: -p[0])]
+  npos = sum(ranked)
+  points = []  # (recall, precision) after each of the top-k
+  for k in range(1, len(ranked) + 1):
+    tp = sum(ranked[:k])
+    points.append((tp / npos, tp / k))
+  return sum(max([p for r, p in points if r >= level - 1e-12], default=0.0)
+             for level in [i / 10 for i in range(11)]) / 11
+
+
+def test_average_precision_by_hand_and_against_the_definition():
+  """Breaks if AP interpolates differently from VOC2007 (11 recall levels, best precision at
+  or beyond each), ranks ascending, or lets ignored (difficult) images into the ranking."""
+  # Ranked hits 1, 0, 1, 0, 0 (two positives): precision 1 up to recall 0.5, 2/3 at recall 1.
+  scores = np.array([0.9, 0.8, 0.7, 0.6, 0.5])
+  assert linear.average_precision_11pt(scores, np.array([1, 0, 1, 0, 0])) == pytest.approx(
+    (6 * 1.0 + 5 * 2 / 3) / 11)
+  # An ignored image ranked first changes nothing; the same image as a negative would.
+  with_ignored = linear.average_precision_11pt(np.r_[1.0, scores], np.array([-1, 1, 0, 1, 0, 0]))
+  assert with_ignored == pytest.approx((6 + 5 * 2 / 3) / 11)
+  assert linear.average_precision_11pt(np.r_[1.0, scores], np.array([0, 1, 0, 1, 0, 0])) < 0.8
+  rng = np.random.default_rng(0)
+  for _ in range(20):
+    n = int(rng.integers(5, 60))
+    labels = rng.choice([-1, 0, 1], size=n, p=[0.1, 0.6, 0.3])
+    labels[0] = 1
+    s = rng.normal(size=n) + labels
+    assert linear.average_precision_11pt(s, labels) == pytest.approx(_ap_11pt_reference(s, labels))
+
+
+def test_multilabel_loss_is_masked_sigmoid_cross_entropy():
+  """Breaks if ignored (-1) entries contribute, or the loss is not the per-class binary
+  cross-entropy summed over classes and averaged over images (float64 reference)."""
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(6, 5)).astype(np.float32)
+  params = {"w": rng.normal(size=(5, 3)).astype(np.float32),
+            "b": rng.normal(size=3).astype(np.float32)}
+  y = rng.choice([-1, 0, 1], size=(6, 3))
+  z = x.astype(np.float64) @ params["w"] + params["b"]
+  bce = np.log1p(np.exp(-np.abs(z))) + np.maximum(z, 0) - z * (y > 0)
+  expected = np.sum(bce * (y >= 0)) / 6
+  assert float(linear._head_loss(params, x, y)) == pytest.approx(expected, rel=1e-5)
+
+
+def test_multilabel_sweep_learns_and_selects_by_validation_map():
+  """Breaks if multi-label heads stop learning (separable classes reach mAP near 1), or the
+  summary reports top-k columns or another row than the best validation mAP."""
+  rng = np.random.default_rng(2)
+
+  def data(n):
+    y = (rng.random((n, 4)) < 0.3).astype(np.int32)
+    y[rng.random((n, 4)) < 0.05] = -1
+    x = rng.normal(size=(n, 12)) + 4.0 * np.pad(y > 0, ((0, 0), (0, 8)))
+    return x.astype(np.float32), y
+
+  (tx, ty), (vx, vy), (sx, sy) = data(400), data(100), data(100)
+  out = linear.linear_eval(tx, ty, vx, vy, sx, sy, 4, (1e-4, 0.1, 1.0), epochs=10,
+                           batch_size=64)
+  assert set(out) == {"best_lr", "best_index", "val_map", "test_map", "per_lr"}
+  assert out["best_index"] == int(np.argmax([r["val_map"] for r in out["per_lr"]]))
+  assert out["test_map"] == out["per_lr"][out["best_index"]]["test_map"] > 0.95
+  assert out["per_lr"][0]["test_map"] < out["test_map"]  # LR 1e-4 barely moves the heads
+
+
+def test_multilabel_rows_are_checked():
+  """Breaks if rows of the wrong width or with values other than 1 / 0 / -1 train silently."""
+  x = np.zeros((4, 3), np.float32)
+  with pytest.raises(ValueError, match="entries of 1, 0 or -1"):
+    linear.train_linear_heads(x, np.full((4, 2), 2), 2, (0.1,), epochs=1, batch_size=2)
+  with pytest.raises(ValueError, match="3 entries"):
+    linear.train_linear_heads(x, np.zeros((4, 2), np.int32), 3, (0.1,), epochs=1, batch_size=2)

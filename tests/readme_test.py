@@ -75,6 +75,14 @@ def test_worker_modes_documented():
   assert documented <= set(main.WORKER_MODES), documented - set(main.WORKER_MODES)
 
 
+def test_linear_eval_presets_listed_as_in_the_config():
+  """A linear_eval preset added or dropped without the README following fails here."""
+  from configs import linear_eval as eval_configs
+  text = ' '.join(_readme().split())
+  listed = re.search(r'Presets in `configs/linear_eval.py`: ([^.]+)\.', text).group(1)
+  assert [p.strip() for p in listed.split(',')] == list(eval_configs.PRESETS)
+
+
 def test_setup_commands_are_present():
   """The two set-up commands CI and new users rely on."""
   readme = _readme()

@@ -16,6 +16,10 @@ The trainer works on feature arrays (e.g. cached features of centre crops). The 
 also augments (random crop + flip) during linear training; that needs the encoder in the
 loop and is out of scope here. Features are used raw, as in the paper; `normalize=True`
 optionally standardises them with training-split statistics.
+
+Multi-label datasets (VOC2007) pass targets [N, C] of 1 / 0 / -1 instead of class indices:
+the heads then train a sigmoid per class (`_head_loss`) and are chosen and reported by
+11-point mAP (`average_precision_11pt`), the metric SimCLR and BYOL report for VOC2007.
 """
 
 from __future__ import annotations
@@ -49,15 +53,25 @@ def split_validation(num_examples: int, val_size: float | int,
   return np.sort(perm[num_val:]), np.sort(perm[:num_val])
 
 
-def _cross_entropy(params: Params, x: jax.Array, y: jax.Array) -> jax.Array:
-  """Mean softmax cross-entropy of one head on one minibatch."""
+def _head_loss(params: Params, x: jax.Array, y: jax.Array) -> jax.Array:
+  """Loss of one head on one minibatch; the labels' rank says which.
+
+  Labels [B] (one class per image): mean softmax cross-entropy. Labels [B, C] (multi-label,
+  VOC2007): a sigmoid per class, 1 positive, 0 negative and -1 ignored (a class present only
+  through objects marked difficult, as VOC's protocol scores it). The binary losses are
+  summed over classes and averaged over images, so a head's gradient is on the scale of the
+  softmax's and one LR grid serves both.
+  """
   logits = x @ params["w"] + params["b"]
-  return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
+  if y.ndim == 1:
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
+  losses = optax.sigmoid_binary_cross_entropy(logits, (y > 0).astype(logits.dtype))
+  return jnp.sum(jnp.where(y >= 0, losses, 0.0)) / y.shape[0]
 
 
 def _sweep_loss(params: Params, x: jax.Array, y: jax.Array) -> jax.Array:
   """Sum of per-head losses: heads share no weights, so each gets its own gradient."""
-  return jnp.sum(jax.vmap(_cross_entropy, in_axes=(0, None, None))(params, x, y))
+  return jnp.sum(jax.vmap(_head_loss, in_axes=(0, None, None))(params, x, y))
 
 
 def _cosine(step: jax.Array, total_steps: int) -> jax.Array:
@@ -90,7 +104,8 @@ def init_heads(dim: int, num_classes: int, num_heads: int) -> HeadsCarry:
 
 def head_update(carry: HeadsCarry, x: jax.Array, y: jax.Array, lrs: jax.Array,
                 total_steps: int) -> HeadsCarry:
-  """One SGD step of every head on features x [B, D] with labels y [B].
+  """One SGD step of every head on features x [B, D] with labels y [B] or [B, C]
+  (multi-label, see `_head_loss`).
 
   The single implementation of the linear protocol's update (Nesterov momentum 0.9, no
   weight decay, LR_h x cosine decay over total_steps): the cached sweep (`train_linear_heads`)
@@ -131,10 +146,23 @@ def _train(x: jax.Array, y: jax.Array, lrs: jax.Array, key: jax.Array, num_class
   return jax.lax.scan(epoch, init, jax.random.split(key, epochs))[0][0]
 
 
+def check_labels(y: np.ndarray, num_classes: int) -> None:
+  """Class indices [N] in [0, num_classes), or multi-label rows [N, num_classes] of 1 / 0 /
+  -1 (ignored)."""
+  if y.ndim == 1 and (y.min() < 0 or y.max() >= num_classes):
+    raise ValueError(f"train labels must lie in [0, {num_classes})")
+  if y.ndim == 2 and (y.shape[1] != num_classes or not np.isin(y, (-1, 0, 1)).all()):
+    raise ValueError(f"multi-label rows must have {num_classes} entries of 1, 0 or -1")
+  if y.ndim not in (1, 2):
+    raise ValueError(f"labels must be [N] or [N, classes], got shape {y.shape}")
+
+
 def train_linear_heads(train_x: np.ndarray, train_y: np.ndarray, num_classes: int,
                        learning_rates: tuple[float, ...] = DEFAULT_LEARNING_RATES,
                        epochs: int = 80, batch_size: int = 1024, seed: int = 0) -> Params:
   """Trains one zero-initialised linear head per LR; returns {'w': [H,D,C], 'b': [H,C]}.
+
+  train_y holds class indices [N], or multi-label rows [N, C] (see `_head_loss`).
 
   Every epoch reshuffles the training set (driven by `seed`) and drops the incomplete last
   minibatch; batch_size is clipped to the training-set size. All heads see the same
@@ -143,8 +171,7 @@ def train_linear_heads(train_x: np.ndarray, train_y: np.ndarray, num_classes: in
   train_y = np.asarray(train_y)
   if epochs < 1 or not learning_rates or train_y.size == 0:
     raise ValueError("need epochs >= 1, at least one LR and a non-empty training set")
-  if train_y.min() < 0 or train_y.max() >= num_classes:
-    raise ValueError(f"train labels must lie in [0, {num_classes})")
+  check_labels(train_y, num_classes)
   x = jnp.asarray(train_x, jnp.float32)
   batch_size = min(batch_size, x.shape[0])
   lrs = jnp.asarray(learning_rates, jnp.float32)
@@ -153,10 +180,16 @@ def train_linear_heads(train_x: np.ndarray, train_y: np.ndarray, num_classes: in
 
 
 @jax.jit
+def _logits(params: Params, x: jax.Array) -> jax.Array:
+  """Every head's logits [H, N, C]."""
+  logits = jnp.einsum("nd,hdc->hnc", x, params["w"], precision=jax.lax.Precision.HIGHEST)
+  return logits + params["b"][:, None, :]
+
+
+@jax.jit
 def _correct(params: Params, x: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Per-head counts of top-1 and top-5 hits (top-5 clipped to the number of classes)."""
-  logits = jnp.einsum("nd,hdc->hnc", x, params["w"], precision=jax.lax.Precision.HIGHEST)
-  logits = logits + params["b"][:, None, :]
+  logits = _logits(params, x)
   _, top = jax.lax.top_k(logits, min(5, logits.shape[-1]))
   hits = top == y[None, :, None]
   return jnp.sum(hits[..., 0], axis=1), jnp.sum(jnp.any(hits, axis=-1), axis=1)
@@ -165,12 +198,18 @@ def _correct(params: Params, x: jax.Array, y: jax.Array) -> tuple[jax.Array, jax
 def evaluate_heads(params: Params, x: np.ndarray, y: np.ndarray,
                    chunk_size: int = 4096) -> dict[str, np.ndarray]:
   """Top-1 and top-5 accuracy of every head, float arrays [H]; chunked to bound memory.
+  For multi-label rows y [N, C]: {'map': [H]}, see `mean_average_precision`.
 
   Ties between logits go to the lower class index (jax.lax.top_k's rule).
   """
   x, y = np.asarray(x, np.float32), np.asarray(y, np.int32)
   if x.shape[0] == 0:
     raise ValueError("cannot evaluate on an empty set")
+  if y.ndim == 2:
+    scores = [np.asarray(_logits(params, x[i:i + chunk_size]))
+              for i in range(0, len(x), chunk_size)]
+    scores = np.concatenate(scores, axis=1)
+    return {"map": np.array([mean_average_precision(s, y) for s in scores])}
   chunk = min(chunk_size, x.shape[0])
   pad = -x.shape[0] % chunk
   # Padded rows get label -1, which no head can predict, so they never count as hits.
@@ -182,6 +221,35 @@ def evaluate_heads(params: Params, x: np.ndarray, y: np.ndarray,
   return {"top1": top1 / n, "top5": top5 / n}
 
 
+def average_precision_11pt(scores: np.ndarray, labels: np.ndarray) -> float:
+  """VOC2007's 11-point interpolated average precision of one class.
+
+  The mean over recall levels r = 0, 0.1, ..., 1 of the best precision at recall >= r
+  (0 where no cutoff reaches r), ranking by descending score (ties: the earlier example).
+  labels: 1 positive, 0 negative, -1 ignored (left out of the ranking). SimCLR and BYOL
+  report this metric for VOC2007 transfer.
+  """
+  keep = labels >= 0
+  scores, positive = scores[keep], labels[keep] > 0
+  if not positive.any():
+    raise ValueError("average precision needs at least one positive example")
+  hits = positive[np.argsort(-scores, kind="stable")]
+  true_pos = np.cumsum(hits)
+  precision = true_pos / np.arange(1, len(hits) + 1)
+  recall = true_pos / positive.sum()
+  levels = np.linspace(0.0, 1.0, 11)
+  return float(np.mean([precision[recall >= r - 1e-12].max(initial=0.0) for r in levels]))
+
+
+def mean_average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
+  """Mean of `average_precision_11pt` over the classes [N, C] that have a positive."""
+  aps = [average_precision_11pt(scores[:, c], labels[:, c]) for c in range(labels.shape[1])
+         if (labels[:, c] > 0).any()]
+  if not aps:
+    raise ValueError("mean average precision needs a class with a positive example")
+  return float(np.mean(aps))
+
+
 def _standardizer(train_x: np.ndarray):
   """Per-dimension standardisation fitted on the training split only."""
   mean = np.mean(train_x, axis=0, dtype=np.float64)
@@ -189,9 +257,9 @@ def _standardizer(train_x: np.ndarray):
   return lambda x: ((np.asarray(x, np.float64) - mean) / std).astype(np.float32)
 
 
-def select_by_validation(val_top1: np.ndarray) -> int:
-  """Index of the head with the best validation top-1; ties go to the smaller index."""
-  return int(np.argmax(np.asarray(val_top1)))
+def select_by_validation(val_scores: np.ndarray) -> int:
+  """Index of the head with the best validation score; ties go to the smaller index."""
+  return int(np.argmax(np.asarray(val_scores)))
 
 
 def linear_eval(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray,
@@ -199,7 +267,8 @@ def linear_eval(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray,
                 learning_rates: tuple[float, ...] = DEFAULT_LEARNING_RATES, epochs: int = 80,
                 batch_size: int = 1024, seed: int = 0,
                 normalize: bool = False) -> dict[str, Any]:
-  """Sweeps LRs, picks one by validation top-1, reports test accuracy at that LR.
+  """Sweeps LRs, picks one by validation top-1 (mAP for multi-label rows), reports test
+  accuracy (mAP) at that LR.
 
   Returns `report_heads`'s summary.
   """
@@ -218,23 +287,25 @@ def report_heads(params: Params, learning_rates: tuple[float, ...],
 
   Returns best_lr, best_index, val_top1, test_top1, test_top5 and per_lr (a list of
   {lr, val_top1, val_top5, test_top1, test_top5}; the test columns are for inspection only
-  and take no part in the choice). Values are Python floats, ready for JSON.
+  and take no part in the choice). Multi-label rows give val_map and test_map instead of
+  the top-k columns. Values are Python floats, ready for JSON.
   """
   val_acc = evaluate_heads(params, *val)
   test_acc = evaluate_heads(params, *test)
-  per_lr = [{"lr": float(lr), "val_top1": float(val_acc["top1"][i]),
-             "val_top5": float(val_acc["top5"][i]), "test_top1": float(test_acc["top1"][i]),
-             "test_top5": float(test_acc["top5"][i])} for i, lr in enumerate(learning_rates)]
-  return summarize_sweep(per_lr)
+  per_lr = [{"lr": float(lr), **{f"val_{k}": float(v[i]) for k, v in val_acc.items()},
+             **{f"test_{k}": float(v[i]) for k, v in test_acc.items()}}
+            for i, lr in enumerate(learning_rates)]
+  return summarize_sweep(per_lr, "map" if "map" in val_acc else "top1")
 
 
-def summarize_sweep(per_lr: list[dict[str, Any]]) -> dict[str, Any]:
+def summarize_sweep(per_lr: list[dict[str, Any]], metric: str = "top1") -> dict[str, Any]:
   """The sweep's summary from its per-LR rows ({lr, val_top1, test_top1, test_top5, ...}).
 
   The one place where any LR sweep here (linear heads, fine-tuning) chooses: the row with
-  the best validation top-1 (ties: the earlier row), whose own test numbers are reported.
+  the best validation `metric` (top1, or map for multi-label; ties: the earlier row), whose
+  own test numbers are reported.
   """
-  best = select_by_validation([row["val_top1"] for row in per_lr])
-  return {"best_lr": float(per_lr[best]["lr"]), "best_index": best,
-          "val_top1": per_lr[best]["val_top1"], "test_top1": per_lr[best]["test_top1"],
-          "test_top5": per_lr[best]["test_top5"], "per_lr": per_lr}
+  best = select_by_validation([row[f"val_{metric}"] for row in per_lr])
+  reported = {k: v for k, v in per_lr[best].items() if k.startswith(("val_", "test_"))}
+  return {"best_lr": float(per_lr[best]["lr"]), "best_index": best, **reported,
+          "per_lr": per_lr}
