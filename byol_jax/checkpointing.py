@@ -60,7 +60,7 @@ _TMP_MARK = ocp.path.step.TMP_DIR_SUFFIX
 TRAJECTORY_FIELDS = (
   'model', 'optimizer', 'batch_size', 'epochs', 'steps', 'seed', 'dataset', 'image_size',
   'loss', 'infonce_temperature', 'tau_base', 'tau_schedule', 'augment', 'precision', 'demo',
-  'input_mode', 'shuffle_buffer', 'target_init',
+  'input_mode', 'shuffle_buffer', 'target_init', 'pretrain_split',
 )
 
 

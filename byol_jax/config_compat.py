@@ -24,6 +24,7 @@ ADDED_FIELD_DEFAULTS = {
   'optimizer.trust_clip': False,  # 2026-11-26
   'model.stem_relu': True,  # 2026-11-27
   'model.head_output_bias': True,  # 2026-11-28
+  'pretrain_split': 'trainval',  # 2026-11-28
 }
 
 # Trajectory fields that were removed, with the value under which the current code behaves

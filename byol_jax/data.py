@@ -16,11 +16,14 @@ import jax
 import numpy as np
 from absl import logging
 
-from byol_jax import datasets, demo_data
+from byol_jax import config_compat, datasets, demo_data
 
-# Pretraining uses every training image (labels unused); the 'valid' hold-out inside it only
-# matters for choosing the linear-evaluation LR, which never sees pretraining.
-PRETRAIN_SPLIT = 'trainval'
+
+def pretrain_split(cfg: Any) -> str:
+  """The split BYOL trains on (`pretrain_split`, 'trainval' by default: every training
+  image; the 'valid' hold-out inside it only matters for choosing the linear-evaluation LR,
+  which never sees pretraining)."""
+  return config_compat.setting(cfg, 'pretrain_split')
 
 
 @dataclasses.dataclass
@@ -63,16 +66,18 @@ def load_split(cfg: Any, split: str) -> Split:
 
 
 def num_classes_of(cfg: Any) -> int:
+  """Outputs of the online probe: the dataset's classes, at least one (a dataset without a
+  label feature keeps a one-class probe that every image, label -1, leaves out)."""
   spec = datasets.parse_dataset(cfg.dataset)
   if spec.kind == 'demo':
     return demo_data.NUM_CLASSES
-  return int(datasets.num_classes(spec, cfg.data_dir or None))
+  return max(1, int(datasets.num_classes(spec, cfg.data_dir or None)))
 
 
 def _train_size(cfg: Any, spec: datasets.DatasetSpec) -> int:
   if spec.kind == 'demo':
     return cfg.demo.train_examples or 5000
-  return int(datasets.dataset_size(spec, PRETRAIN_SPLIT, cfg.data_dir or None))
+  return int(datasets.dataset_size(spec, pretrain_split(cfg), cfg.data_dir or None))
 
 
 def choose_mode(cfg: Any) -> tuple[str, str]:
@@ -90,7 +95,7 @@ def make_train_data(cfg: Any, start_step: int = 0) -> TrainData:
   logging.info('input mode: %s (%s)', mode, reason)
   num_classes = num_classes_of(cfg)
   if mode == 'device':
-    train = load_split(cfg, PRETRAIN_SPLIT)
+    train = load_split(cfg, pretrain_split(cfg))
     if len(train.labels) < cfg.batch_size:
       raise datasets.DataError(
         f'{cfg.dataset} has {len(train.labels)} training images, fewer than one batch of '
@@ -103,5 +108,5 @@ def make_train_data(cfg: Any, start_step: int = 0) -> TrainData:
     spec, batch_size_per_process=per_process, image_size=cfg.image_size, aug_cfg=cfg.augment,
     data_dir=cfg.data_dir or None, seed=cfg.seed, process_index=jax.process_index(),
     process_count=jax.process_count(), start_step=start_step, strict=cfg.strict_data,
-    split=PRETRAIN_SPLIT, shuffle_buffer=cfg.shuffle_buffer)
+    split=pretrain_split(cfg), shuffle_buffer=cfg.shuffle_buffer)
   return TrainData('stream', _train_size(cfg, spec), num_classes, None, stream)

@@ -59,8 +59,15 @@ def eval_config(saved: Any, cfg: Any) -> Any:
   if cfg.eval_dataset:
     out.dataset = cfg.eval_dataset
     out.data_dir = cfg.data_dir or out.data_dir
+    out.pretrain_split = 'trainval'  # kNN's reference set: the other dataset's training images
     out.demo = checkpointing.config_from_dict(checkpointing.config_to_dict(cfg.demo))
   return out
+
+
+def no_knn_message(knn: train.KnnEval) -> str:
+  """Why this worker, which evaluates by kNN, cannot run on its dataset, and what can."""
+  return (f'no kNN evaluation: {knn.unavailable}; pass a labelled --config.eval_dataset, or '
+          'use --worker_mode=linear_eval (configs/linear_eval.py:voc2007 for VOC2007)')
 
 
 def probe_top1(params: Any, features: np.ndarray, labels: np.ndarray) -> float:
@@ -132,6 +139,8 @@ class Worker:
       self.run_cfg.image_size, self.knn.crop_fraction, self.knn.mesh, self.run_cfg.augment,
       source=f'{self.dataset}/train')
     train_feats, test_feats = self.knn.features(params, bn_state)
+    if self.knn.unavailable:  # a streamed dataset shows it only now
+      raise train.ConfigError(no_knn_message(self.knn))
     with_probe = network == 'online' and not self.cfg.eval_dataset and weights == 'checkpoint'
     record = dict(checkpoint_step=step, dataset=self.dataset, split='test', network=network,
                   protocol='knn+online_probe' if with_probe else 'knn', weights=weights,
@@ -160,6 +169,8 @@ class Worker:
     self.run_cfg, self.dataset = cfg, cfg.dataset
     self.final_step = optim.total_steps(saved_cfg, int(meta['num_examples']))
     self.knn = train.KnnEval(cfg, train_step.make_mesh(), None)
+    if self.knn.unavailable:
+      raise train.ConfigError(no_knn_message(self.knn))
     logging.info('eval worker: %s encoder on %s/test; the run ends at step %d',
                  self.cfg.eval_network, cfg.dataset, self.final_step)
 

@@ -108,8 +108,18 @@ def collapse_message(proj_std: float, proj_rank: float, projection_dim: int) -> 
 
 
 def probe_loss_and_accuracy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Softmax cross-entropy and top-1 accuracy of the online linear probe."""
+  """Softmax cross-entropy and top-1 accuracy of the online linear probe, over the labelled
+  images of the batch.
+
+  Label -1 marks an image without a class (STL-10's 'unlabelled' split, a TFDS dataset with
+  no label feature): BYOL trains on it, the probe leaves it out. Without the mask, index -1
+  would select the last class, and the probe would learn to predict it. A batch with no
+  labelled image gives loss and accuracy 0.
+  """
+  labelled = labels >= 0
+  count = jnp.maximum(jnp.sum(labelled), 1)
   logp = jax.nn.log_softmax(logits)
-  loss = -jnp.mean(jnp.take_along_axis(logp, labels[:, None], axis=-1))
-  accuracy = jnp.mean((jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32))
-  return loss, accuracy
+  picked = jnp.take_along_axis(logp, jnp.maximum(labels, 0)[:, None], axis=-1)[:, 0]
+  loss = -jnp.sum(jnp.where(labelled, picked, 0.0)) / count
+  hits = labelled & (jnp.argmax(logits, axis=-1) == labels)
+  return loss, jnp.sum(hits) / count

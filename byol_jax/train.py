@@ -233,40 +233,54 @@ def _place_dataset(split: data_lib.Split, mesh) -> tuple[jax.Array, jax.Array]:
 
 
 class KnnEval:
-  """kNN top-1/top-5 of an encoder on the dataset's test split, features of the train split.
+  """kNN top-1/top-5 of an encoder on the dataset's test split, features of the pretraining
+  split's labelled images (label -1, an image without a class, is left out of both sets).
 
   Splits that fit in memory are decoded once and kept (resident data). A run whose data
   streams (ImageNet) streams both splits through tf.data at each evaluation instead (host
   centre crops, `knn.train_examples` the first N): decoding 1.28M training images into
   memory would not fit.
+
+  `unavailable` says why there is no kNN ('' while there is): a dataset without class
+  labels (VOC, or STL-10's 'unlabelled' split alone). Callers skip the evaluation and say so;
+  a streamed run finds out at its first evaluation. (Streamed, `knn.train_examples` counts
+  the first N images, labelled or not.)
   """
 
   def __init__(self, cfg: Any, mesh, train: data_lib.Split | None,
                streamed: bool | None = None):
     self.cfg, self.mesh = cfg, mesh
+    self.split = data_lib.pretrain_split(cfg)
     if streamed is None:
       streamed = train is None and data_lib.choose_mode(cfg)[0] == 'stream'
     self.streamed = streamed
     self.train = self.test = None
     self.train_labels = self.test_labels = None  # known after the first features() if streamed
+    self.unavailable = ''
     if streamed:
       self.num_classes = data_lib.num_classes_of(cfg)
       logging.info('kNN evaluation reads %s (%s and test splits) through tf.data at each '
-                   'evaluation, as this run\'s training data streams', cfg.dataset,
-                   data_lib.PRETRAIN_SPLIT)
+                   'evaluation, as this run\'s training data streams', cfg.dataset, self.split)
     else:
-      self.train = train if train is not None else data_lib.load_split(
-        cfg, data_lib.PRETRAIN_SPLIT)
-      limit = cfg.knn.train_examples
-      if limit and limit < len(self.train.labels):
-        self.train = data_lib.Split(self.train.images[:limit], self.train.labels[:limit])
-      self.test = data_lib.load_split(cfg, 'test')
+      train = train if train is not None else data_lib.load_split(cfg, self.split)
+      self.train = _labelled(train, cfg.knn.train_examples)
+      self.test = _labelled(data_lib.load_split(cfg, 'test'))
       self.train_labels, self.test_labels = self.train.labels, self.test.labels
-      self.num_classes = max(int(self.train.labels.max()), int(self.test.labels.max())) + 1
+      self._check_labelled()
+      self.num_classes = (max(int(self.train.labels.max()), int(self.test.labels.max())) + 1
+                          if not self.unavailable else 0)
     # Streamed crops come from the host already cropped: the device crop is the identity.
     self.crop_fraction = 1.0 if streamed else cfg.eval_crop_fraction
     self.embed = common.make_embed_fn(cfg.model, cfg.image_size, self.crop_fraction, mesh,
                                       cfg.augment)
+
+  def _check_labelled(self) -> None:
+    """Sets `unavailable` when either kNN set has no labelled image."""
+    empty = [f'{self.cfg.dataset}[{split}]' for split, labels in
+             ((self.split, self.train_labels), ('test', self.test_labels)) if not len(labels)]
+    if empty:
+      self.unavailable = (f'{" and ".join(empty)} {"have" if len(empty) > 1 else "has"} no '
+                          'labelled images (label -1 throughout), which kNN needs')
 
   def _batch_size(self) -> int:
     return common.device_batch(self.cfg.knn.batch_size, self.mesh.size)
@@ -280,15 +294,18 @@ class KnnEval:
       crop_fraction=cfg.eval_crop_fraction, strict=cfg.strict_data)
 
   def features(self, params, state) -> tuple[np.ndarray, np.ndarray]:
-    """Eval-view embeddings of the train and test splits."""
+    """Eval-view embeddings of the labelled train and test images."""
     if self.streamed:
       apply = lambda images: self.embed(params, state, images)
-      train, self.train_labels = common.stream_features(
-        apply, self._stream(data_lib.PRETRAIN_SPLIT), self.cfg.knn.train_examples,
-        f'kNN features of {self.cfg.dataset}/{data_lib.PRETRAIN_SPLIT}')
-      test, self.test_labels = common.stream_features(
+      train, train_labels = common.stream_features(
+        apply, self._stream(self.split), self.cfg.knn.train_examples,
+        f'kNN features of {self.cfg.dataset}/{self.split}')
+      test, test_labels = common.stream_features(
         apply, self._stream('test'), 0, f'kNN features of {self.cfg.dataset}/test')
-      return train, test
+      keep_train, keep_test = train_labels >= 0, test_labels >= 0
+      self.train_labels, self.test_labels = train_labels[keep_train], test_labels[keep_test]
+      self._check_labelled()
+      return train[keep_train], test[keep_test]
     train, test = [common.embed_arrays(self.embed, params, state, s.images,
                                        self.cfg.knn.batch_size, self.mesh.size)
                    for s in (self.train, self.test)]
@@ -306,13 +323,16 @@ class KnnEval:
   def _streamed_calibration_batches(self) -> Iterator[np.ndarray]:
     """Full batches only, so no larger than the split (sized when first needed: a folder
     scan of ImageNet is not for every evaluation)."""
-    size = datasets.dataset_size(datasets.parse_dataset(self.cfg.dataset),
-                                 data_lib.PRETRAIN_SPLIT, self.cfg.data_dir or None)
+    size = datasets.dataset_size(datasets.parse_dataset(self.cfg.dataset), self.split,
+                                 self.cfg.data_dir or None)
     batch = min(self._batch_size(), common.device_batch(size, self.mesh.size))
-    return common.spread_batches(self._stream(data_lib.PRETRAIN_SPLIT, batch), batch,
+    return common.spread_batches(self._stream(self.split, batch), batch,
                                  common.BN_CALIBRATION_EXAMPLES)
 
   def score(self, train_features: np.ndarray, test_features: np.ndarray) -> dict[str, float]:
+    """knn_top1/top5 ({} when `unavailable`)."""
+    if self.unavailable:
+      return {}
     result = knn_lib.knn_accuracy(train_features, self.train_labels, test_features,
                                   self.test_labels, self.num_classes, k=self.cfg.knn.k,
                                   temperature=self.cfg.knn.temperature)
@@ -320,6 +340,15 @@ class KnnEval:
 
   def __call__(self, params, state) -> dict[str, float]:
     return self.score(*self.features(params, state))
+
+
+def _labelled(split: data_lib.Split, limit: int = 0) -> data_lib.Split:
+  """The split's images that have a class (label >= 0), the first `limit` (0: all)."""
+  end = limit or None
+  if np.all(split.labels >= 0):  # slices: no copy of the images
+    return data_lib.Split(split.images[:end], split.labels[:end])
+  keep = np.flatnonzero(split.labels >= 0)[:end]
+  return data_lib.Split(split.images[keep], split.labels[keep])
 
 
 class Progress:
@@ -691,9 +720,29 @@ def _initial_knn(cfg: Any, state: train_step.TrainState, knn: KnnEval, mesh) -> 
     cfg.model, state.online_params, state.online_state, knn.calibration_batches(cfg.seed),
     cfg.image_size, knn.crop_fraction, mesh, cfg.augment, source=f'{cfg.dataset}/train')
   init_knn = {f'{k}_init': v for k, v in knn(state.online_params, init_bn).items()}
+  if knn.unavailable:
+    return {}
   logging.info('encoder %s: %s', f'from {cfg.init_from}' if cfg.get('init_from') else
                'at initialisation', _fmt_metrics(init_knn))
   return init_knn
+
+
+_NO_KNN = ('kNN evaluation is off: %s (the online probe learns only from labelled images '
+           'too). Evaluate the encoder with --worker_mode=linear_eval, or --worker_mode=eval '
+           '--config.eval_dataset=NAME, on a labelled dataset.')
+
+
+def _evaluate(state: train_step.TrainState, knn: KnnEval, init_knn: dict[str, float],
+              step: int, extra: dict[str, Any], writer: metric_writers.MetricWriter) -> dict:
+  """Writes and logs the kNN record of one evaluation; {} if a streamed run's first
+  evaluation finds no labelled images (said once: `unavailable` stops later ones)."""
+  scores = knn(state.online_params, state.online_state)
+  if knn.unavailable:
+    logging.warning(_NO_KNN, knn.unavailable)
+    return {}
+  result = {**scores, **init_knn, **extra}
+  logging.info('eval at step %d: %s', step, _fmt_metrics(result))
+  return writer.write(step, result)
 
 
 def _loop(cfg, workdir, mesh, data, fns, state, faults, ckpt, preemption, num_steps, spe,
@@ -712,7 +761,10 @@ def _loop(cfg, workdir, mesh, data, fns, state, faults, ckpt, preemption, num_st
     step_fn = train_step.make_stream_step(fns, mesh, cfg.augment)
   count_faults = _make_fault_counter(cfg.max_bad_steps)
 
-  init_knn = _initial_knn(cfg, state, knn, mesh) if cfg.eval_at_init and start == 0 else {}
+  init_knn = (_initial_knn(cfg, state, knn, mesh)
+              if cfg.eval_at_init and start == 0 and not knn.unavailable else {})
+  if knn.unavailable:  # known now, except for a streamed run without eval_at_init
+    logging.warning(_NO_KNN, knn.unavailable)
   if start == 0:
     _write_preview(cfg, state, workdir, eval_writer, data, is_main)
   inputs = _input_fn(data, mesh)  # after the preview, which peeks at the stream
@@ -741,13 +793,11 @@ def _loop(cfg, workdir, mesh, data, fns, state, faults, ckpt, preemption, num_st
       if is_main:  # every process has the same metrics: one warning, not one per host
         collapse.update(metrics)
     is_eval = cfg.eval_every_steps and step % cfg.eval_every_steps == 0
-    if is_eval or step == num_steps:
-      result = {**knn(state.online_params, state.online_state), **init_knn,
-                'epoch': step / spe, 'network': 'online', 'split': 'test',
-                'dataset': cfg.dataset, 'protocol': 'knn',
-                'elapsed_sec': time.time() - loop_start}
-      last_eval = eval_writer.write(step, result)
-      logging.info('eval at step %d: %s', step, _fmt_metrics(result))
+    if (is_eval or step == num_steps) and not knn.unavailable:
+      extra = {'epoch': step / spe, 'network': 'online', 'split': 'test',
+               'dataset': cfg.dataset, 'protocol': 'knn',
+               'elapsed_sec': time.time() - loop_start}
+      last_eval = _evaluate(state, knn, init_knn, step, extra, eval_writer) or last_eval
     stop = preemption.reached(step, ckpt)
     if stop:
       logging.warning('%s received: saving step %d, then stopping',

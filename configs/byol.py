@@ -57,6 +57,11 @@ def _base(epochs: int) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
     preset='r50',
     dataset='imagenet2012', data_dir='', input_mode='auto', image_size=224,
+    # The split BYOL trains on: a logical split (datasets.py) or a raw TFDS expression such
+    # as 'unlabelled+train' (STL-10). Images without a class (label -1) train BYOL but stay
+    # out of the online probe and the kNN evaluation, whose reference set is the split's
+    # labelled images.
+    pretrain_split='trainval',
     eval_crop_fraction=0.875, strict_data=False, shuffle_buffer=10_000,
     batch_size=4096, epochs=epochs, steps=0, seed=0,
     # Start a new run from an earlier run's networks (its workdir; step 0: its newest

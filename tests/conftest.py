@@ -110,3 +110,18 @@ def prepare_fake_voc2007(data_dir: str, sizes: dict[str, int],
                    positive=set(ex['labels_no_difficult'].tolist()))
               for ex in tfds.as_numpy(prepared.as_dataset(split=s, shuffle_files=False))]
           for s in sizes}
+
+
+def prepare_fake_stl10(data_dir: str, sizes: dict[str, int], num_classes: int = 3) -> None:
+  """A stand-in for TFDS's prepared 'stl10' under data_dir: the real builder's version and
+  features, random 96 px images; 'unlabelled' images carry label -1 as TFDS stores them,
+  the other splits cycle through the first num_classes classes."""
+  tfds = pytest.importorskip('tensorflow_datasets')
+  builder = tfds.builder('stl10', data_dir=data_dir)
+  rng = np.random.default_rng(0)
+  splits = {s: [(f'{s}_{i}', {'image': rng.integers(0, 256, (96, 96, 3), np.uint8),
+                              'label': -1 if s == 'unlabelled' else i % num_classes})
+                for i in range(k)] for s, k in sizes.items()}
+  tfds.dataset_builders.store_as_tfds_dataset(
+    name='stl10', version=str(builder.version), features=builder.info.features,
+    data_dir=data_dir, split_datasets=splits)

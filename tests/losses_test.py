@@ -98,3 +98,24 @@ def test_infonce_matches_float64_cross_entropy():
 
   got = losses.infonce_loss(*(jnp.asarray(x, jnp.float32) for x in (p1, p2, z1, z2)), t)
   np.testing.assert_allclose(float(got), one(p1, z2) + one(p2, z1), rtol=1e-4)
+
+
+def test_probe_leaves_unlabelled_images_out():
+  """Breaks if label -1 (an image without a class) reaches the probe's loss or accuracy:
+  as an index it would pick the last class and teach the probe to predict it."""
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(6, 4))
+  labels = np.array([2, -1, 0, -1, 3, 3])
+  loss, acc = losses.probe_loss_and_accuracy(jnp.asarray(logits, jnp.float32),
+                                             jnp.asarray(labels))
+  keep = labels >= 0
+  logp = logits - np.log(np.sum(np.exp(logits), axis=1, keepdims=True))  # float64
+  expected = -np.mean(logp[keep, labels[keep]])
+  np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+  assert float(acc) == np.mean(np.argmax(logits[keep], axis=1) == labels[keep])
+  none = losses.probe_loss_and_accuracy(jnp.asarray(logits, jnp.float32), jnp.full(6, -1))
+  assert [float(v) for v in none] == [0.0, 0.0]
+  # Fully labelled batches: the plain mean, as before.
+  full = np.array([1, 0, 2, 3, 3, 1])
+  loss, _ = losses.probe_loss_and_accuracy(jnp.asarray(logits, jnp.float32), jnp.asarray(full))
+  np.testing.assert_allclose(float(loss), -np.mean(logp[np.arange(6), full]), rtol=1e-5)

@@ -2,13 +2,14 @@
 faults are in checkpointing_test.py."""
 
 import json
+import logging
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import prepare_fake_stl10, tiny_config
 
 from byol_jax import checkpointing, data, datasets, losses, train
 
@@ -246,3 +247,46 @@ def test_streamed_batches_reach_the_devices_one_step_ahead():
     assert isinstance(views, jax.Array) and tuple(views.sharding.spec) == (train_step.AXIS,)
     assert int(views[0, 0, 0, 0, 0]) == int(labels[0]) == step - 1
     assert len(consumed) == step - 1 + train.STREAM_PREFETCH
+
+
+@pytest.fixture(scope='module')
+def stl10_dir(tmp_path_factory):
+  """A stand-in for TFDS's STL-10: 12 labelled train, 6 test and 20 unlabelled images."""
+  data_dir = str(tmp_path_factory.mktemp('stl10_tfds'))
+  prepare_fake_stl10(data_dir, {'train': 12, 'test': 6, 'unlabelled': 20})
+  return data_dir
+
+
+def test_unlabelled_images_train_byol_but_stay_out_of_knn(stl10_dir, tmp_path):
+  """STL-10's protocol: pretrain on 'unlabelled+train', kNN against the labelled train
+  images. Breaks if the pretraining split is not the configured one, or label -1 enters the
+  kNN reference set (resident or streamed) or crashes it."""
+  from byol_jax import train_step
+  cfg = tiny_config(dataset='stl10', data_dir=stl10_dir, pretrain_split='unlabelled+train',
+                    batch_size=8, eval_crop_fraction=1.0)
+  result = train.train_and_evaluate(cfg, str(tmp_path))
+  assert checkpointing.read_metadata(str(tmp_path), 4)['num_examples'] == 32
+  assert 0.0 <= result['eval']['knn_top1'] <= 1.0 and np.isfinite(result['train']['probe_loss'])
+  mesh = train_step.make_mesh()
+  for streamed in (False, True):
+    knn = train.KnnEval(cfg, mesh, None, streamed=streamed)
+    knn.features(result['state'].online_params, result['state'].online_state)
+    assert sorted(knn.train_labels) == [0] * 4 + [1] * 4 + [2] * 4, streamed
+    assert len(knn.test_labels) == 6 and not knn.unavailable
+
+
+@pytest.mark.parametrize('input_mode', ['device', 'stream'])
+def test_a_dataset_without_labels_trains_without_knn(stl10_dir, tmp_path, caplog, input_mode):
+  """Pretraining on images without classes (STL-10's 'unlabelled' alone, VOC): BYOL needs
+  no labels, so the run must train and checkpoint, say once why kNN is off and write no
+  kNN record, where it used to stop at the first evaluation with a traceback. (Streamed, the
+  missing labels show only when the first kNN pass has read the split.)"""
+  cfg = tiny_config(dataset='stl10', data_dir=stl10_dir, pretrain_split='unlabelled',
+                    batch_size=8, eval_every_steps=2, input_mode=input_mode)
+  with caplog.at_level(logging.WARNING):
+    result = train.train_and_evaluate(cfg, str(tmp_path))
+  assert result['eval'] == {} and np.isfinite(result['train']['loss'])
+  assert checkpointing.scan(str(tmp_path)).finalised == [4]
+  assert not os.path.exists(tmp_path / 'metrics' / 'eval.jsonl')
+  said = [r.getMessage() for r in caplog.records if 'kNN evaluation is off' in r.getMessage()]
+  assert len(said) == 1 and 'stl10[unlabelled]' in said[0] and 'linear_eval' in said[0]
