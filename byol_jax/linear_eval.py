@@ -255,7 +255,21 @@ def load_split(cfg: Any, split: str, seed: int) -> data_lib.Split:
     images, labels = images[:cfg.max_examples], labels[:cfg.max_examples]
   logging.info('%s/%s: %d images at %d px decoded in %.1f s', cfg.dataset, split, len(labels),
                decode_size(cfg), time.time() - start)
-  return data_lib.Split(images, labels.astype(np.int32))
+  return data_lib.Split(*labelled(cfg, split, images, labels.astype(np.int32)))
+
+
+def labelled(cfg: Any, split: str, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """The rows of a single-label split that have a class: label -1 (STL-10's 'unlabelled'
+  images) has nothing to train or score a classifier with. Multi-label rows pass as they are."""
+  if y.ndim != 1 or np.all(y >= 0):
+    return x, y
+  keep = y >= 0
+  if not keep.any():
+    raise ConfigError(f'{cfg.dataset}/{split} has no labelled images (label -1 throughout); '
+                      'evaluate on a labelled split (--config.train_split, test_split)')
+  logging.info('%s/%s: %d images without a class (label -1) left out', cfg.dataset, split,
+               int(np.sum(~keep)))
+  return x[keep], y[keep]
 
 
 def split_definition(cfg: Any, split: str, seed: int) -> str:
@@ -384,7 +398,7 @@ def split_features(cfg: Any, embedder: Embedder, split: str,
   """Centre-crop features and labels of one logical split."""
   start = time.time()
   if input_mode(cfg, split) == 'stream':
-    x, y = embedder.stream(split)
+    x, y = labelled(cfg, split, *embedder.stream(split))
   else:
     data = load_split(cfg, split, seed)
     x, y = embedder.arrays(data.images), data.labels

@@ -125,3 +125,19 @@ def prepare_fake_stl10(data_dir: str, sizes: dict[str, int], num_classes: int = 
   tfds.dataset_builders.store_as_tfds_dataset(
     name='stl10', version=str(builder.version), features=builder.info.features,
     data_dir=data_dir, split_datasets=splits)
+
+
+@pytest.fixture(scope='session')
+def voc_dir(tmp_path_factory):
+  """A stand-in for TFDS's prepared VOC2007: 24 train, 12 validation, 16 test images."""
+  data_dir = str(tmp_path_factory.mktemp('voc_tfds'))
+  prepare_fake_voc2007(data_dir, {'train': 24, 'validation': 12, 'test': 16})
+  return data_dir
+
+
+@pytest.fixture(scope='session')
+def stl10_dir(tmp_path_factory):
+  """A stand-in for TFDS's STL-10: 12 labelled train, 6 test and 20 unlabelled images."""
+  data_dir = str(tmp_path_factory.mktemp('stl10_tfds'))
+  prepare_fake_stl10(data_dir, {'train': 12, 'test': 6, 'unlabelled': 20})
+  return data_dir

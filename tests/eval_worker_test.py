@@ -18,7 +18,7 @@ from checkpointing_test import (
   subprocess_env,
   wait_for,
 )
-from conftest import REPO, prepare_fake_voc2007, tiny_config
+from conftest import REPO, tiny_config
 
 from byol_jax import checkpointing, eval_worker, train
 
@@ -159,15 +159,14 @@ def test_names_and_config_for_another_dataset():
   assert out.model.projection_dim == 12 and out.image_size == saved.image_size
 
 
-def test_a_dataset_without_labels_is_one_line_naming_linear_eval(followed_run, tmp_path):
+def test_a_dataset_without_labels_is_one_line_naming_linear_eval(followed_run, voc_dir,
+                                                                 tmp_path):
   """The worker evaluates by kNN, which needs labels: pointed at VOC2007 (class sets, no
   single label) it must stop with what to use instead, where it used to raise a traceback
   from deep in the kNN code."""
-  data_dir = str(tmp_path / 'tfds')
-  prepare_fake_voc2007(data_dir, {'train': 4, 'validation': 4, 'test': 4})
   workdir = str(tmp_path / 'run')
   shutil.copytree(followed_run[0], workdir)
-  cfg = _worker_cfg(eval_dataset='voc/2007', data_dir=data_dir)
+  cfg = _worker_cfg(eval_dataset='voc/2007', data_dir=voc_dir)
   with pytest.raises(train.ConfigError, match=r'no kNN evaluation: voc/2007\[trainval\] and '
                      r'voc/2007\[test\] have no labelled images.*linear_eval.py:voc2007'):
     eval_worker.run(cfg, workdir)

@@ -12,7 +12,7 @@ import types
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, prepare_fake_voc2007, tiny_config
+from conftest import REPO, tiny_config
 
 import byol_jax
 from byol_jax import finetune, linear_eval, metric_writers, networks, train
@@ -194,14 +194,6 @@ def test_presets_and_bad_fields():
       linear_eval.resolve_config(eval_config(**bad), pre)
 
 
-@pytest.fixture(scope='module')
-def voc_dir(tmp_path_factory):
-  """A stand-in for TFDS's prepared VOC2007: 24 train, 12 validation, 16 test images."""
-  data_dir = str(tmp_path_factory.mktemp('voc_tfds'))
-  prepare_fake_voc2007(data_dir, {'train': 24, 'validation': 12, 'test': 16})
-  return data_dir
-
-
 def test_voc2007_preset_reports_map_from_the_validation_choice(workdir, voc_dir):
   """The paper's VOC2007 transfer protocol end to end on TFDS-shaped data; breaks if the
   multi-label targets do not reach the heads (top-k instead of mAP), a split is misnamed,
@@ -228,6 +220,19 @@ def test_voc2007_refusals_name_what_to_do(workdir, voc_dir):
     finetune.evaluate(cfg, _pretrained(workdir), workdir)
   cfg.input_mode = 'stream'
   with pytest.raises(train.ConfigError, match='input_mode=device'):
+    linear_eval.evaluate(cfg, _pretrained(workdir), workdir)
+
+
+def test_images_without_a_class_stay_out_of_linear_evaluation(workdir, stl10_dir):
+  """Breaks if label -1 (STL-10's 'unlabelled' images) reaches the heads, where it used to
+  stop the worker with a traceback, or a split with no labelled image is not one line."""
+  cfg = eval_config(dataset='stl10', data_dir=stl10_dir, train_split='unlabelled+train',
+                    val_split='', val_size=3, max_examples=0)
+  rec = linear_eval.evaluate(cfg, _pretrained(workdir), workdir)
+  assert (rec['splits']['train']['size'], rec['splits']['val']['size']) == (9, 3)
+  assert rec['splits']['test']['size'] == 6 and 0.0 <= rec['test_top1'] <= 1.0
+  cfg.train_split = 'unlabelled'
+  with pytest.raises(train.ConfigError, match=r'stl10/unlabelled has no labelled images'):
     linear_eval.evaluate(cfg, _pretrained(workdir), workdir)
 
 

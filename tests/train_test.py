@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import prepare_fake_stl10, tiny_config
+from conftest import tiny_config
 
 from byol_jax import checkpointing, data, datasets, losses, train
 
@@ -247,14 +247,6 @@ def test_streamed_batches_reach_the_devices_one_step_ahead():
     assert isinstance(views, jax.Array) and tuple(views.sharding.spec) == (train_step.AXIS,)
     assert int(views[0, 0, 0, 0, 0]) == int(labels[0]) == step - 1
     assert len(consumed) == step - 1 + train.STREAM_PREFETCH
-
-
-@pytest.fixture(scope='module')
-def stl10_dir(tmp_path_factory):
-  """A stand-in for TFDS's STL-10: 12 labelled train, 6 test and 20 unlabelled images."""
-  data_dir = str(tmp_path_factory.mktemp('stl10_tfds'))
-  prepare_fake_stl10(data_dir, {'train': 12, 'test': 6, 'unlabelled': 20})
-  return data_dir
 
 
 def test_unlabelled_images_train_byol_but_stay_out_of_knn(stl10_dir, tmp_path):
