@@ -70,9 +70,13 @@ def validate(cfg: Any, num_devices: int) -> None:
     raise ConfigError(f'image_size={cfg.image_size} must be at least 8 pixels')
   try:
     train_step.precision_dtype(cfg.precision)
-    data_lib.datasets.parse_dataset(cfg.dataset)
+    spec = data_lib.datasets.parse_dataset(cfg.dataset)
   except ValueError as e:
     raise ConfigError(str(e)) from None
+  split, logical = data_lib.pretrain_split(cfg), data_lib.datasets.LOGICAL_SPLITS
+  if spec.kind != 'tfds' and split not in logical:
+    raise ConfigError(f'pretrain_split={split!r}: {spec.kind} datasets have the splits '
+                      f'{", ".join(logical)} (TFDS datasets also take split expressions)')
   if cfg.loss not in ('byol', 'infonce'):
     raise ConfigError(f'loss={cfg.loss!r}; valid: byol, infonce')
   _validate_model(cfg.model)

@@ -54,6 +54,7 @@ def test_a_collapsing_run_warns(tmp_path, caplog, monkeypatch):
   ('optimizer.weight_decay', -1.0, 'optimizer.weight_decay=-1.0'),
   ('optimizer.momentum', 1.0, 'optimizer.momentum=1.0 must be in [0, 1)'),
   ('augment.mean', (0.5, 0.5), 'augment.mean=(0.5, 0.5) must hold 3 numbers'),
+  ('pretrain_split', 'unlabelled', "pretrain_split='unlabelled': demo datasets have the splits"),
 ])
 def test_nonsense_values_are_config_errors(field, value, says):
   """Each of these either failed deep in tracing with a traceback (a zero projection
