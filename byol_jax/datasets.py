@@ -613,8 +613,10 @@ def _multilabel_names(builder: Any) -> list[str]:
   return list(getattr(getattr(features['labels'], 'feature', None), 'names', None) or [])
 
 
+@functools.cache
 def is_multilabel(spec: DatasetSpec, data_dir: str | None = None) -> bool:
-  """Whether a dataset labels each image with a set of classes (VOC), not with one."""
+  """Whether a dataset labels each image with a set of classes (VOC), not with one (asked
+  once per dataset: every split an evaluation loads asks again)."""
   return spec.kind == 'tfds' and bool(_multilabel_names(tfds_builder(spec, data_dir)))
 
 
