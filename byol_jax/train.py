@@ -672,13 +672,13 @@ def _train(cfg: Any, workdir: str, mesh) -> dict[str, Any]:
   restored = _restore(cfg, workdir, data_lib.num_classes_of(cfg))
   start = restored.step if restored else 0
   source = None if restored else _load_init_source(cfg)
-  if is_main:
+  data = data_lib.make_train_data(cfg, start_step=start)
+  if is_main:  # once the data is there: a start that fails on its data leaves no config
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(cfg.to_json_best_effort(indent=2))
     if start:
       _truncate_metrics(workdir, start)
 
-  data = data_lib.make_train_data(cfg, start_step=start)
   num_steps = optim.total_steps(cfg, data.num_examples)
   spe = optim.steps_per_epoch(data.num_examples, cfg.batch_size)
   fns = train_step.make_step_fns(cfg, data.num_classes, num_steps, spe)

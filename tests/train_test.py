@@ -74,11 +74,15 @@ def test_every_preset_passes_validation():
     train.validate(ablation.get_config(name), 1)
 
 
-def test_resident_data_smaller_than_a_batch_is_a_data_error():
-  """A small image folder (or demo size) below one batch failed inside the traced sampler."""
+def test_resident_data_smaller_than_a_batch_is_a_data_error(tmp_path):
+  """A small image folder (or demo size) below one batch failed inside the traced sampler.
+  A start that fails on its data must not leave a config.json that reads as a run."""
   cfg = tiny_config(**{'demo.train_examples': 10})
   with pytest.raises(datasets.DataError, match='10 training images, fewer than one batch of 16'):
     data.make_train_data(cfg)
+  with pytest.raises(datasets.DataError):
+    train.train_and_evaluate(cfg, str(tmp_path))
+  assert not os.path.exists(tmp_path / 'config.json')
 
 
 def test_init_from_starts_a_new_schedule_from_an_earlier_runs_networks(pretrained_workdir,
