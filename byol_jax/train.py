@@ -242,13 +242,13 @@ class KnnEval:
 
   Splits that fit in memory are decoded once and kept (resident data). A run whose data
   streams (ImageNet) streams both splits through tf.data at each evaluation instead (host
-  centre crops, `knn.train_examples` the first N): decoding 1.28M training images into
+  centre crops): decoding 1.28M training images into
   memory would not fit.
 
   `unavailable` says why there is no kNN ('' while there is): a dataset without class
   labels (VOC, or STL-10's 'unlabelled' split alone). Callers skip the evaluation and say so;
-  a streamed run finds out at its first evaluation. (Streamed, `knn.train_examples` counts
-  the first N images, labelled or not.)
+  a streamed run finds out at its first evaluation. Either way `knn.train_examples` takes
+  the first N labelled images.
   """
 
   def __init__(self, cfg: Any, mesh, train: data_lib.Split | None,
@@ -301,15 +301,14 @@ class KnnEval:
     """Eval-view embeddings of the labelled train and test images."""
     if self.streamed:
       apply = lambda images: self.embed(params, state, images)
-      train, train_labels = common.stream_features(
+      train, self.train_labels = common.stream_features(
         apply, self._stream(self.split), self.cfg.knn.train_examples,
-        f'kNN features of {self.cfg.dataset}/{self.split}')
-      test, test_labels = common.stream_features(
-        apply, self._stream('test'), 0, f'kNN features of {self.cfg.dataset}/test')
-      keep_train, keep_test = train_labels >= 0, test_labels >= 0
-      self.train_labels, self.test_labels = train_labels[keep_train], test_labels[keep_test]
+        f'kNN features of {self.cfg.dataset}/{self.split}', labelled_only=True)
+      test, self.test_labels = common.stream_features(
+        apply, self._stream('test'), 0, f'kNN features of {self.cfg.dataset}/test',
+        labelled_only=True)
       self._check_labelled()
-      return train[keep_train], test[keep_test]
+      return train, test
     train, test = [common.embed_arrays(self.embed, params, state, s.images,
                                        self.cfg.knn.batch_size, self.mesh.size)
                    for s in (self.train, self.test)]

@@ -270,6 +270,16 @@ def test_unlabelled_images_train_byol_but_stay_out_of_knn(stl10_dir, tmp_path):
     knn.features(result['state'].online_params, result['state'].online_state)
     assert sorted(knn.train_labels) == [0] * 4 + [1] * 4 + [2] * 4, streamed
     assert len(knn.test_labels) == 6 and not knn.unavailable
+  # The 20 unlabelled images come first: a first-N kNN subset counts labelled images only
+  # (streamed, it used to take the first 6 images, all unlabelled, and turn kNN off).
+  cfg.knn.train_examples = 6
+  firsts = []
+  for streamed in (False, True):
+    knn = train.KnnEval(cfg, mesh, None, streamed=streamed)
+    features, _ = knn.features(result['state'].online_params, result['state'].online_state)
+    assert len(features) == len(knn.train_labels) == 6 and not knn.unavailable, streamed
+    firsts.append(list(knn.train_labels))
+  assert firsts[0] == firsts[1]
 
 
 @pytest.mark.parametrize('input_mode', ['device', 'stream'])

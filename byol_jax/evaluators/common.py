@@ -97,26 +97,37 @@ def embed_batches(embed: Callable, params: hk.Params, state: hk.State,
 
 
 def stream_features(apply: Callable[[np.ndarray], Any], stream: Iterable[dict[str, Any]],
-                    limit: int = 0, what: str = '') -> tuple[np.ndarray, np.ndarray]:
+                    limit: int = 0, what: str = '',
+                    labelled_only: bool = False) -> tuple[np.ndarray, np.ndarray]:
   """apply(uint8 batch) -> features over one pass of an eval stream
   (`input_pipeline.eval_stream`): the valid rows' features and int32 labels, in order.
 
   Why streamed: a split too large to keep decoded (ImageNet's 1.28M training images) is
   read batch by batch, so only its features are held. With `limit` > 0 the pass stops once
-  that many rows are in (a first-N subset, as `knn.train_examples` takes).
+  that many rows are in (a first-N subset, as `knn.train_examples` takes). With
+  `labelled_only` rows labelled -1 are dropped after embedding (the stream's batch count is
+  fixed for multi-host padding, so it cannot be filtered) and do not count towards `limit`:
+  STL-10's 'unlabelled+train' puts 100,000 unlabelled images before the labelled ones.
   """
   outputs, labels, count = [], [], 0
   total = len(stream) if hasattr(stream, '__len__') else 0
   for i, b in enumerate(stream):
-    outputs.append(np.asarray(apply(b['images']))[b['mask']])
-    labels.append(np.asarray(b['labels'])[b['mask']])
-    count += len(labels[-1])
+    keep = np.asarray(b['mask'])
+    batch_labels = np.asarray(b['labels'])
+    if labelled_only:
+      keep = keep & (batch_labels >= 0)
+    if keep.any():  # an all-unlabelled batch is not embedded
+      outputs.append(np.asarray(apply(b['images']))[keep])
+      labels.append(batch_labels[keep])
+      count += len(labels[-1])
     if limit and count >= limit:
       break
     if what and (i + 1) % 100 == 0:
       logging.info('%s: %d/%d batches', what, i + 1, total)
-  if not outputs:
+  if not outputs and not labelled_only:
     raise ValueError(f'{what or "the stream"}: no images')
+  if not outputs:
+    return np.zeros((0, 0), np.float32), np.zeros((0,), np.int32)
   end = limit or None
   return np.concatenate(outputs)[:end], np.concatenate(labels).astype(np.int32)[:end]
 
