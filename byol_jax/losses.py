@@ -107,19 +107,28 @@ def collapse_message(proj_std: float, proj_rank: float, projection_dim: int) -> 
           "augmentations too weak for the data. See the README's 'Troubleshooting: collapse'.")
 
 
-def probe_loss_and_accuracy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+def probe_loss_and_accuracy(logits: jax.Array, labels: jax.Array,
+                            axis_name: str | None = None) -> tuple[jax.Array, jax.Array]:
   """Softmax cross-entropy and top-1 accuracy of the online linear probe, over the labelled
-  images of the batch.
+  images of the whole batch.
 
   Label -1 marks an image without a class (STL-10's 'unlabelled' split, a TFDS dataset with
   no label feature): BYOL trains on it, the probe leaves it out. Without the mask, index -1
   would select the last class, and the probe would learn to predict it. A batch with no
   labelled image gives loss and accuracy 0.
+
+  Under `axis_name` the labelled images are counted over all devices, and each device's sum
+  is scaled by the device count, so that the step's pmean of gradients and metrics gives
+  the mean over the global batch's labelled images. Dividing by each device's own count
+  instead weighted a device holding 1 labelled image like one holding 100, and a device
+  holding none pulled the mean towards 0 (halving the probe's loss and learning rate on 2
+  devices when one shard is unlabelled, as STL-10's unlabelled-first order makes it).
   """
   labelled = labels >= 0
-  count = jnp.maximum(jnp.sum(labelled), 1)
   logp = jax.nn.log_softmax(logits)
   picked = jnp.take_along_axis(logp, jnp.maximum(labels, 0)[:, None], axis=-1)[:, 0]
-  loss = -jnp.sum(jnp.where(labelled, picked, 0.0)) / count
-  hits = labelled & (jnp.argmax(logits, axis=-1) == labels)
-  return loss, jnp.sum(hits) / count
+  loss_sum = -jnp.sum(jnp.where(labelled, picked, 0.0))
+  hits = jnp.sum(labelled & (jnp.argmax(logits, axis=-1) == labels))
+  devices = 1 if axis_name is None else jax.lax.psum(1, axis_name)
+  scale = devices / jnp.maximum(_psum(jnp.sum(labelled), axis_name), 1)
+  return loss_sum * scale, hits * scale

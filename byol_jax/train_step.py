@@ -199,7 +199,7 @@ def _loss_fn(online_params, online_state, target_params, target_state, view1, vi
   else:
     byol = losses.infonce_loss(on1['prediction'], on2['prediction'], tg1['projection'],
                                tg2['projection'], fns.infonce_temperature, axis_name)
-  probe_loss, probe_acc = losses.probe_loss_and_accuracy(on1['logits'], labels)
+  probe_loss, probe_acc = losses.probe_loss_and_accuracy(on1['logits'], labels, axis_name)
   aux = dict(online_state=online_state, target_state=target_state, byol_loss=byol,
              probe_loss=probe_loss, probe_top1=probe_acc, projection=on1['projection'])
   return byol + probe_loss, aux

@@ -119,3 +119,21 @@ def test_probe_leaves_unlabelled_images_out():
   full = np.array([1, 0, 2, 3, 3, 1])
   loss, _ = losses.probe_loss_and_accuracy(jnp.asarray(logits, jnp.float32), jnp.asarray(full))
   np.testing.assert_allclose(float(loss), -np.mean(logp[np.arange(6), full]), rtol=1e-5)
+
+
+def test_probe_averages_over_the_global_batch_across_devices():
+  """Breaks if the probe divides by each device's own labelled count: a shard with 1
+  labelled image then weighs as much as one with 3, and a shard with none pulls the pmean
+  towards 0. vmap with an axis name stands in for the devices (same psum semantics)."""
+  rng = np.random.default_rng(1)
+  logits = rng.normal(size=(3, 4, 5))  # 3 devices x 4 images x 5 classes
+  labels = np.array([[-1, -1, -1, -1], [2, -1, -1, -1], [0, 4, 1, -1]])
+  fn = jax.vmap(lambda x, y: losses.probe_loss_and_accuracy(x, y, 'd'), axis_name='d')
+  loss, acc = fn(jnp.asarray(logits, jnp.float32), jnp.asarray(labels))
+  flat, flat_labels = logits.reshape(12, 5), labels.reshape(12)
+  keep = flat_labels >= 0
+  logp = flat - np.log(np.sum(np.exp(flat), axis=1, keepdims=True))  # float64
+  np.testing.assert_allclose(float(jnp.mean(loss)), -np.mean(logp[keep, flat_labels[keep]]),
+                             rtol=1e-5)
+  np.testing.assert_allclose(float(jnp.mean(acc)),
+                             np.mean(np.argmax(flat[keep], 1) == flat_labels[keep]), rtol=1e-6)

@@ -33,7 +33,8 @@ def test_eight_devices_match_one_device():
 
   Breaks if gradients or metrics are not pmean-ed, BN statistics are per-device (the
   InfoNCE runs check the fused views' per-view statistics), or the collapse signals /
-  InfoNCE negatives only see the local shard.
+  InfoNCE negatives only see the local shard, or the online probe averages per device
+  (a shard without labelled images pulled its loss and gradient towards 0).
   """
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8 '
              + FAST_COMPILE,
