@@ -30,8 +30,9 @@ from byol_jax.metric_writers import read_jsonl
 
 Records = list[dict[str, Any]]
 Series = tuple[list[float], list[float]]
-# Keys of evaluation files that are a linear-evaluation top-1 (test split preferred).
-LINEAR_KEYS = ('linear_top1', 'test_top1', 'top1')
+# Keys of evaluation files that are a linear-evaluation score (test split preferred): top-1,
+# or mean average precision for a multi-label dataset (VOC2007).
+LINEAR_KEYS = ('linear_top1', 'test_top1', 'top1', 'test_map')
 
 
 def load_metrics(workdir: str) -> dict[str, Records]:
@@ -164,7 +165,7 @@ def _plot_accuracy(fig, metrics, workdir) -> bool:
     if key is not None:
       ax.plot(*series(records, key), marker='s', label=f'{name} {key}')
       drawn = True
-  _finish(ax, 'top-1', 'Classification accuracy')
+  _finish(ax, 'top-1 (mAP for VOC)', 'Classification accuracy')
   return drawn
 
 

@@ -23,7 +23,7 @@ Presets:
             (centre-crop features, streamed through tf.data). Finetune uses the TFDS
             `imagenet2012_subset` 1pct / 10pct lists for subset_fraction 0.01 / 0.1.
   Transfer (the paper's list, where TFDS has the dataset): food101, cifar100, sun397,
-            cars196 (Stanford Cars), dtd, oxford_iiit_pet, caltech101, oxford_flowers102
+            cars196 (Stanford Cars), dtd, oxford_iiit_pet, caltech101, oxford_flowers102,
             voc2007 (cifar10 above serves transfer too). Each reads a TFDS dataset prepared
             under --config.data_dir (nothing is downloaded) and follows the split table of
             byol_jax/datasets.py. The paper (after SimCLR) fits an L2-regularised logistic

@@ -147,3 +147,11 @@ def test_cli_figure_selection_errors(trainer_eval, tmp_path, args, message):
   assert result.returncode == 2
   lines = result.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith('error: ') and message in lines[0], lines
+
+
+def test_a_voc_linear_evaluation_is_plotted_as_its_map(tmp_path):
+  """VOC2007's linear evaluation writes test_map, not a top-1: the accuracy figure used to
+  leave it out (and not be drawn at all for a run evaluated on VOC alone)."""
+  _write_jsonl(tmp_path / 'metrics' / 'linear_eval.jsonl', [dict(step=400, test_map=0.71)])
+  paths = plot.make_plots(str(tmp_path))
+  assert [os.path.basename(p) for p in paths] == ['accuracy.png']
