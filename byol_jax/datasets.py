@@ -246,6 +246,19 @@ def tfds_split_table(name: str, available: Sequence[str] = ()) -> dict[str, str]
   return TFDS_SPLITS.get(base) or _derived_splits(available)
 
 
+def includes_test_split(spec: DatasetSpec, split: str) -> bool:
+  """Whether a pretraining split takes images of the evaluation test split: logical 'test',
+  or a TFDS expression with a part named after the test split ('train+test',
+  'validation[:50%]' for ImageNet, whose test split is TFDS 'validation')."""
+  if split == 'test':
+    return True
+  if spec.kind != 'tfds':
+    return False
+  base = spec.name.split('/')[0].split(':')[0]
+  names = {'test', TFDS_SPLITS.get(base, {}).get('test', 'test')}
+  return any(part.split('[')[0].strip() in names for part in split.split('+'))
+
+
 def resolve_tfds_split(builder: Any, spec: DatasetSpec, split: str) -> str:
   """The TFDS split expression of a logical split, checked against the prepared dataset."""
   available = list(builder.info.splits.keys())

@@ -77,6 +77,10 @@ def validate(cfg: Any, num_devices: int) -> None:
   if spec.kind != 'tfds' and split not in logical:
     raise ConfigError(f'pretrain_split={split!r}: {spec.kind} datasets have the splits '
                       f'{", ".join(logical)} (TFDS datasets also take split expressions)')
+  if data_lib.datasets.includes_test_split(spec, split):
+    logging.warning("pretrain_split=%r takes images of %s's test split, on which kNN and "
+                    'linear evaluation report: their figures are then not held out',
+                    split, cfg.dataset)
   if cfg.loss not in ('byol', 'infonce'):
     raise ConfigError(f'loss={cfg.loss!r}; valid: byol, infonce')
   _validate_model(cfg.model)

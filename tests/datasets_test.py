@@ -106,6 +106,20 @@ def test_tfds_split_table():
   assert datasets.tfds_split_table('other', ['train', 'test'])['valid'] == 'train[:10%]'
 
 
+def test_a_pretraining_split_that_takes_test_images_is_recognised():
+  """Pretraining on test images makes every reported kNN and linear figure not held out;
+  train_and_evaluate warns on these. Breaks if ImageNet's test split (TFDS 'validation')
+  or a slice or sum of it is missed, or a training split is taken for the test one."""
+  imagenet, cifar = datasets.parse_dataset('imagenet2012'), datasets.parse_dataset('cifar10')
+  for spec, split in ((cifar, 'test'), (cifar, 'train+test'), (cifar, 'test[:50%]'),
+                      (imagenet, 'validation'), (imagenet, 'train + validation[:10%]')):
+    assert datasets.includes_test_split(spec, split), (spec.name, split)
+  for spec, split in ((cifar, 'trainval'), (cifar, 'train[:90%]'), (imagenet, 'train'),
+                      (datasets.parse_dataset('stl10'), 'unlabelled+train'),
+                      (datasets.parse_dataset('demo'), 'trainval')):
+    assert not datasets.includes_test_split(spec, split), (spec.name, split)
+
+
 def _missing_root(tmp_path):
   return str(tmp_path / 'nope'), 'train', 'nope'
 

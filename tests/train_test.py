@@ -65,6 +65,18 @@ def test_nonsense_values_are_config_errors(field, value, says):
   assert says in str(e.value)
 
 
+def test_pretraining_on_test_images_is_allowed_with_a_warning(caplog):
+  """Transductive pretraining is a choice some make, so it is not refused, but a user who
+  typed 'train+test' must learn that the evaluation is no longer held out."""
+  with caplog.at_level('WARNING'):
+    train.validate(tiny_config(pretrain_split='test'), 1)
+  assert "pretrain_split='test' takes images of demo's test split" in caplog.text
+  caplog.clear()
+  with caplog.at_level('WARNING'):
+    train.validate(tiny_config(), 1)
+  assert 'test split' not in caplog.text
+
+
 def test_every_preset_passes_validation():
   """The checks must not reject what the presets ship."""
   from configs import ablation, byol
