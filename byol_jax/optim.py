@@ -117,12 +117,17 @@ OPTIMIZERS = ('lars', 'sgd')
 
 
 def make_optimizer(opt_cfg: Any, learning_rate: optax.Schedule) -> optax.GradientTransformation:
-  """LARS as in the release: g + wd * w, then the trust ratio, then LR, then momentum.
+  """LARS as in the release: g + wd * w, then the trust ratio, then momentum, then LR.
 
-  optax.lars composes exactly these transforms in this order (decay before the trust ratio,
-  momentum on the LR-scaled update), so the masks are all that BYOL adds. With
-  `trust_clip` the trust ratio is clipped LARC-style (see _scale_by_clipped_trust_ratio);
-  the paper's LARS has no clipping, so it is off except in the CIFAR recipe.
+  The release's `scale_by_lars` accumulates momentum on the trust-scaled update and scales
+  the sum by the current LR (mu = m * mu + u, step = -lr_t * mu), as PyTorch's SGD and
+  solo-learn's LARS do. optax.lars applies the LR first and the momentum after
+  (v = m * v + lr_t * u): the same while the LR is constant, a lagging step while it moves
+  (warmup, cosine). `momentum_before_lr` (the release's order) is the default;
+  False reproduces runs saved before it existed. Decay and trust ratio skip biases and norm
+  parameters. With `trust_clip` the trust ratio is clipped LARC-style (see
+  _scale_by_clipped_trust_ratio); the paper's LARS has no clipping, so it is off except in
+  the CIFAR recipe.
 
   name='sgd' is the momentum SGD of PyTorch BYOL benchmarks (lightly's CIFAR-10 one):
   buffer = momentum * buffer + (g + wd * w), step = -LR * buffer. Weight decay skips norm
@@ -132,23 +137,19 @@ def make_optimizer(opt_cfg: Any, learning_rate: optax.Schedule) -> optax.Gradien
   if opt_cfg.name not in OPTIMIZERS:
     raise ValueError(f'unknown optimizer {opt_cfg.name!r}; valid: {", ".join(OPTIMIZERS)}')
   decay_mask = None if config_compat.setting(opt_cfg, 'optimizer.decay_all_params') else lars_mask
+  decay = optax.add_decayed_weights(opt_cfg.weight_decay, decay_mask)
+  momentum = optax.trace(decay=opt_cfg.momentum, nesterov=False)
+  lr = optax.scale_by_learning_rate(learning_rate)
   if opt_cfg.name == 'sgd':
-    return optax.chain(
-      optax.add_decayed_weights(opt_cfg.weight_decay, decay_mask),
-      optax.trace(decay=opt_cfg.momentum, nesterov=False),
-      optax.scale_by_learning_rate(learning_rate))
-  if not config_compat.setting(opt_cfg, 'optimizer.trust_clip'):
-    return optax.lars(
-      learning_rate=learning_rate, weight_decay=opt_cfg.weight_decay,
-      weight_decay_mask=True if decay_mask is None else decay_mask,
-      trust_coefficient=opt_cfg.trust_coefficient,
-      eps=0.0, trust_ratio_mask=lars_mask, momentum=opt_cfg.momentum, nesterov=False)
-  return optax.chain(
-    optax.add_decayed_weights(opt_cfg.weight_decay, decay_mask),
-    optax.masked(_scale_by_clipped_trust_ratio(opt_cfg.trust_coefficient, learning_rate),
-                 lars_mask),
-    optax.scale_by_learning_rate(learning_rate),
-    optax.trace(decay=opt_cfg.momentum, nesterov=False))
+    return optax.chain(decay, momentum, lr)
+  if config_compat.setting(opt_cfg, 'optimizer.trust_clip'):
+    trust = _scale_by_clipped_trust_ratio(opt_cfg.trust_coefficient, learning_rate)
+  else:
+    trust = optax.scale_by_trust_ratio(trust_coefficient=opt_cfg.trust_coefficient, eps=0.0)
+  trust = optax.masked(trust, lars_mask)
+  if config_compat.setting(opt_cfg, 'optimizer.momentum_before_lr'):
+    return optax.chain(decay, trust, momentum, lr)
+  return optax.chain(decay, trust, lr, momentum)  # optax.lars's order and state layout
 
 
 def ema_update(tau: jax.Array, target: Any, online: Any) -> Any:

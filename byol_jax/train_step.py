@@ -210,6 +210,17 @@ def _all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack(leaves))
 
 
+def _unless_finite(finite: jax.Array, new: Any, old: Any) -> Any:
+  """`new` where the step was finite, else `old`, leaf by leaf; schedule counts inside
+  optimiser states always advance, as `state.step` does, so that the LR applied after a
+  skipped step is the schedule's at that step (and the one logged)."""
+  def pick(path, n, o):
+    if str(getattr(path[-1], 'name', '')) == 'count':
+      return n
+    return jnp.where(finite, n, o)
+  return jax.tree_util.tree_map_with_path(pick, new, old)
+
+
 def byol_update(state: TrainState, view1: jax.Array, view2: jax.Array, labels: jax.Array,
                 fns: StepFns, axis_name: str | None = AXIS) -> tuple[TrainState, dict]:
   """One BYOL update on this device's share of the batch.
@@ -233,8 +244,7 @@ def byol_update(state: TrainState, view1: jax.Array, view2: jax.Array, labels: j
   finite = _all_finite(grads) & jnp.isfinite(metrics['loss'])
   new = TrainState(state.step + 1, state.rng, online_params, aux['online_state'],
                    target_params, aux['target_state'], opt_state)
-  keep_old = lambda n, o: jnp.where(finite, n, o)
-  new = new._replace(**{f: jax.tree_util.tree_map(keep_old, getattr(new, f), getattr(state, f))
+  new = new._replace(**{f: _unless_finite(finite, getattr(new, f), getattr(state, f))
                         for f in TrainState._fields if f not in ('step', 'rng')})
   metrics.update(collapse_metrics(aux['projection'], state.step + 1, fns, axis_name))
   metrics.update(lr=fns.lr_fn(state.step), tau=tau, nonfinite=1.0 - finite.astype(jnp.float32),

@@ -72,6 +72,8 @@ def _base(epochs: int) -> ml_collections.ConfigDict:
     loss='byol', infonce_temperature=0.1,
     optimizer=dict(name='lars', base_lr=base_lr, weight_decay=weight_decay, momentum=0.9,
                    trust_coefficient=1e-3, trust_clip=False, warmup_epochs=10,
+                   # False: momentum on the LR-scaled update (optax.lars), not the release's
+                   momentum_before_lr=True,
                    decay_all_params=False),  # True: decay biases and norm parameters too
     # 'random': the target gets its own random init (the release); 'copy': starts as the
     # online network (PyTorch implementations, lightly's).

@@ -51,7 +51,8 @@ def test_constant_tau_schedule_stays_at_tau_base():
 
 def _opt_cfg(wd=0.1, tc=1e-3, clip=False):
   return ml_collections.ConfigDict(dict(name='lars', weight_decay=wd, momentum=0.9,
-                                        trust_coefficient=tc, trust_clip=clip))
+                                        trust_coefficient=tc, trust_clip=clip,
+                                        momentum_before_lr=True))
 
 
 def _lars_reference(params, grads, lr, wd, tc, excluded, clip=False):
@@ -113,7 +114,7 @@ def test_clipped_lars_matches_reference_on_both_sides_of_the_clip(scale):
 
 
 def test_lars_momentum_accumulates_scaled_updates():
-  """Second step: v = 0.9 v + lr * trust * g (momentum after LR, as in the release)."""
+  """Second step at a constant LR: v = 0.9 v + trust * g, step -lr * v."""
   w = {'lin': {'b': jnp.asarray([1.0, -2.0])}}
   g = {'lin': {'b': jnp.asarray([0.5, 0.5])}}
   opt = optim.make_optimizer(_opt_cfg(0.0), lambda step: 0.1)
@@ -122,6 +123,70 @@ def test_lars_momentum_accumulates_scaled_updates():
   u2, state = opt.update(g, state, w)
   np.testing.assert_allclose(np.asarray(u1['lin']['b']), [-0.05, -0.05], rtol=1e-6)
   np.testing.assert_allclose(np.asarray(u2['lin']['b']), [-0.095, -0.095], rtol=1e-6)
+
+
+def _lars_over_steps(momentum_before_lr, lrs, params, grads, wd=0.1, tc=1e-3):
+  cfg = _opt_cfg(wd, tc)
+  cfg.momentum_before_lr = momentum_before_lr
+  opt = optim.make_optimizer(cfg, lambda step: jnp.asarray(lrs, jnp.float32)[step])
+  w = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), params)
+  state = opt.init(w)
+  for g in grads:
+    updates, state = opt.update(jax.tree_util.tree_map(jnp.float32, g), state, w)
+    w = optax.apply_updates(w, updates)
+  return w
+
+
+def test_lars_momentum_comes_before_the_lr_as_in_the_release():
+  """The release's scale_by_lars: mu = 0.9 mu + trust * (g + wd w), then w -= lr_t * mu with
+  the current LR. Float64 reference over four steps of a moving LR (warmup, then decay);
+  optax.lars's order (v = 0.9 v + lr_t * trust * d) differs there, and must stay
+  reproducible for runs saved before momentum_before_lr existed."""
+  rng = np.random.default_rng(2)
+  params = {'conv': {'w': rng.normal(size=(3, 3, 2, 4))}, 'linear': {'b': rng.normal(size=3)}}
+  grads = [jax.tree_util.tree_map(lambda p: rng.normal(size=p.shape), params) for _ in range(4)]
+  lrs, wd, tc = (0.0, 0.5, 2.0, 0.3), 0.1, 1e-3
+
+  def reference(before):
+    out = {}
+    for layer, name in (('conv', 'w'), ('linear', 'b')):
+      w, mu = np.asarray(params[layer][name], np.float64), 0.0
+      for lr, g in zip(lrs, grads, strict=True):
+        d = g[layer][name] + (wd * w if name == 'w' else 0.0)
+        if name == 'w':
+          d = d * tc * np.linalg.norm(w) / np.linalg.norm(d)
+        mu = 0.9 * mu + (d if before else lr * d)
+        w = w - (lr * mu if before else mu)
+      out[layer] = w
+    return out
+
+  for before in (True, False):
+    got, want = _lars_over_steps(before, lrs, params, grads, wd, tc), reference(before)
+    for layer, name in (('conv', 'w'), ('linear', 'b')):
+      np.testing.assert_allclose(np.asarray(got[layer][name]), want[layer], rtol=2e-5,
+                                 atol=1e-6, err_msg=f'{before} {layer}')
+  assert np.abs(reference(True)['conv'] - reference(False)['conv']).max() > 1e-3
+
+
+def test_lars_before_momentum_before_lr_is_optax_lars_state_and_all():
+  """Runs saved before `momentum_before_lr` (config_compat: False) restore into the same
+  optimiser state layout and continue with the same updates as optax.lars."""
+  w = {'conv': {'w': jnp.ones((3, 3)), 'b': jnp.ones(3)}}
+  g = {'conv': {'w': jnp.full((3, 3), 0.3), 'b': jnp.full(3, 0.2)}}
+  cfg = _opt_cfg(0.1)
+  old_cfg = ml_collections.ConfigDict({k: v for k, v in cfg.items()
+                                       if k != 'momentum_before_lr'})  # an old run's
+  schedule = lambda count: 0.1 * (count + 1.0)
+  ours = optim.make_optimizer(old_cfg, schedule)
+  theirs = optax.lars(schedule, weight_decay=0.1, weight_decay_mask=optim.lars_mask,
+                      trust_coefficient=1e-3, eps=0.0, trust_ratio_mask=optim.lars_mask,
+                      momentum=0.9)
+  s1, s2 = ours.init(w), theirs.init(w)
+  assert jax.tree_util.tree_structure(s1) == jax.tree_util.tree_structure(s2)
+  for _ in range(3):
+    (u1, s1), (u2, s2) = ours.update(g, s1, w), theirs.update(g, s2, w)
+    for a, b in zip(jax.tree_util.tree_leaves(u1), jax.tree_util.tree_leaves(u2), strict=True):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_sgd_matches_pytorch_momentum_sgd_over_two_steps():
