@@ -238,15 +238,20 @@ def _norm(kind: str, x: jax.Array, is_training: bool, axis_name: str | None, bn_
 
 
 # How conv and linear layers are initialised (`model.weight_init`):
-# - 'release': the BYOL release's: He normal (fan_out, truncated) for convolutions, Haiku's
-#   truncated normal with std 1/sqrt(fan_in) and zero biases for linear layers;
+# - 'release': the BYOL release's, which passes no initialiser, so Haiku's defaults: a
+#   truncated normal (cut at 2 std, so its std is 0.88x) of std 1/sqrt(fan_in) for
+#   convolutions and linear layers, zero biases;
+# - 'he_fan_out': He normal (fan_out, truncated) convolutions, linear layers as 'release':
+#   what 'release' built before 2026-11-29 (so runs recorded before then with 'release'),
+#   about 1.6x the release's 3x3 convolutions;
 # - 'pytorch': PyTorch's layer defaults (kaiming_uniform with a=sqrt(5)): weights and biases
 #   U(-1/sqrt(fan_in), 1/sqrt(fan_in)), as in PyTorch recipes that keep them (lightly's
-#   CIFAR-10 ResNet). Convolutions start about 2.4x smaller than 'release'. That matters
-#   under plain SGD: a weight followed by BatchNorm (or by the loss's normalisation) is
-#   scale-invariant, so its effective learning rate is LR / |w|^2. LARS's trust ratio
-#   cancels the scale, except where `trust_clip` falls back to SGD's step.
-WEIGHT_INITS = ('release', 'pytorch')
+#   CIFAR-10 ResNet). Convolutions start about 1.5x smaller than 'release' and 2.4x smaller
+#   than 'he_fan_out'. That matters under plain SGD: a weight followed by BatchNorm (or by
+#   the loss's normalisation) is scale-invariant, so its effective learning rate is
+#   LR / |w|^2. LARS's trust ratio cancels the scale, except where `trust_clip` falls back
+#   to SGD's step.
+WEIGHT_INITS = ('release', 'he_fan_out', 'pytorch')
 
 
 def _config_weight_init(model_cfg: Any) -> str:
@@ -278,10 +283,9 @@ def _pytorch_uniform() -> hk.initializers.Initializer:
 
 def _conv(channels: int, kernel: int, stride: int, name: str,
           weight_init: str = 'release') -> hk.Conv2D:
-  if weight_init == 'pytorch':
-    init = _pytorch_uniform()
-  else:
-    init = hk.initializers.VarianceScaling(2.0, 'fan_out', 'truncated_normal')
+  init = {'pytorch': _pytorch_uniform(), 'release': None,  # None: Haiku's default
+          'he_fan_out': hk.initializers.VarianceScaling(2.0, 'fan_out', 'truncated_normal'),
+          }[weight_init]
   return hk.Conv2D(channels, kernel, stride=stride, with_bias=False, padding='SAME',
                    w_init=init, name=name)
 

@@ -44,7 +44,7 @@ def _model(depth: int, width: float, cifar_stem: bool) -> ml_collections.ConfigD
   return ml_collections.ConfigDict(dict(
     depth=depth, width=float(width), cifar_stem=cifar_stem, zero_init_last_bn=True,
     stem_relu=True,  # False: no ReLU after the stem's BN (lightly's CIFAR-10 benchmark)
-    weight_init='release',  # or 'pytorch' (see networks.WEIGHT_INITS)
+    weight_init='release',  # or 'he_fan_out', 'pytorch' (see networks.WEIGHT_INITS)
     # The release's projector and predictor end in a Linear without bias; lightly's keep one.
     head_output_bias=False,
     bn_decay=0.9, bn_eps=1e-5, projector_hidden=4096, predictor_hidden=4096,
@@ -196,8 +196,9 @@ def _cifar10_lightly(epochs: int) -> ml_collections.ConfigDict:
   - SimCLR's views: torchvision's colour jitter (0.4, 0.4, 0.4, 0.1), no blur or solarisation.
   - PyTorch's default layer init and no zero-init of the last BN of each block (lightly's
     ResNet keeps PyTorch's defaults). Under SGD a weight followed by BatchNorm has an
-    effective LR of LR / |w|^2, and with the release's 2.4x larger convolutions this recipe
-    left the encoder where it started on a 10-epoch CPU budget, where the independent
+    effective LR of LR / |w|^2, and with 2.4x larger convolutions ('he_fan_out', then
+    called 'release'; the release's own are 1.5x larger) this recipe left the encoder
+    where it started on a 10-epoch CPU budget, where the independent
     PyTorch reference (experiments/torch_byol_reference.py) learns, and this preset learns
     at least as well (docs/cifar10.md, "The PyTorch cross-check").
   - Weight decay on every parameter, biases and BatchNorm's included (PyTorch's SGD), and

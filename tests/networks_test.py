@@ -1,5 +1,6 @@
 """Tests of the Haiku networks: parameter counts against torchvision's, shapes, options."""
 
+import math
 import re
 
 import chex
@@ -69,11 +70,19 @@ def _init_params(weight_init):
   return jax.jit(lambda: net.init(jax.random.PRNGKey(0), jnp.zeros((2, 16, 16, 3)), True)[0])()
 
 
-def test_pytorch_weight_init_is_uniform_within_one_over_sqrt_fan_in():
+def _truncated_std() -> float:
+  """Std of a standard normal cut at +-2 (Haiku's TruncatedNormal), from the formula."""
+  density, mass = math.exp(-2.0) / math.sqrt(2 * math.pi), math.erf(2 / math.sqrt(2))
+  return math.sqrt(1 - 2 * 2 * density / mass)
+
+
+def test_weight_inits_follow_the_release_he_and_pytorch():
   """'pytorch' must give PyTorch's layer defaults, U(+-1/sqrt(fan_in)) for conv and linear
-  weights and linear biases; 'release' He normal (fan_out) convolutions, zero biases. A
-  wrong fan or distribution moves the std or the bound (each layer checked)."""
-  torch_like, release = _init_params('pytorch'), _init_params('release')
+  weights and linear biases; 'release' the release's Haiku defaults, a normal cut at 2 std
+  of std 1/sqrt(fan_in) (0.88/sqrt(fan_in) after the cut), zero biases; 'he_fan_out' He
+  normal (fan_out) convolutions. A wrong fan or distribution moves the std or the bound
+  (each layer checked)."""
+  torch_like, release, he = (_init_params(k) for k in ('pytorch', 'release', 'he_fan_out'))
   checked = 0
   for name, leaves in torch_like.items():
     if name.endswith('probe') or 'w' not in leaves:
@@ -84,10 +93,13 @@ def test_pytorch_weight_init_is_uniform_within_one_over_sqrt_fan_in():
     assert np.abs(w).max() <= bound, name
     if w.size >= 4096:
       assert np.std(w) == pytest.approx(bound / np.sqrt(3), rel=0.08), name
+      ours = np.asarray(release[name]['w'], np.float64)
+      assert np.std(ours) == pytest.approx(_truncated_std() * bound, rel=0.08), name
+      assert np.abs(ours).max() <= 2 * bound, name
       if w.ndim == 4:
         fan_out = int(np.prod(w.shape[:2])) * w.shape[-1]
-        release_std = np.std(np.asarray(release[name]['w'], np.float64))
-        assert release_std == pytest.approx(np.sqrt(2 / fan_out), rel=0.08), name
+        he_std = np.std(np.asarray(he[name]['w'], np.float64))
+        assert he_std == pytest.approx(np.sqrt(2 / fan_out), rel=0.08), name
       checked += 1
     if 'b' in leaves:
       b = np.asarray(leaves['b'])
