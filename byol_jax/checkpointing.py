@@ -118,7 +118,7 @@ def scan(workdir: str) -> Scan:
   root = checkpoint_dir(workdir)
   try:
     names = sorted(os.listdir(root))
-  except FileNotFoundError:
+  except (FileNotFoundError, NotADirectoryError):
     return Scan([], [])
   finalised, unfinished = [], []
   for name in names:

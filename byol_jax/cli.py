@@ -88,6 +88,15 @@ def tensorflow_start_up_filtered():
 _URL = re.compile(r'^[A-Za-z][A-Za-z0-9+.-]*://')
 
 
+def missing_dir_error(path: str, what: str = 'workdir') -> str | None:
+  """Why an existing run directory `path` cannot be read, if it is missing or a file."""
+  if os.path.isdir(path):
+    return None
+  if os.path.exists(path):
+    return f'{what} {path!r} is a file, not a directory'
+  return f'{what} {path!r} does not exist'
+
+
 def remote_path_error(path: str, what: str = 'workdir') -> str | None:
   """Why `path` cannot be used, if it is a URL (gs://, s3://, ...), else None.
 

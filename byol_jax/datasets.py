@@ -739,6 +739,9 @@ def decoded_size_bytes(num_examples: int, image_size: int) -> int:
   return int(num_examples) * int(image_size) ** 2 * 3
 
 
+INPUT_MODES = ('auto', 'device', 'stream')
+
+
 def choose_input_mode(num_examples: int, image_size: int, device_memory_bytes: int,
                       override: str = 'auto', max_fraction: float = 0.25) -> tuple[str, str]:
   """'device' when the decoded dataset fits comfortably in one device's memory, else 'stream'.
@@ -753,8 +756,8 @@ def choose_input_mode(num_examples: int, image_size: int, device_memory_bytes: i
   budget = f'{max_fraction:.0%} of {device_memory_bytes / 2**30:.1f} GiB device memory'
   if override in ('device', 'stream'):
     return override, f'input_mode={override} was requested ({sizes})'
-  if override != 'auto':
-    raise DataError(f"input_mode={override!r}; valid: 'auto', 'device', 'stream'")
+  if override not in INPUT_MODES:
+    raise DataError(f"input_mode={override!r}; valid: {', '.join(INPUT_MODES)}")
   if need <= max_fraction * device_memory_bytes:
     return 'device', f'{sizes} fits in {budget}'
   return 'stream', f'{sizes} exceeds {budget}'

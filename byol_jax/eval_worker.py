@@ -175,7 +175,22 @@ class Worker:
                  self.cfg.eval_network, cfg.dataset, self.final_step)
 
   def finished(self) -> bool:
+    if self.final_step is None and self.done:  # a rerun that has nothing left to evaluate
+      self.final_step = self._final_step_of_newest_checkpoint()
     return self.final_step is not None and self.final_step in self.done
+
+  def _final_step_of_newest_checkpoint(self) -> int | None:
+    """The run's last step from the newest checkpoint's metadata (no arrays read), so that a
+    worker started again on an evaluated run ends at once instead of waiting its idle
+    timeout for a checkpoint that will never come."""
+    for step in reversed(checkpointing.scan(self.workdir).finalised):
+      try:
+        meta = checkpointing.read_metadata(self.workdir, step)
+        return optim.total_steps(checkpointing.config_from_dict(meta['config']),
+                                 int(meta['num_examples']))
+      except (checkpointing.CheckpointError, KeyError, TypeError, ValueError):
+        continue
+    return None
 
   def close(self) -> None:
     if self.writer is not None:
@@ -204,6 +219,7 @@ def _mtime(workdir: str, step: int) -> float:
 
 def run(cfg: Any, workdir: str) -> int:
   """Evaluates checkpoints until the final step is done (0) or none came for a while."""
+  train.require_pretraining_config(cfg)
   checkpointing.quiet_orbax_logs()
   worker = Worker(cfg, workdir)
   idle_since = time.time()

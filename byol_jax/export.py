@@ -424,8 +424,8 @@ def _run(f: Any) -> int:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every read at INFO; -v 0 shows it
   if not f.workdir:
     return _fail('--workdir is required')
-  if not os.path.isdir(f.workdir):
-    return _fail(f'workdir {f.workdir!r} does not exist')
+  if message := cli.missing_dir_error(f.workdir):
+    return _fail(message)
   try:
     path = export(f.workdir, f.format, f.step, f.network, f.output)
   except KeyError as e:

@@ -95,6 +95,9 @@ def run(argv: list[str]) -> int:
   checkpointing.quiet_orbax_logs()
   cfg = _CONFIG.value
   share_accelerator_memory(_MODE.value)
+  if os.path.exists(_WORKDIR.value) and not os.path.isdir(_WORKDIR.value):
+    print(f'error: {cli.missing_dir_error(_WORKDIR.value)}', file=sys.stderr)
+    return 2
   try:
     peer_timeout = _join(cfg)
     with multihost.PeerWatch(peer_timeout) as watch:

@@ -228,8 +228,8 @@ def make_plots(workdir: str, output: str | None = None,
   single_file = bool(output) and output.lower().endswith('.png')
   if single_file and len(figures) != 1:
     raise UsageError(f'--output={output} is one PNG: name one figure with --figures')
-  if not os.path.isdir(workdir):
-    raise NoMetricsError(f'workdir {workdir!r} does not exist')
+  if message := cli.missing_dir_error(workdir):
+    raise NoMetricsError(message)
   metrics = load_metrics(workdir)
   if not metrics:
     raise NoMetricsError(f'no metrics in {os.path.join(workdir, "metrics")} (expected '
@@ -272,6 +272,10 @@ def _run(workdir: str | None, output: str | None, figures: Sequence[str] | None 
     paths = make_plots(workdir, output, figures)
   except (NoMetricsError, UsageError) as e:
     print(f'error: {e}', file=sys.stderr)
+    return 2
+  except OSError as e:  # an --output that cannot be written (read-only, a file in the way)
+    print(f'error: cannot write the plots: {e.strerror or e}'
+          + (f': {e.filename}' if e.filename else ''), file=sys.stderr)
     return 2
   print('\n'.join(paths))
   return 0

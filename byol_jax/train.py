@@ -59,11 +59,21 @@ class TrainingDiverged(RuntimeError):
   """Too many non-finite steps in a row: the run stopped without saving."""
 
 
+def require_pretraining_config(cfg: Any) -> None:
+  """Rejects an evaluation config (configs/linear_eval.py) passed to the trainer or the eval
+  worker in one line, where it failed on the first missing field with a traceback."""
+  if 'learning_rates' in cfg and 'random_init' in cfg:
+    raise ConfigError('this worker needs a pretraining config: --config=configs/byol.py:PRESET '
+                      '(e.g. :demo); configs/linear_eval.py serves --worker_mode=linear_eval')
+
+
 def validate(cfg: Any, num_devices: int) -> None:
   """Checks that would otherwise fail late (after compiling), in a traceback, or silently."""
   if cfg.batch_size <= 0 or cfg.batch_size % num_devices:
     raise ConfigError(f'batch_size={cfg.batch_size} must be a positive multiple of the '
                       f'{num_devices} devices')
+  if cfg.steps < 0:
+    raise ConfigError(f'steps={cfg.steps} must be >= 0 (0: train for `epochs`)')
   if cfg.epochs <= 0 and cfg.steps <= 0:
     raise ConfigError(f'epochs={cfg.epochs} must be positive (or set steps)')
   if cfg.image_size < 8:
@@ -81,6 +91,9 @@ def validate(cfg: Any, num_devices: int) -> None:
     logging.warning("pretrain_split=%r takes images of %s's test split, on which kNN and "
                     'linear evaluation report: their figures are then not held out',
                     split, cfg.dataset)
+  if cfg.input_mode not in data_lib.datasets.INPUT_MODES:  # the demo never reads it
+    raise ConfigError(f'input_mode={cfg.input_mode!r}; valid: '
+                      f'{", ".join(data_lib.datasets.INPUT_MODES)}')
   if cfg.loss not in ('byol', 'infonce'):
     raise ConfigError(f'loss={cfg.loss!r}; valid: byol, infonce')
   _validate_model(cfg.model)
@@ -661,6 +674,7 @@ def _meta(cfg: Any, data: data_lib.TrainData, num_steps: int, spe: int,
 def train_and_evaluate(cfg: Any, workdir: str) -> dict[str, Any]:
   """Trains BYOL as configured (resuming from `workdir`'s checkpoints); returns the last
   train and eval records, the state and `preempted` (the step a signal stopped at)."""
+  require_pretraining_config(cfg)
   configure_determinism(cfg)
   checkpointing.quiet_orbax_logs()
   mesh = train_step.make_mesh()

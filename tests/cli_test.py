@@ -248,3 +248,34 @@ def test_a_url_path_is_refused_before_anything_is_written(module, argv, tmp_path
   assert len(errors) == 1 and 'is a URL' in errors[0], proc.stderr[-2000:]
   assert 'Traceback' not in proc.stderr
   assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize('module, argv', [
+  ('byol_jax.main', ['--config=configs/byol.py:demo', '--worker_mode=eval', '--workdir=afile']),
+  ('byol_jax.main', ['--config=configs/linear_eval.py:demo', '--worker_mode=linear_eval',
+                     '--workdir=afile']),
+  ('byol_jax.export', ['--workdir=afile']),
+  ('byol_jax.plot', ['--workdir=afile']),
+])
+def test_a_workdir_that_is_a_file_is_one_line(module, argv, tmp_path):
+  """The eval and linear_eval workers ended in a NotADirectoryError traceback; export and
+  plot said the file 'does not exist'."""
+  (tmp_path / 'afile').write_text('not a run')
+  proc = subprocess.run([sys.executable, '-m', module, *argv], cwd=tmp_path,
+                        env=checkout_env(), capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  errors = [line for line in proc.stderr.splitlines() if line.startswith('error: ')]
+  assert errors == ["error: workdir 'afile' is a file, not a directory"], proc.stderr[-2000:]
+
+
+def test_plots_that_cannot_be_written_are_one_line(tmp_path):
+  """An --output that cannot be written (here under a file; a read-only disk alike) ended in
+  an OSError traceback from matplotlib."""
+  (tmp_path / 'metrics').mkdir()
+  (tmp_path / 'metrics' / 'train.jsonl').write_text('{"step": 1, "loss": 1.0}\n')
+  (tmp_path / 'afile').write_text('')
+  proc = subprocess.run([sys.executable, '-m', 'byol_jax.plot', f'--workdir={tmp_path}',
+                         f'--output={tmp_path / "afile" / "plots"}'], env=checkout_env(),
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2 and 'Traceback' not in proc.stderr, proc.stderr[-2000:]
+  assert proc.stderr.startswith('error: cannot write the plots: Not a directory')

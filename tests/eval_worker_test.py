@@ -135,6 +135,20 @@ def test_worker_skips_damaged_and_vanishing_checkpoints_and_remembers(followed_r
   assert [r['step'] for r in records(workdir)] == [2, 4]
 
 
+def test_a_worker_started_again_on_an_evaluated_run_ends_at_once(followed_run, tmp_path,
+                                                                   caplog):
+  """Repeating the README's eval command on a finished, evaluated run used to wait the whole
+  idle timeout (an hour by default) for a checkpoint that never comes, then exit 75. The
+  final step comes from the newest checkpoint's metadata, and nothing is evaluated twice."""
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(followed_run[0], workdir)
+  before = records(workdir)
+  with caplog.at_level('INFO'):
+    assert eval_worker.run(_worker_cfg(eval_idle_timeout_secs=30.0), workdir) == 0
+  assert f'evaluated the final step {NUM_STEPS}; done' in caplog.text
+  assert records(workdir) == before
+
+
 def test_target_network_gets_its_own_records(followed_run, tmp_path):
   """eval_network='target' must evaluate the target encoder into its own records (no probe)."""
   workdir = str(tmp_path / 'run')

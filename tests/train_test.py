@@ -55,6 +55,8 @@ def test_a_collapsing_run_warns(tmp_path, caplog, monkeypatch):
   ('optimizer.momentum', 1.0, 'optimizer.momentum=1.0 must be in [0, 1)'),
   ('augment.mean', (0.5, 0.5), 'augment.mean=(0.5, 0.5) must hold 3 numbers'),
   ('pretrain_split', 'unlabelled', "pretrain_split='unlabelled': demo datasets have the splits"),
+  ('steps', -3, 'steps=-3 must be >= 0'),  # it trained nothing and said a checkpoint was final
+  ('input_mode', 'gpu', "input_mode='gpu'; valid: auto, device, stream"),  # demo ignored it
 ])
 def test_nonsense_values_are_config_errors(field, value, says):
   """Each of these either failed deep in tracing with a traceback (a zero projection
@@ -75,6 +77,19 @@ def test_pretraining_on_test_images_is_allowed_with_a_warning(caplog):
   with caplog.at_level('WARNING'):
     train.validate(tiny_config(), 1)
   assert 'test split' not in caplog.text
+
+
+def test_an_evaluation_config_given_to_the_trainer_or_eval_worker_is_one_line(tmp_path):
+  """configs/linear_eval.py passed to --worker_mode=train or eval failed on its first
+  missing field with a traceback; the converse case already said which config to use."""
+  from byol_jax import eval_worker
+  from configs import linear_eval as linear_configs
+  cfg = linear_configs.get_config('demo')
+  for run in (train.train_and_evaluate, eval_worker.run):
+    with pytest.raises(train.ConfigError, match='needs a pretraining config: --config=configs/'
+                       'byol.py:PRESET'):
+      run(cfg, str(tmp_path / 'w'))
+  assert not os.path.exists(tmp_path / 'w')
 
 
 def test_every_preset_passes_validation():
