@@ -20,7 +20,9 @@ if [ "${TINY:-0}" != 1 ] && [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
   export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi
 SRC=${CIFAR_NPZ:-.bench/cifar10_jpeg_bytes.npz}
-DATA=${CIFAR_FOLDER:-/tmp/byol_cifar10}
+# TINY=1 checks get a folder of their own: a real run must never train on their subset.
+if [ "${TINY:-0}" = 1 ]; then TINY_SUFFIX=_tiny; else TINY_SUFFIX=; fi
+DATA=${CIFAR_FOLDER:-/tmp/byol_cifar10$TINY_SUFFIX}
 EXTRA=(--config.eval_every_steps=0)
 CONVERT=()
 if [ "${TINY:-0}" = 1 ]; then
@@ -30,8 +32,7 @@ if [ "${TINY:-0}" = 1 ]; then
           --config.knn.train_examples=200 --config.knn.k=10)
   CONVERT=(--train_per_class 30 --test_per_class 10)
 fi
-[ -d "$DATA/train" ] || python3 experiments/cifar10_to_folder.py --src "$SRC" --out "$DATA" \
-  "${CONVERT[@]}"
+python3 experiments/cifar10_to_folder.py --reuse --src "$SRC" --out "$DATA" "${CONVERT[@]}"
 VARIANTS=$(python3 -c "from configs import ablation; print(' '.join(ablation.VARIANTS))")
 read -r -a names <<< "$VARIANTS"
 PARALLEL=${PARALLEL:-${#names[@]}}

@@ -35,7 +35,9 @@ if [ "${TINY:-0}" != 1 ] && [ "${BYOL_WHEELS_INSTALLED:-0}" != 1 ] && [ -d .whl 
 fi
 export PYTHONUNBUFFERED=1
 SRC=${CIFAR_NPZ:-.bench/cifar10_jpeg_bytes.npz}
-DATA=${CIFAR_FOLDER:-/tmp/byol_cifar10}
+# TINY=1 checks get a folder of their own: a real run must never train on their subset.
+if [ "${TINY:-0}" = 1 ]; then TINY_SUFFIX=_tiny; else TINY_SUFFIX=; fi
+DATA=${CIFAR_FOLDER:-/tmp/byol_cifar10$TINY_SUFFIX}
 EXTRA=()
 CONVERT=()
 if [ "${TINY:-0}" = 1 ]; then
@@ -58,8 +60,7 @@ if [ -f .bench/peer_byol_pytorch.py ] && python3 -c "import torch, byol_pytorch"
 else
   echo "peer baseline skipped (SKIP_PEER=1, or no torch, byol-pytorch or GPU)" | tee "$OUT/peer.log"
 fi
-[ -d "$DATA/train" ] || python3 experiments/cifar10_to_folder.py --src "$SRC" --out "$DATA" \
-  "${CONVERT[@]}"
+python3 experiments/cifar10_to_folder.py --reuse --src "$SRC" --out "$DATA" "${CONVERT[@]}"
 start=$(date +%s)
 LIMIT=()
 [ -n "${TRAIN_TIMEOUT_S:-}" ] && LIMIT=(timeout -s TERM "$TRAIN_TIMEOUT_S")

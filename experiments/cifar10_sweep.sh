@@ -37,10 +37,12 @@ if [ "${TINY:-0}" != 1 ] && [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
   export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
   export BYOL_WHEELS_INSTALLED=1
 fi
-export CIFAR_FOLDER=${CIFAR_FOLDER:-/tmp/byol_cifar10}
+# TINY=1 checks get a folder of their own: a real run must never train on their subset.
+if [ "${TINY:-0}" = 1 ]; then TINY_SUFFIX=_tiny; else TINY_SUFFIX=; fi
+export CIFAR_FOLDER=${CIFAR_FOLDER:-/tmp/byol_cifar10$TINY_SUFFIX}
 CONVERT=()
 [ "${TINY:-0}" = 1 ] && CONVERT=(--train_per_class 30 --test_per_class 10)
-[ -d "$CIFAR_FOLDER/train" ] || python3 experiments/cifar10_to_folder.py \
+python3 experiments/cifar10_to_folder.py --reuse \
   --src "${CIFAR_NPZ:-.bench/cifar10_jpeg_bytes.npz}" --out "$CIFAR_FOLDER" "${CONVERT[@]}" \
   || exit 1
 # Each process may take its share of the GPU's memory (JAX takes 75% by default).

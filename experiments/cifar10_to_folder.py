@@ -10,12 +10,20 @@ must not be committed, so the script refuses to write inside a git work tree.
 `--holdout_per_class N` writes a validation copy for tuning: its 'test' split is the N
 training images per class that follow the first `--train_per_class`, so hyperparameters are
 chosen without looking at the test set.
+
+A finished conversion leaves `<out>/CONVERTED.json` naming what it holds. With `--reuse` (as
+the experiment scripts run it) a folder whose marker matches the request is kept; one made
+for another request (the scripts' TINY=1 subset, say) is rewritten, and one without a marker
+(a conversion that was stopped, or not this script's) is refused: a real run used to train
+on whatever folder was there.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shutil
 import sys
 import time
 
@@ -86,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
                       help='keep only this many training images per class (0 = all)')
   parser.add_argument('--test_per_class', type=int, default=0,
                       help='keep only this many test images per class (0 = all)')
+  parser.add_argument('--reuse', action='store_true',
+                      help='keep --out if a finished conversion of the same request is there')
   parser.add_argument('--holdout_per_class', type=int, default=0,
                       help='validation copy: the test split is this many further training '
                            'images per class (needs --train_per_class), not the test set')
@@ -99,6 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f'error: {args.out} is inside the git work tree {tree}; CIFAR-10 must not be '
           'committed, choose an --out outside it', file=sys.stderr)
     return 2
+  request = {k: getattr(args, k) for k in ('train_per_class', 'test_per_class',
+                                            'holdout_per_class')}
+  if args.reuse and (code := _reuse_or_clear(args.out, request)) is not None:
+    return code
   if not os.path.isfile(args.src):
     print(f'error: {args.src} not found; pass --src or set BYOL_SHARED', file=sys.stderr)
     return 2
@@ -110,8 +124,40 @@ def main(argv: list[str] | None = None) -> int:
                                    skip_per_class=args.train_per_class, source='train')
     else:
       counts['test'] = write_split(data, 'test', args.out, class_names, args.test_per_class)
+  with open(os.path.join(args.out, MARKER), 'w') as f:
+    json.dump(dict(request, counts=counts), f)
   print(f'wrote {counts} images of {len(class_names)} classes to {args.out}')
   return 0
+
+
+MARKER = 'CONVERTED.json'
+
+
+def _reuse_or_clear(out: str, request: dict[str, int]) -> int | None:
+  """0 when `out` holds a finished conversion of `request`; 2 (and why) when it holds
+  images of unknown origin; None, after clearing a conversion of another request, or when
+  there is nothing there, to convert."""
+  splits = [os.path.join(out, s) for s in ('train', 'test')]
+  marker = os.path.join(out, MARKER)
+  try:
+    with open(marker) as f:
+      done = json.load(f)
+  except (OSError, ValueError):
+    done = None
+  if done is None:
+    if any(os.path.exists(p) for p in splits):
+      print(f'error: {out} holds images without {MARKER} (a conversion that was stopped, or '
+            'another one): remove it, or choose another folder', file=sys.stderr)
+      return 2
+    return None
+  if {k: done.get(k) for k in request} == request:
+    print(f'reusing {out}: {done.get("counts")} images')
+    return 0
+  print(f'{out} holds another conversion ({done}); rewriting it')
+  os.remove(marker)
+  for path in splits:
+    shutil.rmtree(path, ignore_errors=True)
+  return None
 
 
 if __name__ == '__main__':

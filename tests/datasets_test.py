@@ -373,6 +373,33 @@ def test_cifar10_to_folder_holdout_is_a_validation_split(tmp_path):
   assert bad.returncode == 2 and 'needs --train_per_class' in bad.stderr
 
 
+def test_cifar10_to_folder_reuses_only_a_finished_conversion_of_the_same_request(tmp_path):
+  """The experiment scripts reused any folder with a train/ in it: after a TINY=1 check, a
+  real run trained on its 30 images per class without a word. --reuse keeps a finished
+  conversion of the same request, rewrites one of another, refuses one of unknown origin."""
+  src = tmp_path / 'fake.npz'
+  _fake_cifar_npz(src)
+  script = os.path.join(REPO, 'experiments', 'cifar10_to_folder.py')
+  out = tmp_path / 'cifar'
+
+  def convert(*flags):
+    return subprocess.run([sys.executable, script, '--reuse', '--src', str(src), '--out',
+                           str(out), *flags], capture_output=True, text=True, timeout=60)
+
+  tiny = ('--train_per_class', '2', '--test_per_class', '1')
+  assert convert(*tiny).returncode == 0
+  (out / 'train' / 'a' / 'extra.jpg').write_bytes(b'kept')  # shows the folder was kept
+  again = convert(*tiny)
+  assert again.returncode == 0 and again.stdout.startswith('reusing')
+  assert (out / 'train' / 'a' / 'extra.jpg').exists()
+  full = convert()
+  assert full.returncode == 0 and 'rewriting' in full.stdout
+  assert {k: len(v) for k, v in _written(out, 'train').items()} == {'a': 6, 'b': 6}
+  os.remove(out / 'CONVERTED.json')  # as a conversion stopped half-way leaves it
+  stopped = convert()
+  assert stopped.returncode == 2 and 'without CONVERTED.json' in stopped.stderr
+
+
 def test_parallel_map_uses_threads_only_for_slow_items():
   """Results come back in order either way; cheap calls (32 px decodes) stay in the calling
   thread, where threads would only fight over the GIL, and slow ones (large decodes) go to
