@@ -106,6 +106,10 @@ def run(argv: list[str]) -> int:
   except (train.ConfigError, datasets.DataError, multihost.LaunchError) as e:
     print(f'error: {e}', file=sys.stderr)  # one line, no log prefix: a user's mistake
     return 2
+  except KeyboardInterrupt:  # outside the trainer's step loop (set-up, waiting, evaluating)
+    print(f'interrupted: the {_MODE.value} worker stopped; what it had saved (checkpoints, '
+          'metric records) is intact', file=sys.stderr)
+    return 130
 
 
 def main() -> None:

@@ -2,8 +2,10 @@
 (cli.py)."""
 
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from conftest import REPO, checkout_env, config_fields
@@ -279,3 +281,24 @@ def test_plots_that_cannot_be_written_are_one_line(tmp_path):
                         capture_output=True, text=True, timeout=120)
   assert proc.returncode == 2 and 'Traceback' not in proc.stderr, proc.stderr[-2000:]
   assert proc.stderr.startswith('error: cannot write the plots: Not a directory')
+
+
+def test_ctrl_c_outside_the_step_loop_is_one_line(tmp_path):
+  """Ctrl-C while a worker sets up or waits (here: an eval worker waiting for a checkpoint)
+  printed a KeyboardInterrupt traceback; the trainer's loop already saved and stopped."""
+  code = ('import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); '
+          "sys.argv = ['main', '--config=configs/byol.py:demo', '--worker_mode=eval', "
+          f"'--workdir={tmp_path / 'run'}']; "
+          "runpy.run_module('byol_jax.main', run_name='__main__')")
+  log = tmp_path / 'stderr.txt'
+  with open(log, 'w') as err:
+    proc = subprocess.Popen([sys.executable, '-c', code], cwd=REPO, env=checkout_env(),
+                            stdout=subprocess.DEVNULL, stderr=err)
+    deadline = time.time() + 120
+    while 'waiting for the trainer' not in log.read_text() and time.time() < deadline:
+      time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 130, log.read_text()[-2000:]
+  text = log.read_text()
+  assert 'Traceback' not in text and 'KeyboardInterrupt' not in text, text[-2000:]
+  assert text.strip().splitlines()[-1].startswith('interrupted: the eval worker stopped')
