@@ -95,10 +95,22 @@ class Restored:
 
 
 class _OrbaxChatter:
-  """Drops orbax's INFO records (about ten per save); its warnings and errors pass."""
+  """Drops orbax's INFO records (about ten per save); its warnings and errors pass, without
+  their tracebacks, and the asyncio records of orbax's tasks go: a failed save (a full disk)
+  logged hundreds of lines around the one-line error that says what happened
+  (`describe_write_failure`). `-v 1` shows everything. (tensorstore's own tracebacks of
+  callbacks into the closed event loop are printed by C++ and still show.)"""
 
   def filter(self, record) -> bool:
-    return record.levelno >= std_logging.WARNING or f'{os.sep}orbax{os.sep}' not in record.pathname
+    from_orbax = f'{os.sep}orbax{os.sep}' in record.pathname
+    if record.levelno < std_logging.WARNING:
+      return not from_orbax
+    if record.name == 'asyncio' and f'{os.sep}orbax{os.sep}' in record.getMessage():
+      return False  # 'Task exception was never retrieved': orbax's tasks of a failed save
+    if record.exc_info and from_orbax:
+      record.exc_info, record.exc_text = None, None
+      record.msg = f'{record.msg} (its traceback: -v 1)'
+    return True
 
 
 def quiet_orbax_logs() -> None:

@@ -497,3 +497,31 @@ def test_deterministic_sets_the_xla_flag_before_jax_starts(monkeypatch):
   monkeypatch.setattr(train, '_backends_initialised', lambda: True)
   with pytest.raises(train.ConfigError, match='deterministic'):
     train.configure_determinism(cfg)
+
+
+def test_orbax_records_of_a_failed_save_are_one_line_each():
+  """A full disk made orbax's threads log a traceback per array and asyncio one record per
+  orbax task, hundreds of lines around the error that says what happened. Orbax's errors
+  keep their line without the traceback; asyncio's records of orbax tasks go; anything
+  else, and orbax's INFO (dropped as before), is unchanged."""
+  import logging as std_logging
+  import sys as std_sys
+  chatter, orbax_file = checkpointing._OrbaxChatter(), os.path.join('x', 'orbax', 'future.py')
+  try:
+    raise RuntimeError('Event loop is closed')
+  except RuntimeError:
+    exc = std_sys.exc_info()
+
+  def record(name, path, level, msg, exc_info=None):
+    return std_logging.LogRecord(name, level, path, 1, msg, (), exc_info)
+
+  failed = record('absl', orbax_file, std_logging.ERROR, 'run() raised: RESOURCE_EXHAUSTED', exc)
+  assert chatter.filter(failed) and failed.exc_info is None
+  assert failed.getMessage().startswith('run() raised: RESOURCE_EXHAUSTED')
+  task = record('asyncio', 'base_events.py', std_logging.ERROR,
+                f'Task exception was never retrieved\nfuture: <Task coro=<f() at {orbax_file}>')
+  assert not chatter.filter(task)
+  ours = record('absl', os.path.join('byol_jax', 'train.py'), std_logging.ERROR, 'ours', exc)
+  assert chatter.filter(ours) and ours.exc_info is exc
+  assert not chatter.filter(record('absl', orbax_file, std_logging.INFO, 'saved'))
+  assert chatter.filter(record('absl', 'train.py', std_logging.INFO, 'step 2'))
