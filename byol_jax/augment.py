@@ -270,9 +270,10 @@ def solarize(image: Array, threshold: float = 0.5) -> Array:
 
 
 def blur_kernel_size(image_size: int, cfg: ml_collections.ConfigDict) -> int:
-  """Kernel side: image_size * fraction rounded half up, bumped to odd (224 -> 23)."""
-  size = max(1, math.floor(image_size * cfg.blur_kernel_fraction + 0.5))
-  return size if size % 2 else size + 1
+  """Kernel side 2 * int(image_size * fraction / 2) + 1, the release's (224 -> 23, 96 -> 9,
+  32 -> 3): its kernel is image_size / 10 px, and its blur takes a radius of half that,
+  truncated."""
+  return 2 * int(image_size * cfg.blur_kernel_fraction / 2) + 1
 
 
 def gaussian_blur(

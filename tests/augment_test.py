@@ -90,9 +90,12 @@ def test_default_config_has_paper_values():
   assert cfg.mean == (0.485, 0.456, 0.406) and cfg.std == (0.229, 0.224, 0.225)
 
 
-@pytest.mark.parametrize('size, expected', [(224, 23), (32, 3), (64, 7), (96, 11), (5, 1)])
+@pytest.mark.parametrize('size, expected', [(224, 23), (32, 3), (64, 7), (96, 9), (256, 25),
+                                            (160, 17), (5, 1)])
 def test_blur_kernel_size(size, expected):
-  """Fails if the kernel side stops being round(size / 10) bumped to odd (23 at 224 px)."""
+  """Fails if the kernel side stops being the release's: a kernel of size / 10 px whose
+  blur takes radius int(kernel / 2), so 2 * radius + 1 taps (23 at 224 px; 9 at STL-10's
+  96 px and 25 at 256 px, where rounding to the nearest odd side gave 11 and 27)."""
   assert augment.blur_kernel_size(size, augment.default_augment_config()) == expected
 
 
