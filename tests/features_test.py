@@ -56,12 +56,15 @@ def test_embed_matches_the_evaluators(trained):
 
 
 def test_float_images_match_uint8(trained):
-  """Float [0, 1] input preprocessed differently from uint8 would break this."""
+  """Float [0, 1] input preprocessed differently from uint8 would break this. (The fresh
+  state's BatchNorm statistics do not normalise, so features reach 1e9 and float32
+  rounding of the two inputs grows with depth: the tolerance is relative to that scale.)"""
   cfg, state = trained
   encoder = features.Encoder.from_train_state(state, cfg, batch_size=8)
   images = _images(5)
-  np.testing.assert_allclose(encoder.embed(images.astype(np.float64) / 255),
-                             encoder.embed(images), rtol=1e-5, atol=1e-6)
+  expected = encoder.embed(images)
+  np.testing.assert_allclose(encoder.embed(images.astype(np.float64) / 255), expected,
+                             rtol=0, atol=1e-5 * np.abs(expected).max())
 
 
 def test_fixed_batch_shape_compiles_once(trained, monkeypatch):
