@@ -415,19 +415,23 @@ def test_config_survives_the_json_round_trip():
 def test_runs_saved_before_a_field_existed_resume_at_its_old_behaviour():
   """A config saved before a field existed (tau_schedule, augment.jitter_style,
   model.weight_init, optimizer.decay_all_params, target_init, optimizer.trust_clip,
-  model.stem_relu, model.head_output_bias) matches the current one when
-  it holds the values that reproduce the old code, and differs (naming the field)
-  otherwise. Breaks if an upgrade makes every older run unresumable, or hides a change."""
-  cfg = tiny_config(**{'model.head_output_bias': True})
+  model.stem_relu, model.head_output_bias, optimizer.momentum_before_lr) matches the
+  current one when it holds the values that reproduce the old code, and differs (naming the
+  field) otherwise. Breaks if an upgrade makes every older run unresumable, or hides a
+  change (a LARS run saved before momentum_before_lr must not resume in the new order)."""
+  cfg = tiny_config(**{'model.head_output_bias': True, 'optimizer.momentum_before_lr': False})
   old = checkpointing.config_to_dict(cfg)
   del old['tau_schedule'], old['augment']['jitter_style'], old['model']['weight_init']
   del old['optimizer']['decay_all_params'], old['target_init'], old['optimizer']['trust_clip']
   del old['model']['stem_relu'], old['model']['head_output_bias']
+  del old['optimizer']['momentum_before_lr']
   assert checkpointing.config_differences(old, cfg) == ([], [])
   cfg.tau_schedule = 'constant'
   cfg.target_init = 'copy'
+  cfg.optimizer.momentum_before_lr = True
   trajectory, _ = checkpointing.config_differences(old, cfg)
-  assert trajectory == ["target_init ('random' -> 'copy')", "tau_schedule ('cosine' -> 'constant')"]
+  assert trajectory == ["optimizer.momentum_before_lr (False -> True)",
+                        "target_init ('random' -> 'copy')", "tau_schedule ('cosine' -> 'constant')"]
 
 
 def test_saved_value_flags_put_the_saved_run_back(monkeypatch):
