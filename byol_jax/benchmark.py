@@ -91,7 +91,7 @@ def _num_classes(cfg: Any) -> int:
   if spec.kind == 'demo':
     from byol_jax import demo_data
     return demo_data.NUM_CLASSES
-  name = spec.name.split('/')[0].split(':')[0]
+  name = datasets.tfds_base_name(spec.name)
   if name in _KNOWN_CLASSES:
     return _KNOWN_CLASSES[name]
   from byol_jax import data as data_lib

@@ -221,7 +221,7 @@ def _not_prepared_message(spec: DatasetSpec, builder: Any, data_dir: str | None)
   where = f'TFDS dataset {spec.name!r} is not prepared under data_dir={root} ' \
           f'(looked for {builder.data_dir}/dataset_info.json)'
   build = f'`tfds build {spec.name} --data_dir={root}`'
-  if spec.name.split('/')[0].split(':')[0] == 'imagenet2012':
+  if tfds_base_name(spec.name) == 'imagenet2012':
     return (f'{where}: put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar (from '
             f'image-net.org) in {root}/downloads/manual and run {build}')
   if getattr(builder, 'MANUAL_DOWNLOAD_INSTRUCTIONS', None):
@@ -240,10 +240,14 @@ def _derived_splits(available: Sequence[str]) -> dict[str, str]:
   return dict(_HELD_OUT_SPLITS, test='validation')
 
 
+def tfds_base_name(name: str) -> str:
+  """A TFDS name without its config and version ('voc/2007:5.0.0' -> 'voc')."""
+  return name.split('/')[0].split(':')[0]
+
+
 def tfds_split_table(name: str, available: Sequence[str] = ()) -> dict[str, str]:
   """Logical -> TFDS split expressions for a TFDS dataset name (config/version ignored)."""
-  base = name.split('/')[0].split(':')[0]
-  return TFDS_SPLITS.get(base) or _derived_splits(available)
+  return TFDS_SPLITS.get(tfds_base_name(name)) or _derived_splits(available)
 
 
 def includes_test_split(spec: DatasetSpec, split: str) -> bool:
@@ -254,8 +258,7 @@ def includes_test_split(spec: DatasetSpec, split: str) -> bool:
     return True
   if spec.kind != 'tfds':
     return False
-  base = spec.name.split('/')[0].split(':')[0]
-  names = {'test', TFDS_SPLITS.get(base, {}).get('test', 'test')}
+  names = {'test', TFDS_SPLITS.get(tfds_base_name(spec.name), {}).get('test', 'test')}
   return any(part.split('[')[0].strip() in names for part in split.split('+'))
 
 

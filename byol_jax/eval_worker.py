@@ -167,7 +167,7 @@ class Worker:
     """Builds the evaluator from the first checkpoint's config (the model is the run's)."""
     cfg = eval_config(saved_cfg, self.cfg)
     self.run_cfg, self.dataset = cfg, cfg.dataset
-    self.final_step = optim.total_steps(saved_cfg, int(meta['num_examples']))
+    self.final_step = _final_step(saved_cfg, meta)
     self.knn = train.KnnEval(cfg, train_step.make_mesh(), None)
     if self.knn.unavailable:
       raise train.ConfigError(no_knn_message(self.knn))
@@ -186,8 +186,7 @@ class Worker:
     for step in reversed(checkpointing.scan(self.workdir).finalised):
       try:
         meta = checkpointing.read_metadata(self.workdir, step)
-        return optim.total_steps(checkpointing.config_from_dict(meta['config']),
-                                 int(meta['num_examples']))
+        return _final_step(checkpointing.config_from_dict(meta['config']), meta)
       except (checkpointing.CheckpointError, KeyError, TypeError, ValueError):
         continue
     return None
@@ -195,6 +194,11 @@ class Worker:
   def close(self) -> None:
     if self.writer is not None:
       self.writer.close()
+
+
+def _final_step(saved_cfg: Any, meta: dict[str, Any]) -> int:
+  """The last step of the run that saved a checkpoint (its config and metadata)."""
+  return optim.total_steps(saved_cfg, int(meta['num_examples']))
 
 
 def waiting_message(workdir: str, idle_timeout_secs: float) -> str:

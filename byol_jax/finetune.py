@@ -147,7 +147,7 @@ def _require_resident(cfg: Any, split: str) -> None:
 
 def _tfds_subset_config(cfg: Any) -> Any:
   """The config that reads ImageNet's TFDS subset as the training split."""
-  base = cfg.dataset.split('/')[0].split(':')[0]
+  base = data_lib.datasets.tfds_base_name(cfg.dataset)
   name = TFDS_SUBSETS.get(round(cfg.subset_fraction, 4))
   if base != 'imagenet2012' or name is None:
     raise ConfigError(f"subset_source='tfds' needs dataset imagenet2012 and subset_fraction "
