@@ -192,13 +192,15 @@ _UNSET = '<unset>'
 
 def _changed_fields(saved: Any, current: Any) -> tuple[dict, dict, list[str]]:
   """Both configs flattened, the saved one completed as config_compat's tables say, and the
-  fields whose values differ."""
+  fields whose values differ, less those that neither config reads."""
   a = _flatten(config_to_dict(saved) if not isinstance(saved, dict) else saved)
   b = _flatten(config_to_dict(current) if not isinstance(current, dict) else current)
   a = {**{k: v for k, v in config_compat.ADDED_FIELD_DEFAULTS.items() if k in b}, **a}
   removed = config_compat.REMOVED_FIELD_VALUES
   a = {k: v for k, v in a.items() if not (k in removed and k not in b and v == removed[k])}
-  return a, b, [k for k in sorted(set(a) | set(b)) if a.get(k, _UNSET) != b.get(k, _UNSET)]
+  unread = config_compat.unread_fields(a) & config_compat.unread_fields(b)
+  return a, b, [k for k in sorted(set(a) | set(b))
+                if a.get(k, _UNSET) != b.get(k, _UNSET) and k not in unread]
 
 
 def _is_trajectory(field: str) -> bool:

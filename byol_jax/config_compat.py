@@ -37,6 +37,17 @@ REMOVED_FIELD_VALUES = {
   'augment.brightness_mode': 'additive',
 }
 
+# Trajectory fields read only by LARS: SGD has no trust ratio, and its momentum always comes
+# before the LR. Between two SGD configs a difference in one changes nothing, so an SGD run
+# saved before one existed (momentum_before_lr: False) resumes under today's default.
+LARS_ONLY_FIELDS = ('optimizer.trust_coefficient', 'optimizer.trust_clip',
+                    'optimizer.momentum_before_lr')
+
+
+def unread_fields(flat: dict[str, Any]) -> set[str]:
+  """The trajectory fields that a flattened config ('optimizer.name': ...) never reads."""
+  return set(LARS_ONLY_FIELDS) if flat.get('optimizer.name') == 'sgd' else set()
+
 
 def setting(cfg: Any, field: str) -> Any:
   """`field`'s value in `cfg`, or its value from before it existed.

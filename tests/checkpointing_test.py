@@ -434,6 +434,30 @@ def test_runs_saved_before_a_field_existed_resume_at_its_old_behaviour():
                         "target_init ('random' -> 'copy')", "tau_schedule ('cosine' -> 'constant')"]
 
 
+def test_an_sgd_run_ignores_lars_only_fields_on_resume():
+  """SGD reads neither the trust ratio nor the momentum order, so an SGD run saved before
+  momentum_before_lr existed (False) resumes under today's True; a LARS run does not, and
+  an SGD run still differs in the fields SGD reads. Breaks if every older cifar10_lightly
+  run is refused on resume, or if the exemption leaks to LARS."""
+  sgd = tiny_config(**{'optimizer.name': 'sgd', 'optimizer.momentum_before_lr': True})
+  old = checkpointing.config_to_dict(sgd)
+  del old['optimizer']['momentum_before_lr']
+  old['optimizer']['trust_coefficient'] = 0.5
+  assert checkpointing.config_differences(old, sgd) == ([], [])
+  assert checkpointing.saved_value_flags(old, sgd) == []
+  sgd.optimizer.momentum = 0.8
+  assert checkpointing.config_differences(old, sgd)[0] == [
+    f"optimizer.momentum ({old['optimizer']['momentum']!r} -> 0.8)"]
+  lars = tiny_config(**{'optimizer.name': 'lars', 'optimizer.momentum_before_lr': True})
+  old = checkpointing.config_to_dict(lars)
+  del old['optimizer']['momentum_before_lr']
+  assert checkpointing.config_differences(old, lars)[0] == [
+    'optimizer.momentum_before_lr (False -> True)']
+  old['optimizer']['name'] = 'sgd'  # LARS -> SGD: a change, and the LARS fields with it
+  assert 'optimizer.momentum_before_lr (False -> True)' in (
+    checkpointing.config_differences(old, lars)[0])
+
+
 def test_saved_value_flags_put_the_saved_run_back(monkeypatch):
   """The flags that the refusal to resume suggests must, given on the command line, make
   the config match the saved run (a tuple, a bool, a string, a float and a field added since),
