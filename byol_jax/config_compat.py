@@ -6,6 +6,10 @@ the old behaviour is written down once, here: the resume check
 (`checkpointing.config_differences`) and the networks, optimiser and augmentations built
 from an old run's saved config agree on it. A field missing from the table fails at once
 (KeyError) instead of silently taking a second, different default.
+
+A second table holds removed fields with the value under which today's code behaves as the
+old did, and `LARS_ONLY_FIELDS` lists the fields an SGD run never reads: between two SGD
+configs a difference in them is ignored by the resume check (`unread_fields`).
 """
 
 from __future__ import annotations

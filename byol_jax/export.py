@@ -6,7 +6,7 @@ weights file's name plus `.json`) with what a user needs to feed it: depth, widt
 feature size, input size, eval crop fraction and the normalisation mean/std.
 
     python -m byol_jax.export --workdir=runs/demo --format=npz
-    python -m byol_jax.export --workdir=runs/demo --format=torch --step=400 --network=target
+    python -m byol_jax.export --workdir=runs/demo --format=torch --step=200 --network=target
 
 `npz`: flat arrays keyed by Haiku path, `module/param`, e.g. `encoder/stem_conv/w` (HWIO)
 and `encoder/~_bn/stem_bn/scale`; BN moving averages are the `.../~/mean_ema/*` and
@@ -22,7 +22,7 @@ torchvision pads k//2 on every side. Stride-1 convs and odd-sized inputs agree; 
 every stride-2 layer differs. Two ways to run an export in PyTorch:
 
 * Exact (features match the JAX encoder to float32 rounding): the module from this file,
-      model = byol_jax.export.load_torch_export('encoder_online_step400.pt')
+      model = byol_jax.export.load_torch_export('encoder_online_step300.pt')
   or  model = torch_resnet(sidecar['model']); model.load_state_dict(torch.load(path))
   Its stride-2 convs and max-pool pad explicitly (F.pad) as SAME does. It takes NCHW
   float images, normalised as the sidecar says, and returns pooled features [B, D].

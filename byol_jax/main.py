@@ -37,7 +37,8 @@ _MODE = flags.DEFINE_enum('worker_mode', 'train', WORKER_MODES, 'What this proce
 # Several processes (hosts) in one run; see README "Multi-host".
 _MULTIHOST = flags.DEFINE_enum(
   'multihost', 'auto', ('auto', 'on', 'off'),
-  'auto: join a multi-process run when the flags below or SLURM / Open MPI / Cloud TPU '
+  'auto: join a multi-process run when --coordinator_address, --num_processes and '
+  '--process_id or SLURM / Open MPI / Cloud TPU '
   'variables say so; on: always call jax.distributed.initialize (TPU pod slices); off: never.')
 _COORDINATOR = flags.DEFINE_string(
   'coordinator_address', None, 'HOST:PORT of process 0, the same on every process.')

@@ -108,9 +108,10 @@ def _demo() -> ml_collections.ConfigDict:
   """A CPU-sized run on the generated shapes data that learns visibly in a few minutes.
 
   `python -m byol_jax.main --config=configs/byol.py:demo --workdir=runs/demo` takes about
-  2 minutes on 2 idle CPU cores, compilation and both kNN evaluations included (103-107 s,
-  README Results); kNN top-1 on the test split rises from about 0.3 (the random encoder,
-  `knn_top1_init`) to about 0.6 (three seeds). What makes that possible in 300 steps:
+  2 minutes on 2 idle CPU cores, compilation and both kNN evaluations included (102-107 s
+  at commit 2b4197c, 134-146 s on a loaded machine since: README Results); kNN top-1 on
+  the test split rises from about 0.3 (the random encoder, `knn_top1_init`) to about 0.6
+  (three seeds). What makes that possible in 300 steps:
   - the data (byol_jax/demo_data.py): light shapes on dark backgrounds, large and near the
     centre. With a random contrast sign per image BYOL learnt colour, not shape;
   - a ResNet-10 at half width with the ImageNet stem on 32 px images (8x8 maps after the
@@ -203,9 +204,13 @@ def _cifar10_lightly(epochs: int) -> ml_collections.ConfigDict:
     at least as well (docs/cifar10.md, "The PyTorch cross-check").
   - Weight decay on every parameter, biases and BatchNorm's included (PyTorch's SGD), and
     a target that starts as a copy of the online network.
+  - Inputs normalised with ImageNet's mean and std (every preset's `augment.mean/std`), as
+    lightly's benchmark does.
   Not expressed: lightly's backbone has no ReLU after the stem's BatchNorm (it keeps the
   ResNet's child modules, and the stem's ReLU lives in `forward`). `model.stem_relu=False`
-  drops it; the preset keeps it, as its GPU figures (README) were measured with it.
+  drops it; the preset keeps it, as its GPU figures (README) were measured with it. Nor
+  lightly's LR held through each epoch (ours moves every step) or its EMA update before
+  the forward pass (ours follows the optimiser step).
   """
   cfg = _cifar10(epochs)
   cfg.preset = 'cifar10_lightly'

@@ -19,8 +19,9 @@ Presets (each value can be overridden by its flag):
   SGD LR 0.06 x batch/128, momentum 0.9, weight decay 5e-4 on every parameter (PyTorch's
   SGD), cosine LR without warm-up, constant tau 0.99, loss the mean of the two -cos terms,
   SimCLR views (colour jitter 0.4/0.4/0.4/0.1 with p 0.8, grayscale 0.2, no blur or
-  solarisation). Its details match byol_jax's `cifar10_lightly`, so the two compare as
-  implementations; lightly_exact has lightly's remaining ones.
+  solarisation). Its details match byol_jax's `cifar10_lightly` except the input
+  normalisation (CIFAR-10's mean and std here; byol_jax uses ImageNet's for every preset),
+  so the two compare as implementations; lightly_exact has lightly's remaining ones.
 - lightly_exact: lightly's benchmark to the letter, so that its accuracy on these images
   calibrates lightly's published figure against the data. On top of lightly: no ReLU after
   the stem's BatchNorm (lightly's backbone keeps the ResNet's child modules, and the stem's
