@@ -244,6 +244,20 @@ def input_mode(cfg: Any, split: str) -> str:
   return mode
 
 
+def evaluation_input_mode(cfg: Any) -> str:
+  """One input path for every split of an evaluation: 'stream' if any split must stream.
+
+  Why: the streamed path (host crop of crop_fraction, TF bicubic without antialiasing: the
+  release's `_decode_and_center_crop`) and the resident path (PIL's antialiased short-side
+  resize to decode_size, then a device crop) give different pixels for the same image. A
+  head trained on one path's features and chosen / reported on the other's measures that
+  shift too (the imagenet preset streams 'train' but keeps 'valid' and 'test' resident).
+  """
+  splits = [cfg.train_split, cfg.test_split] + ([cfg.val_split] if cfg.val_split else [])
+  modes = {input_mode(cfg, s) for s in splits}
+  return 'stream' if 'stream' in modes else 'device'
+
+
 def load_split(cfg: Any, split: str, seed: int) -> data_lib.Split:
   """Decodes one split at decode_size; `seed` only changes the demo data."""
   spec = datasets.parse_dataset(cfg.dataset)
@@ -397,7 +411,7 @@ def split_features(cfg: Any, embedder: Embedder, split: str,
                    seed: int) -> tuple[np.ndarray, np.ndarray]:
   """Centre-crop features and labels of one logical split."""
   start = time.time()
-  if input_mode(cfg, split) == 'stream':
+  if evaluation_input_mode(cfg) == 'stream':
     x, y = labelled(cfg, split, *embedder.stream(split))
   else:
     data = load_split(cfg, split, seed)
@@ -493,7 +507,7 @@ def _cached(cfg: Any, pre: Pretrained, embedder: Embedder) -> tuple[dict, dict]:
   result = linear_lib.linear_eval(pool_x[train_rows], pool_y[train_rows], *val, *test,
                                   num_classes=classes, learning_rates=tuple(cfg.learning_rates),
                                   epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed,
-                                  normalize=cfg.normalize_features)
+                                  normalize=cfg.normalize_features, refit=cfg.refit)
   sizes = dict(train=len(train_rows), val=len(val[1]), test=len(test[1]))
   return dict(result, num_classes=classes, feature_dim=int(pool_x.shape[1])), sizes
 
@@ -520,6 +534,19 @@ def _augmented(cfg: Any, pre: Pretrained, embedder: Embedder) -> tuple[dict, dic
                                 classes, tuple(cfg.learning_rates), cfg.epochs, batch, cfg.seed,
                                 NamedSharding(mesh, P(train_step.AXIS)))
   result = linear_lib.report_heads(jax.device_get(params), tuple(cfg.learning_rates), val, test)
+  if cfg.refit:
+    val_images = (load_split(cfg, cfg.val_split, seed).images if cfg.val_split
+                  else pool.images[val_rows])
+    images, labels = train_step.replicate(
+      (np.concatenate([pool.images[train_rows], val_images]),
+       np.concatenate([pool.labels[train_rows], val[1]])), mesh)
+    logging.info('refitting one head at lr %g on %d train + validation examples',
+                 result['best_lr'], len(labels))
+    params = train_heads_on_views(images, labels, featurize, (embedder.params, embedder.state),
+                                  classes, (result['best_lr'],), cfg.epochs, batch, cfg.seed,
+                                  NamedSharding(mesh, P(train_step.AXIS)))
+    result = linear_lib.with_refit(result, linear_lib.evaluate_heads(jax.device_get(params),
+                                                                     *test))
   sizes = dict(train=len(train_rows), val=len(val[1]), test=len(test[1]))
   return dict(result, num_classes=classes, feature_dim=int(test[0].shape[1])), sizes
 
@@ -532,6 +559,7 @@ def evaluate(cfg: Any, pre: Pretrained, workdir: str) -> dict[str, Any]:
                cfg.network, pre.step, pre.weights, cfg.dataset)
   embedder = Embedder(cfg, pre)
   result, sizes = (_cached if cfg.mode == 'cached' else _augmented)(cfg, pre, embedder)
+  result.setdefault('refit', False)
   record = dict(provenance(cfg, pre, f'linear_{cfg.mode}'),
                 splits=split_record(cfg, pre.config.seed, sizes), epochs=cfg.epochs,
                 batch_size=cfg.batch_size, learning_rates=list(cfg.learning_rates),

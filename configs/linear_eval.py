@@ -17,7 +17,8 @@ Presets:
   cifar10   CIFAR-10 at the pretraining resolution (32 px for the cifar10 pretraining preset).
   imagenet  the paper's linear protocol: 80 epochs, SGD with Nesterov momentum 0.9, no weight
             decay, cosine decay, batch 1024, LR chosen on the 10,009 held-out train images
-            (datasets.IMAGENET_VALID_EXAMPLES), reported on the official validation set. The
+            (datasets.IMAGENET_VALID_EXAMPLES), then retrained at that LR on all training
+            images (refit) and reported on the official validation set. The
             paper trains on random crops + flips (mode='augmented'), which needs the decoded
             train split in memory; ImageNet does not fit, so the preset uses mode='cached'
             (centre-crop features, streamed through tf.data). Finetune uses the TFDS
@@ -48,7 +49,12 @@ Fields:
                      count) of train_split out instead, chosen by `seed`.
   epochs, batch_size, learning_rates
                      the linear head's SGD: all LRs are trained at once (vmapped heads) and the
-                     one with the best validation top-1 (mAP: voc2007) is reported on test.
+                     one with the best validation top-1 (mAP: voc2007) is chosen.
+  refit              True (the protocol): one head is then retrained at the chosen LR on train
+                     + validation and reported on test, as SimCLR's transfer evaluation and the
+                     release's ImageNet head (TRAIN_AND_VALID) do; False reports the sweep's
+                     head, trained without the validation images. Records carry `refit`, and
+                     `per_lr` keeps the sweep's test columns either way.
   mode               'cached': heads train on the frozen encoder's centre-crop features,
                      computed once (fast). 'augmented': the paper's protocol, every step takes
                      a random resized crop + flip and runs the frozen encoder (inference mode).
@@ -118,7 +124,8 @@ def _base() -> ml_collections.ConfigDict:
     input_mode='auto',
     train_split='train', val_split='valid', val_size=0.1, test_split='test',
     epochs=80, batch_size=1024, learning_rates=LINEAR_LRS,
-    mode='cached', normalize_features=False, network='online', step=0, random_init=False,
+    mode='cached', normalize_features=False, refit=True, network='online', step=0,
+    random_init=False,
     bn_calibration_examples=BN_CALIBRATION_EXAMPLES, seed=0,
     embed_batch_size=256, max_examples=0,
     subset_fraction=0.0, subset_source='balanced',

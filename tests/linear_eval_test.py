@@ -64,21 +64,37 @@ def test_run_writes_record_with_provenance(workdir):
 
 
 def test_best_lr_is_validation_argmax_and_test_comes_from_that_head(workdir, monkeypatch):
-  """Breaks if the worker picks the LR on test or reports another head's test accuracy."""
+  """Breaks if the worker picks the LR on test, reports another head's test accuracy, or
+  (refit, the default) does not retrain the chosen LR's head on train + validation (1000 +
+  500 rows) and report that head's test score."""
   real = linear_lib.evaluate_heads
   val_top1, test_top1 = np.array([0.2, 0.6, 0.4]), np.array([0.9, 0.1, 0.8])
 
   def fake(params, x, y, chunk_size=4096):
     out = real(params, x, y, chunk_size)
+    if params['w'].shape[0] == 1:  # the refit head
+      return dict(out, top1=np.array([0.55]))
     table = val_top1 if len(y) == 500 else test_top1  # val has 500 rows, test 1000
     return dict(out, top1=table)
 
+  fits = []
+  for module, name, lr_arg in ((linear_lib, 'train_linear_heads', 3),
+                               (linear_eval, 'train_heads_on_views', 5)):
+    def spy(*args, _real=getattr(module, name), _lr_arg=lr_arg, **kw):
+      fits.append((len(args[1]), tuple(args[_lr_arg])))
+      return _real(*args, **kw)
+    monkeypatch.setattr(module, name, spy)
   monkeypatch.setattr(linear_lib, 'evaluate_heads', fake)
   for mode in ('cached', 'augmented'):
-    rec = linear_eval.evaluate(eval_config(mode=mode, epochs=1), _pretrained(workdir), workdir)
-    assert rec['best_index'] == int(np.argmax([r['val_top1'] for r in rec['per_lr']])) == 1
-    assert rec['best_lr'] == 0.1 and rec['val_top1'] == 0.6
-    assert rec['test_top1'] == rec['per_lr'][1]['test_top1'] == 0.1
+    for refit in (False, True):
+      fits.clear()
+      rec = linear_eval.evaluate(eval_config(mode=mode, epochs=1, refit=refit),
+                                 _pretrained(workdir), workdir)
+      assert rec['best_index'] == int(np.argmax([r['val_top1'] for r in rec['per_lr']])) == 1
+      assert rec['best_lr'] == 0.1 and rec['val_top1'] == 0.6
+      assert rec['per_lr'][1]['test_top1'] == 0.1 and rec['refit'] is refit
+      assert rec['test_top1'] == (0.55 if refit else 0.1), (mode, refit)
+      assert fits == [(1000, (0.01, 0.1, 1.0))] + ([(1500, (0.1,))] if refit else []), mode
 
 
 def _pretrained(workdir):
@@ -197,10 +213,12 @@ def test_presets_and_bad_fields():
 def test_voc2007_preset_reports_map_from_the_validation_choice(workdir, voc_dir):
   """The paper's VOC2007 transfer protocol end to end on TFDS-shaped data; breaks if the
   multi-label targets do not reach the heads (top-k instead of mAP), a split is misnamed,
-  or the reported row is not the validation choice, in either mode."""
-  for mode in ('cached', 'augmented'):
+  or the reported row is not the validation choice (refit=False) or its head retrained on
+  train + validation (multi-label rows concatenated), in either mode."""
+  for mode, refit in (('cached', False), ('cached', True), ('augmented', True)):
     cfg = eval_configs.get_config('voc2007')
-    cfg.update(data_dir=voc_dir, epochs=2, batch_size=8, learning_rates=(0.01, 0.1), mode=mode)
+    cfg.update(data_dir=voc_dir, epochs=2, batch_size=8, learning_rates=(0.01, 0.1), mode=mode,
+               refit=refit)
     rec = linear_eval.evaluate(cfg, _pretrained(workdir), workdir)
     assert rec['dataset'] == 'voc/2007' and rec['num_classes'] == 20
     assert {k: (v['definition'], v['size']) for k, v in rec['splits'].items()} == {
@@ -208,7 +226,7 @@ def test_voc2007_preset_reports_map_from_the_validation_choice(workdir, voc_dir)
       'test': ('voc/2007[test]', 16)}
     assert 'test_top1' not in rec and 0.0 < rec['test_map'] <= 1.0
     assert rec['best_index'] == int(np.argmax([r['val_map'] for r in rec['per_lr']]))
-    assert rec['test_map'] == rec['per_lr'][rec['best_index']]['test_map']
+    assert (rec['test_map'] == rec['per_lr'][rec['best_index']]['test_map']) is not refit
 
 
 def test_voc2007_refusals_name_what_to_do(workdir, voc_dir):
@@ -297,3 +315,30 @@ SLOW_STEPS = 100
 # nothing, or collapses, fails.
 SLOW_MARGINS = dict(knn=0.05, linear=0.15)
 SLOW_COMPILE_CACHE = os.path.join(tempfile.gettempdir(), 'byol_jax_slow_test_compile_cache')
+
+
+def test_every_split_of_an_evaluation_takes_one_input_path(monkeypatch):
+  """The head must be trained on features from the same preprocessing as the val/test
+  features it is chosen and reported on. On an 80 GiB accelerator the imagenet preset's
+  train split must stream (host crop, TF bicubic: the release's recipe) while valid and test
+  would fit in memory (PIL's antialiased resize, then a device crop: 2 grey levels apart on
+  average); so all three stream. Breaks if split_features picks a path per split again."""
+  from byol_jax import data as data_lib
+  from byol_jax import datasets
+  sizes = {'train': 1281167 - 10009, 'valid': 10009, 'test': 50000}
+  monkeypatch.setattr(data_lib, 'device_memory_bytes', lambda: 80 * 2**30)
+  monkeypatch.setattr(datasets, 'dataset_size', lambda spec, split, data_dir=None: sizes[split])
+  monkeypatch.setattr(linear_eval, 'multilabel', lambda cfg: False)
+  pre_cfg = tiny_config(dataset='imagenet2012', image_size=224, eval_crop_fraction=0.875)
+  cfg = linear_eval.resolve_config(eval_configs.get_config('imagenet'), pre_cfg)
+  modes = {s: linear_eval.input_mode(cfg, s) for s in ('train', 'valid', 'test')}
+  assert modes == {'train': 'stream', 'valid': 'device', 'test': 'device'}  # the premise
+  assert linear_eval.evaluation_input_mode(cfg) == 'stream'
+  embedded = []
+  fake = types.SimpleNamespace(stream=lambda split: embedded.append(split) or (
+    np.zeros((2, 4), np.float32), np.zeros(2, np.int64)))
+  monkeypatch.setattr(linear_eval, 'labelled', lambda cfg, split, x, y: (x, y))
+  linear_eval.split_features(cfg, fake, 'test', seed=0)
+  assert embedded == ['test']
+  monkeypatch.setattr(data_lib, 'device_memory_bytes', lambda: 10**15)  # all fit: resident
+  assert linear_eval.evaluation_input_mode(cfg) == 'device'
