@@ -49,8 +49,9 @@ def device_memory_bytes() -> int:
   return int(stats.get('bytes_limit', 8 * 2**30))
 
 
-def load_split(cfg: Any, split: str) -> Split:
-  """Decodes a whole split into host memory (demo, image folder or small TFDS dataset)."""
+def load_split(cfg: Any, split: str, random_crops: bool = False) -> Split:
+  """Decodes a whole split into host memory (demo, image folder or small TFDS dataset);
+  `random_crops` (the training split) warns when centre squares lose much of the images."""
   spec = datasets.parse_dataset(cfg.dataset)
   if spec.kind == 'demo':
     split = 'train' if split in ('train', 'trainval') else split
@@ -62,6 +63,10 @@ def load_split(cfg: Any, split: str) -> Split:
     strict=cfg.strict_data, seed=cfg.seed)
   if info.get('skipped'):
     logging.warning('%s/%s: skipped %d unreadable files', cfg.dataset, split, info['skipped'])
+  warning = datasets.centre_square_warning(info, f'{cfg.dataset}/{split}',
+                                           ', as --config.input_mode=stream does')
+  if random_crops and warning:
+    logging.warning('%s', warning)
   return Split(images, labels.astype(np.int32))
 
 
@@ -95,7 +100,7 @@ def make_train_data(cfg: Any, start_step: int = 0) -> TrainData:
   logging.info('input mode: %s (%s)', mode, reason)
   num_classes = num_classes_of(cfg)
   if mode == 'device':
-    train = load_split(cfg, pretrain_split(cfg))
+    train = load_split(cfg, pretrain_split(cfg), random_crops=True)
     if len(train.labels) < cfg.batch_size:
       raise datasets.DataError(
         f'{cfg.dataset} has {len(train.labels)} training images, fewer than one batch of '

@@ -532,22 +532,50 @@ def resize_short_side_and_centre_crop(img: Any, size: int) -> Any:
 
 def decode_image(source: str | bytes, image_size: int | None = None) -> np.ndarray | None:
   """Decodes a file path or encoded bytes to uint8 RGB [H, W, 3]; None if unreadable."""
+  return _decode_and_area(source, image_size)[0]
+
+
+def _decode_and_area(source: str | bytes, image_size: int | None) -> tuple[np.ndarray | None,
+                                                                          float]:
+  """`decode_image` and the share of the image's area that its centre square keeps (1 for a
+  square image or without image_size)."""
   from PIL import Image
   try:
     with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
       img.load()
       rgb = _to_rgb(img)
+      area = 1.0
       if image_size:
+        area = min(rgb.size) / max(rgb.size)
         rgb = resize_short_side_and_centre_crop(rgb, image_size)
-      return np.asarray(rgb, dtype=np.uint8)
+      return np.asarray(rgb, dtype=np.uint8), area
   except Exception:  # Pillow raises many exception types for corrupt files.
-    return None
+    return None, 1.0
+
+
+def centre_square_warning(info: dict[str, Any], where: str, remedy: str) -> str:
+  """A warning for data decoded into memory as centre squares that random crops will sample
+  ('' when the images were square enough to lose under 5% of their area).
+
+  Why: the release's crops (and the streamed path's) sample the whole image; a crop of the
+  resident copy never reaches the part of a wide or tall image outside its centre square.
+  """
+  area = info.get('centre_square_area', 1.0)
+  if area >= 0.95:
+    return ''
+  return (f'{where}: images are held in memory as their centre squares, on average '
+          f'{area:.0%} of each image, so random crops never see the rest; the release crops '
+          f'from whole images{remedy}')
 
 
 def _decode_all(sources: Sequence[Any], names: Sequence[str], image_size: int | None,
-                where: str, strict: bool) -> tuple[np.ndarray, np.ndarray, int]:
-  """Decodes sources in parallel; returns stacked images, kept indices and skipped count."""
-  decoded = _parallel_map(lambda s: decode_image(s, image_size), sources, f'decoding {where}')
+                where: str, strict: bool) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+  """Decodes sources in parallel; returns stacked images, kept indices and info's counts:
+  skipped (unreadable) and centre_square_area (the mean share of an image that its centre
+  square holds, see `centre_square_warning`)."""
+  results = _parallel_map(lambda s: _decode_and_area(s, image_size), sources,
+                          f'decoding {where}')
+  decoded = [img for img, _ in results]
   keep = [i for i, img in enumerate(decoded) if img is not None]
   _report_skipped(where, [names[i] for i, img in enumerate(decoded) if img is None],
                   len(sources), strict)
@@ -555,11 +583,12 @@ def _decode_all(sources: Sequence[Any], names: Sequence[str], image_size: int | 
   if len(shapes) > 1:
     raise DataError(f'images under {where} have different sizes (e.g. '
                     f'{sorted(shapes)[:2]}): pass image_size to resize them')
+  counts = dict(skipped=len(decoded) - len(keep),
+                centre_square_area=float(np.mean([results[i][1] for i in keep])) if keep else 1.0)
   if not keep:
     size = image_size or 0
-    return np.zeros((0, size, size, 3), np.uint8), np.zeros(0, np.int64), len(decoded)
-  images = np.stack([decoded[i] for i in keep])
-  return images, np.asarray(keep, np.int64), len(decoded) - len(keep)
+    return np.zeros((0, size, size, 3), np.uint8), np.zeros(0, np.int64), counts
+  return np.stack([decoded[i] for i in keep]), np.asarray(keep, np.int64), counts
 
 
 # ------------------------------------------------------------------------------------------
@@ -601,10 +630,9 @@ def _load_folder(spec: DatasetSpec, split: str, image_size: int | None, strict: 
   idx = shard(len(found.paths))
   idx = idx[folder_order(len(idx))]  # before decoding: no second copy of the images
   paths = [found.paths[i] for i in idx]
-  images, kept, skipped = _decode_all(paths, paths, image_size, f'{spec.root} ({split})',
-                                      strict)
+  images, kept, counts = _decode_all(paths, paths, image_size, f'{spec.root} ({split})', strict)
   return images, found.labels[idx][kept], dict(num_classes=len(found.class_names),
-                                               class_names=found.class_names, skipped=skipped)
+                                               class_names=found.class_names, **counts)
 
 
 def folder_order(n: int) -> np.ndarray:
@@ -670,12 +698,11 @@ def _load_tfds(spec: DatasetSpec, split: str, data_dir: str | None, image_size: 
     encoded.append(bytes(example['image']))
     labels.append(target(example))
   names = [f'{spec.name}[{expr}] #{i}' for i in range(len(encoded))]
-  images, kept, skipped = _decode_all(encoded, names, image_size, f'{spec.name} ({expr})',
-                                      strict)
+  images, kept, counts = _decode_all(encoded, names, image_size, f'{spec.name} ({expr})',
+                                     strict)
   empty = np.zeros((0, len(class_names)) if multilabel else 0, np.int64)
   labels = np.asarray(labels, np.int64)[kept] if labels else empty
-  return images, labels, dict(num_classes=len(class_names), class_names=class_names,
-                              skipped=skipped)
+  return images, labels, dict(num_classes=len(class_names), class_names=class_names, **counts)
 
 
 def load_arrays(spec: DatasetSpec, split: str, *, data_dir: str | None = None,
@@ -685,8 +712,9 @@ def load_arrays(spec: DatasetSpec, split: str, *, data_dir: str | None = None,
   """Decodes this process's part of a split into memory, for the device-resident path.
 
   Returns images uint8 [N, S, S, 3], labels int32 [N] and info dict(num_classes,
-  class_names, skipped). With image_size, images are resized (bicubic) so the shorter side is
-  image_size and centre-cropped square; without it all images must share one size. Folders
+  class_names, skipped, centre_square_area). With image_size, images are resized (bicubic)
+  so the shorter side is image_size and centre-cropped square (the mean share of an image's
+  area kept: centre_square_area); without it all images must share one size. Folders
   are split between processes by stride (every process sees every class), TFDS splits by
   tfds.even_splits. `seed` only changes the demo dataset. Unreadable files are skipped,
   counted in info['skipped'] and logged once; strict=True raises DataError instead.

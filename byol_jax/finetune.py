@@ -200,7 +200,7 @@ def load_data(cfg: Any, seed: int, workdir: str) -> dict[str, Any]:
                    (cfg, cfg.test_split)):
     if split:
       _require_resident(c, split)
-  pool = linear_eval.load_split(train_cfg, train_cfg.train_split, seed)
+  pool = linear_eval.load_split(train_cfg, train_cfg.train_split, seed, random_crops=True)
   train_rows, held_out = linear_eval.hold_out(cfg, len(pool.labels))
   val = (linear_eval.load_split(cfg, cfg.val_split, seed) if cfg.val_split
          else data_lib.Split(pool.images[held_out], pool.labels[held_out]))

@@ -258,8 +258,9 @@ def evaluation_input_mode(cfg: Any) -> str:
   return 'stream' if 'stream' in modes else 'device'
 
 
-def load_split(cfg: Any, split: str, seed: int) -> data_lib.Split:
-  """Decodes one split at decode_size; `seed` only changes the demo data."""
+def load_split(cfg: Any, split: str, seed: int, random_crops: bool = False) -> data_lib.Split:
+  """Decodes one split at decode_size; `seed` only changes the demo data. `random_crops`
+  (a split that heads train on crops of) warns when centre squares lose much of the images."""
   spec = datasets.parse_dataset(cfg.dataset)
   start = time.time()
   images, labels, info = datasets.load_arrays(
@@ -269,6 +270,9 @@ def load_split(cfg: Any, split: str, seed: int) -> data_lib.Split:
     images, labels = images[:cfg.max_examples], labels[:cfg.max_examples]
   logging.info('%s/%s: %d images at %d px decoded in %.1f s', cfg.dataset, split, len(labels),
                decode_size(cfg), time.time() - start)
+  warning = datasets.centre_square_warning(info, f'{cfg.dataset}/{split}', '')
+  if random_crops and warning:
+    logging.warning('%s', warning)
   return data_lib.Split(*labelled(cfg, split, images, labels.astype(np.int32)))
 
 
@@ -518,7 +522,7 @@ def _augmented(cfg: Any, pre: Pretrained, embedder: Embedder) -> tuple[dict, dic
   if input_mode(cfg, cfg.train_split) == 'stream':
     raise ConfigError(f"mode='augmented' keeps the decoded {cfg.dataset}/{cfg.train_split} "
                       "in memory and it does not fit; use mode='cached' (streamed features)")
-  pool = load_split(cfg, cfg.train_split, seed)
+  pool = load_split(cfg, cfg.train_split, seed, random_crops=True)
   train_rows, val_rows = hold_out(cfg, len(pool.labels))
   val = (split_features(cfg, embedder, cfg.val_split, seed) if cfg.val_split
          else (embedder.arrays(pool.images[val_rows]), pool.labels[val_rows]))

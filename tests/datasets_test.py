@@ -167,7 +167,8 @@ def test_load_arrays_mixed_formats_and_corrupt_files(tmp_path):
   write_mixed_images(tmp_path / 'test' / 'zebra')
   images, labels, info = datasets.load_arrays(datasets.parse_dataset(f'folder:{root}'),
                                               'trainval')
-  assert info == dict(num_classes=3, class_names=['cat', 'dog', 'zebra'], skipped=2)
+  assert info == dict(num_classes=3, class_names=['cat', 'dog', 'zebra'], skipped=2,
+                      centre_square_area=1.0)  # not resized: nothing cropped
   assert images.shape == (4 + len(expected), 16, 20, 3) and images.dtype == np.uint8
   files = datasets.scan_folder(root, 'trainval').paths  # the documented order, then shuffled
   names = [os.path.basename(files[i]) for i in datasets.folder_order(len(files))]
@@ -215,9 +216,41 @@ def test_resize_short_side_then_centre_crop(tmp_path):
   spec = datasets.parse_dataset(f'folder:{tmp_path}')
   with pytest.raises(datasets.DataError, match='image_size'):
     datasets.load_arrays(spec, 'trainval')
-  images, _, _ = datasets.load_arrays(spec, 'trainval', image_size=10)
+  images, _, info = datasets.load_arrays(spec, 'trainval', image_size=10)
   assert images.shape == (2, 10, 10, 3)
   np.testing.assert_allclose(images[:, 2:8, 2:8].reshape(-1, 3).mean(0), (0, 255, 0), atol=2)
+  assert info['centre_square_area'] == 0.5  # each keeps its centre half
+
+
+def test_centre_squares_of_wide_images_warn_before_random_crops(tmp_path, caplog):
+  """Resident data holds centre squares, which random crops (pretraining, augmented linear
+  evaluation, finetune) cannot see past; breaks if the share kept is miscounted or the
+  training data says nothing where 2:1 images lose half their area, or if square images
+  (CIFAR) or centre-crop evaluation warn."""
+  import logging
+
+  from conftest import tiny_config
+
+  from byol_jax import data as data_lib
+  for split in ('train', 'test'):
+    for c, (h, w) in enumerate(((16, 32), (16, 16))):
+      os.makedirs(tmp_path / split / f'c{c}')
+      for i in range(4):
+        Image.fromarray(np.full((h, w, 3), 40 * i, np.uint8)).save(
+          tmp_path / split / f'c{c}' / f'{i}.png')
+  spec = datasets.parse_dataset(f'folder:{tmp_path}')
+  _, _, info = datasets.load_arrays(spec, 'test', image_size=8)
+  assert info['centre_square_area'] == 0.75  # half the images keep 1/2, half all
+  assert datasets.centre_square_warning(info, 'x', '').startswith('x: images are held')
+  assert datasets.centre_square_warning(dict(info, centre_square_area=0.96), 'x', '') == ''
+  cfg = tiny_config(dataset=f'folder:{tmp_path}', image_size=8, batch_size=4,
+                    input_mode='device')
+  with caplog.at_level(logging.WARNING):
+    data_lib.load_split(cfg, 'test')
+    assert 'centre squares' not in caplog.text  # kNN's centre crops: nothing lost
+    data_lib.make_train_data(cfg)
+  assert 'on average 75% of each image' in caplog.text
+  assert '--config.input_mode=stream' in caplog.text
 
 
 def test_valid_is_held_out_of_train(tmp_path):
