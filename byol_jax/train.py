@@ -283,9 +283,15 @@ class KnnEval:
       logging.info('kNN evaluation reads %s (%s and test splits) through tf.data at each '
                    'evaluation, as this run\'s training data streams', cfg.dataset, self.split)
     else:
-      train = train if train is not None else data_lib.load_split(cfg, self.split)
+      # Eval views crop eval_crop_fraction of the stored side: store the kNN sets at
+      # image_size / eval_crop_fraction (as linear_eval.decode_size), so the crop is not
+      # upsampled from fewer than image_size pixels. The pretraining copy is reused only
+      # when it already has that size (eval_crop_fraction 1).
+      decode_cfg = _knn_decode_config(cfg)
+      if train is None or decode_cfg is not cfg:
+        train = data_lib.load_split(decode_cfg, self.split)
       self.train = _labelled(train, cfg.knn.train_examples)
-      self.test = _labelled(data_lib.load_split(cfg, 'test'))
+      self.test = _labelled(data_lib.load_split(decode_cfg, 'test'))
       self.train_labels, self.test_labels = self.train.labels, self.test.labels
       self._check_labelled()
       self.num_classes = (max(int(self.train.labels.max()), int(self.test.labels.max())) + 1
@@ -360,6 +366,17 @@ class KnnEval:
 
   def __call__(self, params, state) -> dict[str, float]:
     return self.score(*self.features(params, state))
+
+
+def _knn_decode_config(cfg: Any) -> Any:
+  """cfg itself, or a copy whose image_size is the kNN sets' stored side
+  round(image_size / eval_crop_fraction) when that differs."""
+  size = int(round(cfg.image_size / cfg.eval_crop_fraction))
+  if size == cfg.image_size or datasets.parse_dataset(cfg.dataset).kind == 'demo':
+    return cfg
+  out = cfg.copy_and_resolve_references()
+  out.image_size = size
+  return out
 
 
 def _labelled(split: data_lib.Split, limit: int = 0) -> data_lib.Split:

@@ -324,3 +324,28 @@ def test_a_dataset_without_labels_trains_without_knn(stl10_dir, tmp_path, caplog
   assert not os.path.exists(tmp_path / 'metrics' / 'eval.jsonl')
   said = [r.getMessage() for r in caplog.records if 'kNN evaluation is off' in r.getMessage()]
   assert len(said) == 1 and 'stl10[unlabelled]' in said[0] and 'linear_eval' in said[0]
+
+
+def test_resident_knn_sets_hold_the_eval_crop_at_full_resolution(tmp_path):
+  """With eval_crop_fraction < 1 the resident kNN sets are decoded at image_size /
+  eval_crop_fraction (as linear_eval's), so the centre crop holds image_size pixels; they
+  were decoded at image_size and the crop (28 of 32 px here, 196 of 224 for an r50 run on
+  a folder) upsampled. With eval_crop_fraction 1 the training copy is reused, not decoded
+  twice. Breaks if either goes back."""
+  from PIL import Image
+  rng = np.random.default_rng(0)
+  for split in ('train', 'test'):
+    for c in range(2):
+      os.makedirs(tmp_path / split / f'c{c}')
+      for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (48, 64, 3), np.uint8)).save(
+          tmp_path / split / f'c{c}' / f'{i}.png')
+  mesh = train.train_step.make_mesh()
+  cfg = tiny_config(dataset=f'folder:{tmp_path}', image_size=32, eval_crop_fraction=0.875)
+  training_copy = data.load_split(cfg, 'trainval')
+  knn = train.KnnEval(cfg, mesh, training_copy)
+  assert knn.train.images.shape[1:3] == knn.test.images.shape[1:3] == (37, 37)
+  assert knn.crop_fraction * 37 >= cfg.image_size
+  cfg = tiny_config(dataset=f'folder:{tmp_path}', image_size=32, eval_crop_fraction=1.0)
+  knn = train.KnnEval(cfg, mesh, training_copy)
+  assert np.shares_memory(knn.train.images, training_copy.images)
