@@ -43,6 +43,12 @@ class TrainData:
   stream: Iterator[dict[str, np.ndarray]] | None = None  # stream mode: host batches
 
 
+def eval_decode_size(image_size: int, crop_fraction: float) -> int:
+  """Stored side of images that evaluation centre-crops: its crop of crop_fraction then
+  holds image_size pixels and needs no upsampling (224 px, 0.875 -> 256)."""
+  return int(round(image_size / crop_fraction))
+
+
 def device_memory_bytes() -> int:
   """Memory of one local accelerator; a generous host-RAM stand-in on CPU."""
   stats = jax.local_devices()[0].memory_stats() or {}

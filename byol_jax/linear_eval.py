@@ -217,8 +217,8 @@ def _validate(cfg: Any) -> None:
 
 
 def decode_size(cfg: Any) -> int:
-  """Stored image side: eval crops of crop_fraction then need no upsampling (224 -> 256)."""
-  return int(round(cfg.image_size / cfg.crop_fraction))
+  """Stored image side (data.eval_decode_size)."""
+  return data_lib.eval_decode_size(cfg.image_size, cfg.crop_fraction)
 
 
 def multilabel(cfg: Any) -> bool:

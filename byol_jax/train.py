@@ -371,7 +371,7 @@ class KnnEval:
 def _knn_decode_config(cfg: Any) -> Any:
   """cfg itself, or a copy whose image_size is the kNN sets' stored side
   round(image_size / eval_crop_fraction) when that differs."""
-  size = int(round(cfg.image_size / cfg.eval_crop_fraction))
+  size = data_lib.eval_decode_size(cfg.image_size, cfg.eval_crop_fraction)
   if size == cfg.image_size or datasets.parse_dataset(cfg.dataset).kind == 'demo':
     return cfg
   out = cfg.copy_and_resolve_references()
