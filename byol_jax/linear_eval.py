@@ -8,7 +8,8 @@ to `<workdir>/metrics/linear_eval.jsonl`.
 Protocol (reference/byol_facts.md): the encoder (online by default, or the target) runs in
 inference mode; one zero-initialised linear head per candidate LR trains with SGD, Nesterov
 momentum 0.9, no weight decay and cosine decay, all heads at once; the LR is picked on a
-validation split held out of the training data and only that head is reported on test.
+validation split held out of the training data; with `refit` (the default) one head is
+then retrained at that LR on train + validation and reported on test, else the sweep's head.
 A multi-label dataset (VOC2007) trains a sigmoid per class and picks and reports by mAP.
 Two modes:
 - 'cached': features of centre crops are computed once and the heads train on them
@@ -411,11 +412,12 @@ def stream_split(cfg: Any, split: str, apply: Callable[[np.ndarray], Any],
   return common.stream_features(apply, stream, cfg.max_examples, f'{cfg.dataset}/{split}')
 
 
-def split_features(cfg: Any, embedder: Embedder, split: str,
-                   seed: int) -> tuple[np.ndarray, np.ndarray]:
-  """Centre-crop features and labels of one logical split."""
+def split_features(cfg: Any, embedder: Embedder, split: str, seed: int,
+                   mode: str) -> tuple[np.ndarray, np.ndarray]:
+  """Centre-crop features and labels of one logical split; `mode` is the evaluation's
+  input path (`evaluation_input_mode`, found once: it sizes every split)."""
   start = time.time()
-  if evaluation_input_mode(cfg) == 'stream':
+  if mode == 'stream':
     x, y = labelled(cfg, split, *embedder.stream(split))
   else:
     data = load_split(cfg, split, seed)
@@ -499,12 +501,12 @@ def encoder_featurizer(model_cfg: Any, image_size: int, aug_cfg: Any) -> Callabl
 
 def _cached(cfg: Any, pre: Pretrained, embedder: Embedder) -> tuple[dict, dict]:
   """Heads on centre-crop features; returns (result, split sizes)."""
-  seed = pre.config.seed
-  pool_x, pool_y = split_features(cfg, embedder, cfg.train_split, seed)
+  seed, mode = pre.config.seed, evaluation_input_mode(cfg)
+  pool_x, pool_y = split_features(cfg, embedder, cfg.train_split, seed, mode)
   train_rows, val_rows = hold_out(cfg, len(pool_y))
-  val = (split_features(cfg, embedder, cfg.val_split, seed) if cfg.val_split
+  val = (split_features(cfg, embedder, cfg.val_split, seed, mode) if cfg.val_split
          else (pool_x[val_rows], pool_y[val_rows]))
-  test = split_features(cfg, embedder, cfg.test_split, seed)
+  test = split_features(cfg, embedder, cfg.test_split, seed, mode)
   classes = num_classes(cfg, pool_y, val[1], test[1])
   logging.info('training %d linear heads for %d epochs on %d examples', len(cfg.learning_rates),
                cfg.epochs, len(train_rows))
@@ -524,9 +526,10 @@ def _augmented(cfg: Any, pre: Pretrained, embedder: Embedder) -> tuple[dict, dic
                       "in memory and it does not fit; use mode='cached' (streamed features)")
   pool = load_split(cfg, cfg.train_split, seed, random_crops=True)
   train_rows, val_rows = hold_out(cfg, len(pool.labels))
-  val = (split_features(cfg, embedder, cfg.val_split, seed) if cfg.val_split
+  mode = evaluation_input_mode(cfg)
+  val = (split_features(cfg, embedder, cfg.val_split, seed, mode) if cfg.val_split
          else (embedder.arrays(pool.images[val_rows]), pool.labels[val_rows]))
-  test = split_features(cfg, embedder, cfg.test_split, seed)
+  test = split_features(cfg, embedder, cfg.test_split, seed, mode)
   classes = num_classes(cfg, pool.labels, val[1], test[1])
   mesh = embedder.mesh
   images, labels = train_step.replicate((pool.images[train_rows], pool.labels[train_rows]), mesh)
@@ -539,6 +542,9 @@ def _augmented(cfg: Any, pre: Pretrained, embedder: Embedder) -> tuple[dict, dic
                                 NamedSharding(mesh, P(train_step.AXIS)))
   result = linear_lib.report_heads(jax.device_get(params), tuple(cfg.learning_rates), val, test)
   if cfg.refit:
+    # Free the sweep's device copy first: every device holds a full replica, and the refit
+    # copy (train + validation) would otherwise sit beside it.
+    del images, labels, params
     val_images = (load_split(cfg, cfg.val_split, seed).images if cfg.val_split
                   else pool.images[val_rows])
     images, labels = train_step.replicate(

@@ -338,7 +338,7 @@ def test_every_split_of_an_evaluation_takes_one_input_path(monkeypatch):
   fake = types.SimpleNamespace(stream=lambda split: embedded.append(split) or (
     np.zeros((2, 4), np.float32), np.zeros(2, np.int64)))
   monkeypatch.setattr(linear_eval, 'labelled', lambda cfg, split, x, y: (x, y))
-  linear_eval.split_features(cfg, fake, 'test', seed=0)
+  linear_eval.split_features(cfg, fake, 'test', 0, linear_eval.evaluation_input_mode(cfg))
   assert embedded == ['test']
   monkeypatch.setattr(data_lib, 'device_memory_bytes', lambda: 10**15)  # all fit: resident
   assert linear_eval.evaluation_input_mode(cfg) == 'device'
