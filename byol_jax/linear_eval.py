@@ -575,12 +575,15 @@ def evaluate(cfg: Any, pre: Pretrained, workdir: str) -> dict[str, Any]:
                 batch_size=cfg.batch_size, learning_rates=list(cfg.learning_rates),
                 **result, elapsed_sec=time.time() - start)
   record = write_record(workdir, 'linear_eval', pre.step, record)
+  head = ('of the head refit on train + validation' if record['refit']
+          else "of the sweep's head")
   if 'test_map' in record:
-    logging.info('linear_eval: best lr %g, val mAP %.4f, test mAP %.4f (11-point)',
-                 record['best_lr'], record['val_map'], record['test_map'])
+    logging.info('linear_eval: best lr %g, val mAP %.4f, test mAP %.4f (11-point) %s',
+                 record['best_lr'], record['val_map'], record['test_map'], head)
   else:
-    logging.info('linear_eval: best lr %g, val top-1 %.4f, test top-1 %.4f, top-5 %.4f',
-                 record['best_lr'], record['val_top1'], record['test_top1'], record['test_top5'])
+    logging.info('linear_eval: best lr %g, val top-1 %.4f, test top-1 %.4f, top-5 %.4f %s',
+                 record['best_lr'], record['val_top1'], record['test_top1'], record['test_top5'],
+                 head)
   return record
 
 

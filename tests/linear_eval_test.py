@@ -63,7 +63,8 @@ def test_run_writes_record_with_provenance(workdir):
   assert 0.0 <= rec['test_top1'] <= rec['test_top5'] <= 1.0
 
 
-def test_best_lr_is_validation_argmax_and_test_comes_from_that_head(workdir, monkeypatch):
+def test_best_lr_is_validation_argmax_and_test_comes_from_that_head(workdir, monkeypatch,
+                                                                     caplog):
   """Breaks if the worker picks the LR on test, reports another head's test accuracy, or
   (refit, the default) does not retrain the chosen LR's head on train + validation (1000 +
   500 rows) and report that head's test score."""
@@ -88,8 +89,12 @@ def test_best_lr_is_validation_argmax_and_test_comes_from_that_head(workdir, mon
   for mode in ('cached', 'augmented'):
     for refit in (False, True):
       fits.clear()
-      rec = linear_eval.evaluate(eval_config(mode=mode, epochs=1, refit=refit),
-                                 _pretrained(workdir), workdir)
+      caplog.clear()
+      with caplog.at_level('INFO'):
+        rec = linear_eval.evaluate(eval_config(mode=mode, epochs=1, refit=refit),
+                                   _pretrained(workdir), workdir)
+      said = 'refit on train + validation' if refit else "of the sweep's head"
+      assert f'test top-1 {rec["test_top1"]:.4f}' in caplog.text and said in caplog.text
       assert rec['best_index'] == int(np.argmax([r['val_top1'] for r in rec['per_lr']])) == 1
       assert rec['best_lr'] == 0.1 and rec['val_top1'] == 0.6
       assert rec['per_lr'][1]['test_top1'] == 0.1 and rec['refit'] is refit
