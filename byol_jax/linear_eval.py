@@ -119,7 +119,7 @@ def initial_encoder(cfg: Any, pre_cfg: Any) -> tuple[train_step.TrainState, str]
   (no labels are read).
   """
   mesh = train_step.make_mesh()
-  if input_mode(cfg, cfg.train_split) == 'stream':
+  if evaluation_input_mode(cfg) == 'stream':  # the statistics of the pixels then embedded
     images, crop = _streamed_calibration_batches(cfg, mesh.size), 1.0
   else:
     decoded = []  # decoded once, on first use

@@ -347,3 +347,24 @@ def test_every_split_of_an_evaluation_takes_one_input_path(monkeypatch):
   assert embedded == ['test']
   monkeypatch.setattr(data_lib, 'device_memory_bytes', lambda: 10**15)  # all fit: resident
   assert linear_eval.evaluation_input_mode(cfg) == 'device'
+
+
+def test_random_init_calibrates_bn_on_the_evaluations_input_path(monkeypatch):
+  """The random-init baseline re-estimates BN statistics from the train split through the
+  same path its features are then embedded with: streamed here because test must stream,
+  though train alone would fit. Breaks if it goes back to choosing by the train split."""
+  from byol_jax import data as data_lib
+  from byol_jax import datasets
+  sizes = {'train': 1000, 'valid': 1000, 'test': 10**8}
+  monkeypatch.setattr(data_lib, 'device_memory_bytes', lambda: 80 * 2**30)
+  monkeypatch.setattr(datasets, 'dataset_size', lambda spec, split, data_dir=None: sizes[split])
+  monkeypatch.setattr(linear_eval, 'multilabel', lambda cfg: False)
+  pre_cfg = tiny_config(dataset='imagenet2012', image_size=224, eval_crop_fraction=0.875)
+  cfg = linear_eval.resolve_config(eval_configs.get_config('imagenet'), pre_cfg)
+  assert linear_eval.input_mode(cfg, 'train') == 'device'  # the premise
+  monkeypatch.setattr(linear_eval, '_streamed_calibration_batches', lambda cfg, n: 'streamed')
+  seen = {}
+  monkeypatch.setattr(common, 'calibrated_initial_state',
+                      lambda pre, images, mesh, crop, *a: seen.update(images=images, crop=crop))
+  linear_eval.initial_encoder(cfg, pre_cfg)
+  assert seen == {'images': 'streamed', 'crop': 1.0}
