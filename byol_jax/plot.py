@@ -169,18 +169,30 @@ def _plot_accuracy(fig, metrics, workdir) -> bool:
   return drawn
 
 
+# Record fields that make two evaluations of one file different measurements, with the value
+# a record written before the field existed stands for (linear_eval reported the sweep's head).
+_SETTINGS = {'network': None, 'dataset': None, 'protocol': None, 'refit': False}
+
+
+def _setting(record: dict[str, Any], field: str) -> str:
+  return str(record.get(field, _SETTINGS[field]))
+
+
 def _eval_files(metrics: dict[str, Records]) -> list[tuple[str, Records]]:
-  """(label, records) per evaluation file and network, so online and target never mix."""
+  """(label, records) per evaluation file and per setting that varies inside it (network,
+  dataset, protocol, refit), so that online and target, or a refit head and a sweep's, never
+  share a line. The label names the network, then each other setting that varies."""
   groups = []
   for name, records in metrics.items():
     if name == 'train':
       continue
-    networks = sorted({str(r['network']) for r in records if 'network' in r})
-    if len(networks) <= 1:
-      groups.append((f'{name} {networks[0]}' if networks else name, records))
-    else:
-      groups += [(f'{name} {n}', [r for r in records if str(r.get('network')) == n])
-                 for n in networks]
+    varying = [f for f in _SETTINGS if len({_setting(r, f) for r in records}) > 1]
+    key = lambda r, varying=varying: tuple(_setting(r, f) for f in varying)
+    for value in sorted({key(r) for r in records}):
+      members = [r for r in records if key(r) == value]
+      parts = [name] + ([str(members[0]['network'])] if 'network' in members[0] else [])
+      parts += [f'{f}={_setting(members[0], f)}' for f in varying if f != 'network']
+      groups.append((' '.join(parts), members))
   return groups
 
 

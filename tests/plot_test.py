@@ -63,6 +63,20 @@ def test_collapse_reference_and_series_parsing(workdir):
   assert labels == ['eval online', 'eval target', 'linear_eval']
 
 
+def test_evaluations_of_different_settings_get_their_own_lines():
+  """A refit head's test top-1 and a sweep head's (records before refit existed count as
+  the sweep's), or two datasets, are different measurements: breaks if they share a line."""
+  rec = lambda step, **kw: {'step': step, 'test_top1': 0.5, 'network': 'online',
+                            'dataset': 'cifar10', 'protocol': 'linear_cached', **kw}
+  records = {'linear_eval': [rec(100), rec(200, refit=False), rec(200, refit=True),
+                             rec(300, refit=True), rec(300, refit=True, dataset='dtd')]}
+  groups = {label: [r['step'] for r in rs] for label, rs in plot._eval_files(records)}
+  assert groups == {
+    'linear_eval online dataset=cifar10 refit=False': [100, 200],
+    'linear_eval online dataset=cifar10 refit=True': [200, 300],
+    'linear_eval online dataset=dtd refit=True': [300]}
+
+
 def test_partial_metrics_and_output_dir(tmp_path):
   """Crashing on a run with only eval metrics, or ignoring --output, would break this."""
   _write_jsonl(tmp_path / 'run' / 'metrics' / 'eval.jsonl', [dict(step=10, knn_top1=0.3)])
