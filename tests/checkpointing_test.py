@@ -71,6 +71,7 @@ if spec.get('kill_after_save'):
   save = checkpointing.Checkpointer.save
   def save_then_die(self, state, meta):
     if int(state.step) == spec['kill_after_save']:
+      self.wait()  # Earlier saves commit first: only this one's commit is held back.
       hold.append(True)
     save(self, state, meta)
     if hold:
