@@ -1,7 +1,10 @@
 """Shared test fixtures: tiny configs that compile in seconds on a 2-core CPU."""
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -14,6 +17,15 @@ sys.path.insert(0, REPO)  # so `configs` imports in tests as it does from the re
 FAST_COMPILE = '--xla_backend_optimization_level=0'
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + FAST_COMPILE).strip()
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+# Many tests compile the same tiny programs (in this process and in subprocesses, which
+# inherit the environment): one persistent XLA cache per session compiles each once. A cached
+# executable is the binary a fresh compile gives, so results are unchanged; the folder is
+# new per session (timings stay those of a fresh machine) and removed at exit.
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='byol_jax_test_xla_cache_')
+  os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
+  os.environ['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '0'
+  atexit.register(shutil.rmtree, os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
 
 
 def checkout_env(**extra: str) -> dict[str, str]:
