@@ -36,6 +36,7 @@ from absl import logging
 
 from byol_jax import checkpointing, metric_writers, optim, train, train_step
 from byol_jax.evaluators import common
+from byol_jax.evaluators import knn as knn_lib
 
 IDLE_EXIT = 75  # EX_TEMPFAIL: stopped waiting before the run's final checkpoint
 WAITING_NOTICE_SECS = 300.0  # how often a worker with no checkpoint yet says so
@@ -64,7 +65,7 @@ def eval_config(saved: Any, cfg: Any) -> Any:
   return out
 
 
-def no_knn_message(knn: train.KnnEval) -> str:
+def no_knn_message(knn: knn_lib.KnnEval) -> str:
   """Why this worker, which evaluates by kNN, cannot run on its dataset, and what can."""
   return (f'no kNN evaluation: {knn.unavailable}; pass a labelled --config.eval_dataset, or '
           'use --worker_mode=linear_eval (configs/linear_eval.py:voc2007 for VOC2007)')
@@ -92,7 +93,7 @@ class Worker:
                  if r.get('network', 'online') == cfg.eval_network}
     self.failed: dict[int, float] = {}  # step -> mtime of its folder when it failed
     self.reported: set[str] = set()
-    self.knn: train.KnnEval | None = None
+    self.knn: knn_lib.KnnEval | None = None
     self.run_cfg: Any = None  # the run's config with this worker's evaluation settings
     self.final_step: int | None = None
     self.dataset = ''
@@ -168,7 +169,7 @@ class Worker:
     cfg = eval_config(saved_cfg, self.cfg)
     self.run_cfg, self.dataset = cfg, cfg.dataset
     self.final_step = _final_step(saved_cfg, meta)
-    self.knn = train.KnnEval(cfg, train_step.make_mesh(), None)
+    self.knn = knn_lib.KnnEval(cfg, train_step.make_mesh(), None)
     if self.knn.unavailable:
       raise train.ConfigError(no_knn_message(self.knn))
     logging.info('eval worker: %s encoder on %s/test; the run ends at step %d',

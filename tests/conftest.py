@@ -153,3 +153,19 @@ def stl10_dir(tmp_path_factory):
   data_dir = str(tmp_path_factory.mktemp('stl10_tfds'))
   prepare_fake_stl10(data_dir, {'train': 12, 'test': 6, 'unlabelled': 20})
   return data_dir
+
+
+@pytest.fixture(scope='module')
+def png_folder(tmp_path_factory):
+  """3 classes of 16 px PNGs (lossless: both readers decode the same pixels), 12 train and 6
+  test images."""
+  from PIL import Image
+  root = tmp_path_factory.mktemp('knn_folder')
+  rng = np.random.default_rng(0)
+  for split, per_class in (('train', 4), ('test', 2)):
+    for c in range(3):
+      os.makedirs(root / split / f'c{c}')
+      for i in range(per_class):
+        pixels = np.clip(rng.normal(60 + 70 * c, 40, (16, 16, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(root / split / f'c{c}' / f'{i}.png')
+  return f'folder:{root}'

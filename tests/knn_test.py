@@ -1,7 +1,12 @@
-"""Tests of the weighted kNN evaluator against a float64 NumPy brute-force reference."""
+"""Tests of the weighted kNN evaluator against a float64 NumPy brute-force reference, and of
+a run's kNN sets (KnnEval): which images, decoded or streamed, at which size."""
+
+import os
 
 import numpy as np
+from conftest import tiny_config
 
+from byol_jax import data, train_step
 from byol_jax.evaluators import knn
 
 
@@ -83,3 +88,63 @@ def test_chunks_share_one_compilation():
   before = knn._chunk_scores._cache_size()
   knn.knn_classify(tr_f, tr_y, te_f, 10, k=30, chunk_size=16)  # 5 chunks, last one ragged.
   assert knn._chunk_scores._cache_size() == before + 1
+
+
+def test_knn_of_a_streamed_run_streams_both_splits_and_scores_as_resident(png_folder,
+                                                                           monkeypatch):
+  """A run whose data streams (ImageNet) used to decode its whole training split into memory
+  for kNN (1.28M images: out of memory at start-up). Its kNN must read both splits batch by
+  batch, never load_split, and score as the resident path does on the same images; the
+  first knn.train_examples are kept, and BN recalibration gets full streamed batches."""
+  from byol_jax.evaluators import common
+  cfg = tiny_config(dataset=png_folder, eval_crop_fraction=1.0)  # 16 px images at 16 px
+  mesh = train_step.make_mesh()
+  state = common.initial_state(cfg)
+  bn, _ = common.ensure_bn_statistics(
+    cfg.model, state.online_params, state.online_state,
+    knn.KnnEval(cfg, mesh, None, streamed=False).calibration_batches(0), cfg.image_size,
+    1.0, mesh, cfg.augment)
+  resident = knn.KnnEval(cfg, mesh, None, streamed=False)
+  want = resident(state.online_params, bn)
+
+  def no_decoding(*args, **kwargs):
+    raise AssertionError('a streamed kNN decoded a whole split')
+  monkeypatch.setattr(data, 'load_split', no_decoding)
+  streamed = knn.KnnEval(cfg, mesh, None, streamed=True)
+  assert streamed(state.online_params, bn) == want
+  assert sorted(streamed.train_labels) == sorted(resident.train_labels)
+  assert len(streamed.test_labels) == 6 and streamed.num_classes == 3
+  batches = list(streamed.calibration_batches(0)())
+  assert batches and all(b.shape[1:] == (16, 16, 3) for b in batches)
+
+  cfg.knn.train_examples = 5
+  streamed = knn.KnnEval(cfg, mesh, None, streamed=True)
+  train_features, _ = streamed.features(state.online_params, bn)
+  assert len(train_features) == len(streamed.train_labels) == 5
+  cfg.input_mode = 'stream'  # the eval worker's default: the run's own input mode decides
+  assert knn.KnnEval(cfg, mesh, None).streamed
+
+
+def test_resident_knn_sets_hold_the_eval_crop_at_full_resolution(tmp_path):
+  """With eval_crop_fraction < 1 the resident kNN sets are decoded at image_size /
+  eval_crop_fraction (as linear_eval's), so the centre crop holds image_size pixels; they
+  were decoded at image_size and the crop (28 of 32 px here, 196 of 224 for an r50 run on
+  a folder) upsampled. With eval_crop_fraction 1 the training copy is reused, not decoded
+  twice. Breaks if either goes back."""
+  from PIL import Image
+  rng = np.random.default_rng(0)
+  for split in ('train', 'test'):
+    for c in range(2):
+      os.makedirs(tmp_path / split / f'c{c}')
+      for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (48, 64, 3), np.uint8)).save(
+          tmp_path / split / f'c{c}' / f'{i}.png')
+  mesh = train_step.make_mesh()
+  cfg = tiny_config(dataset=f'folder:{tmp_path}', image_size=32, eval_crop_fraction=0.875)
+  training_copy = data.load_split(cfg, 'trainval')
+  sets = knn.KnnEval(cfg, mesh, training_copy)
+  assert sets.train.images.shape[1:3] == sets.test.images.shape[1:3] == (37, 37)
+  assert sets.crop_fraction * 37 >= cfg.image_size
+  cfg = tiny_config(dataset=f'folder:{tmp_path}', image_size=32, eval_crop_fraction=1.0)
+  sets = knn.KnnEval(cfg, mesh, training_copy)
+  assert np.shares_memory(sets.train.images, training_copy.images)

@@ -12,6 +12,7 @@ import pytest
 from conftest import tiny_config
 
 from byol_jax import checkpointing, data, datasets, losses, train
+from byol_jax.evaluators import knn as knn_lib
 
 
 def _metrics(std: float) -> dict:
@@ -184,58 +185,6 @@ def test_a_second_trainer_in_the_same_workdir_stops_at_once_naming_the_first(tmp
     pass
 
 
-@pytest.fixture(scope='module')
-def png_folder(tmp_path_factory):
-  """3 classes of 16 px PNGs (lossless: both readers decode the same pixels), 12 train and 6
-  test images."""
-  from PIL import Image
-  root = tmp_path_factory.mktemp('knn_folder')
-  rng = np.random.default_rng(0)
-  for split, per_class in (('train', 4), ('test', 2)):
-    for c in range(3):
-      os.makedirs(root / split / f'c{c}')
-      for i in range(per_class):
-        pixels = np.clip(rng.normal(60 + 70 * c, 40, (16, 16, 3)), 0, 255).astype(np.uint8)
-        Image.fromarray(pixels).save(root / split / f'c{c}' / f'{i}.png')
-  return f'folder:{root}'
-
-
-def test_knn_of_a_streamed_run_streams_both_splits_and_scores_as_resident(png_folder,
-                                                                           monkeypatch):
-  """A run whose data streams (ImageNet) used to decode its whole training split into memory
-  for kNN (1.28M images: out of memory at start-up). Its kNN must read both splits batch by
-  batch, never load_split, and score as the resident path does on the same images; the
-  first knn.train_examples are kept, and BN recalibration gets full streamed batches."""
-  from byol_jax import train_step
-  from byol_jax.evaluators import common
-  cfg = tiny_config(dataset=png_folder, eval_crop_fraction=1.0)  # 16 px images at 16 px
-  mesh = train_step.make_mesh()
-  state = common.initial_state(cfg)
-  bn, _ = common.ensure_bn_statistics(
-    cfg.model, state.online_params, state.online_state,
-    train.KnnEval(cfg, mesh, None, streamed=False).calibration_batches(0), cfg.image_size,
-    1.0, mesh, cfg.augment)
-  resident = train.KnnEval(cfg, mesh, None, streamed=False)
-  want = resident(state.online_params, bn)
-
-  def no_decoding(*args, **kwargs):
-    raise AssertionError('a streamed kNN decoded a whole split')
-  monkeypatch.setattr(data, 'load_split', no_decoding)
-  streamed = train.KnnEval(cfg, mesh, None, streamed=True)
-  assert streamed(state.online_params, bn) == want
-  assert sorted(streamed.train_labels) == sorted(resident.train_labels)
-  assert len(streamed.test_labels) == 6 and streamed.num_classes == 3
-  batches = list(streamed.calibration_batches(0)())
-  assert batches and all(b.shape[1:] == (16, 16, 3) for b in batches)
-
-  cfg.knn.train_examples = 5
-  streamed = train.KnnEval(cfg, mesh, None, streamed=True)
-  train_features, _ = streamed.features(state.online_params, bn)
-  assert len(train_features) == len(streamed.train_labels) == 5
-  cfg.input_mode = 'stream'  # the eval worker's default: the run's own input mode decides
-  assert train.KnnEval(cfg, mesh, None).streamed
-
-
 def test_a_streamed_run_trains_evaluates_and_resumes(png_folder, tmp_path, monkeypatch):
   """The ImageNet path end to end on a small folder: tf.data batches into the streaming step,
   kNN read through tf.data (never a decoded split), checkpoints, and a resume that goes on
@@ -293,7 +242,7 @@ def test_unlabelled_images_train_byol_but_stay_out_of_knn(stl10_dir, tmp_path):
   assert 0.0 <= result['eval']['knn_top1'] <= 1.0 and np.isfinite(result['train']['probe_loss'])
   mesh = train_step.make_mesh()
   for streamed in (False, True):
-    knn = train.KnnEval(cfg, mesh, None, streamed=streamed)
+    knn = knn_lib.KnnEval(cfg, mesh, None, streamed=streamed)
     knn.features(result['state'].online_params, result['state'].online_state)
     assert sorted(knn.train_labels) == [0] * 4 + [1] * 4 + [2] * 4, streamed
     assert len(knn.test_labels) == 6 and not knn.unavailable
@@ -302,7 +251,7 @@ def test_unlabelled_images_train_byol_but_stay_out_of_knn(stl10_dir, tmp_path):
   cfg.knn.train_examples = 6
   firsts = []
   for streamed in (False, True):
-    knn = train.KnnEval(cfg, mesh, None, streamed=streamed)
+    knn = knn_lib.KnnEval(cfg, mesh, None, streamed=streamed)
     features, _ = knn.features(result['state'].online_params, result['state'].online_state)
     assert len(features) == len(knn.train_labels) == 6 and not knn.unavailable, streamed
     firsts.append(list(knn.train_labels))
@@ -324,28 +273,3 @@ def test_a_dataset_without_labels_trains_without_knn(stl10_dir, tmp_path, caplog
   assert not os.path.exists(tmp_path / 'metrics' / 'eval.jsonl')
   said = [r.getMessage() for r in caplog.records if 'kNN evaluation is off' in r.getMessage()]
   assert len(said) == 1 and 'stl10[unlabelled]' in said[0] and 'linear_eval' in said[0]
-
-
-def test_resident_knn_sets_hold_the_eval_crop_at_full_resolution(tmp_path):
-  """With eval_crop_fraction < 1 the resident kNN sets are decoded at image_size /
-  eval_crop_fraction (as linear_eval's), so the centre crop holds image_size pixels; they
-  were decoded at image_size and the crop (28 of 32 px here, 196 of 224 for an r50 run on
-  a folder) upsampled. With eval_crop_fraction 1 the training copy is reused, not decoded
-  twice. Breaks if either goes back."""
-  from PIL import Image
-  rng = np.random.default_rng(0)
-  for split in ('train', 'test'):
-    for c in range(2):
-      os.makedirs(tmp_path / split / f'c{c}')
-      for i in range(4):
-        Image.fromarray(rng.integers(0, 255, (48, 64, 3), np.uint8)).save(
-          tmp_path / split / f'c{c}' / f'{i}.png')
-  mesh = train.train_step.make_mesh()
-  cfg = tiny_config(dataset=f'folder:{tmp_path}', image_size=32, eval_crop_fraction=0.875)
-  training_copy = data.load_split(cfg, 'trainval')
-  knn = train.KnnEval(cfg, mesh, training_copy)
-  assert knn.train.images.shape[1:3] == knn.test.images.shape[1:3] == (37, 37)
-  assert knn.crop_fraction * 37 >= cfg.image_size
-  cfg = tiny_config(dataset=f'folder:{tmp_path}', image_size=32, eval_crop_fraction=1.0)
-  knn = train.KnnEval(cfg, mesh, training_copy)
-  assert np.shares_memory(knn.train.images, training_copy.images)

@@ -12,15 +12,25 @@ small datasets. The protocol (Wu et al., 2018, used by many BYOL/SimSiam reprodu
 The test set is processed in fixed-size chunks by one jitted function (the last chunk is
 zero-padded), so the function compiles once and memory is bounded by chunk_size x N_train
 similarities, e.g. 1024 x 50,000 floats (200 MB) for CIFAR-sized evaluation.
+
+`KnnEval` is a run's kNN evaluation (the trainer's and the eval worker's): which images form
+the two sets, how they are decoded or streamed, and their features under an encoder.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
+
+from byol_jax import data as data_lib
+from byol_jax import datasets
+from byol_jax.evaluators import common
 
 
 def _l2_normalize(x: jax.Array) -> jax.Array:
@@ -93,3 +103,143 @@ def knn_accuracy(train_features: np.ndarray, train_labels: np.ndarray,
                         temperature=temperature, chunk_size=chunk_size)
   return {"top1": topk_accuracy(scores, test_labels, 1),
           "top5": topk_accuracy(scores, test_labels, 5)}
+
+
+# ------------------------------------------------------------------------------------------
+# The kNN evaluation of a run: its two sets, their features and the score.
+# ------------------------------------------------------------------------------------------
+
+
+class KnnEval:
+  """kNN top-1/top-5 of an encoder on the dataset's test split, features of the pretraining
+  split's labelled images (label -1, an image without a class, is left out of both sets).
+
+  Splits that fit in memory are decoded once and kept (resident data). A run whose data
+  streams (ImageNet) streams both splits through tf.data at each evaluation instead (host
+  centre crops): decoding 1.28M training images into
+  memory would not fit.
+
+  `unavailable` says why there is no kNN ('' while there is): a dataset without class
+  labels (VOC, or STL-10's 'unlabelled' split alone). Callers skip the evaluation and say so;
+  a streamed run finds out at its first evaluation. Either way `knn.train_examples` takes
+  the first N labelled images.
+  """
+
+  def __init__(self, cfg: Any, mesh, train: data_lib.Split | None,
+               streamed: bool | None = None):
+    self.cfg, self.mesh = cfg, mesh
+    self.split = data_lib.pretrain_split(cfg)
+    if streamed is None:
+      streamed = train is None and data_lib.choose_mode(cfg)[0] == 'stream'
+    self.streamed = streamed
+    self.train = self.test = None
+    self.train_labels = self.test_labels = None  # known after the first features() if streamed
+    self.unavailable = ''
+    if streamed:
+      self.num_classes = data_lib.num_classes_of(cfg)
+      logging.info('kNN evaluation reads %s (%s and test splits) through tf.data at each '
+                   'evaluation, as this run\'s training data streams', cfg.dataset, self.split)
+    else:
+      # Eval views crop eval_crop_fraction of the stored side: store the kNN sets at
+      # image_size / eval_crop_fraction (as linear_eval.decode_size), so the crop is not
+      # upsampled from fewer than image_size pixels. The pretraining copy is reused only
+      # when it already has that size (eval_crop_fraction 1).
+      decode_cfg = _knn_decode_config(cfg)
+      if train is None or decode_cfg is not cfg:
+        train = data_lib.load_split(decode_cfg, self.split)
+      self.train = _labelled(train, cfg.knn.train_examples)
+      self.test = _labelled(data_lib.load_split(decode_cfg, 'test'))
+      self.train_labels, self.test_labels = self.train.labels, self.test.labels
+      self._check_labelled()
+      self.num_classes = (max(int(self.train.labels.max()), int(self.test.labels.max())) + 1
+                          if not self.unavailable else 0)
+    # Streamed crops come from the host already cropped: the device crop is the identity.
+    self.crop_fraction = 1.0 if streamed else cfg.eval_crop_fraction
+    self.embed = common.make_embed_fn(cfg.model, cfg.image_size, self.crop_fraction, mesh,
+                                      cfg.augment)
+
+  def _check_labelled(self) -> None:
+    """Sets `unavailable` when either kNN set has no labelled image."""
+    empty = [f'{self.cfg.dataset}[{split}]' for split, labels in
+             ((self.split, self.train_labels), ('test', self.test_labels)) if not len(labels)]
+    if empty:
+      self.unavailable = (f'{" and ".join(empty)} {"have" if len(empty) > 1 else "has"} no '
+                          'labelled images (label -1 throughout), which kNN needs')
+
+  def _batch_size(self) -> int:
+    return common.device_batch(self.cfg.knn.batch_size, self.mesh.size)
+
+  def _stream(self, split: str, batch_size: int = 0):
+    from byol_jax import input_pipeline  # TensorFlow only on this path
+    cfg = self.cfg
+    return input_pipeline.eval_stream(
+      datasets.parse_dataset(cfg.dataset), split, batch_size=batch_size or self._batch_size(),
+      image_size=cfg.image_size, data_dir=cfg.data_dir or None,
+      crop_fraction=cfg.eval_crop_fraction, strict=cfg.strict_data)
+
+  def features(self, params, state) -> tuple[np.ndarray, np.ndarray]:
+    """Eval-view embeddings of the labelled train and test images."""
+    if self.streamed:
+      apply = lambda images: self.embed(params, state, images)
+      train, self.train_labels = common.stream_features(
+        apply, self._stream(self.split), self.cfg.knn.train_examples,
+        f'kNN features of {self.cfg.dataset}/{self.split}', labelled_only=True)
+      test, self.test_labels = common.stream_features(
+        apply, self._stream('test'), 0, f'kNN features of {self.cfg.dataset}/test',
+        labelled_only=True)
+      self._check_labelled()
+      return train, test
+    train, test = [common.embed_arrays(self.embed, params, state, s.images,
+                                       self.cfg.knn.batch_size, self.mesh.size)
+                   for s in (self.train, self.test)]
+    return train, test
+
+  def calibration_batches(self, seed: int) -> Callable[[], Any]:
+    """A factory of image batches from the kNN training split for BN recalibration (embed
+    them with `self.crop_fraction`)."""
+    if self.streamed:
+      return self._streamed_calibration_batches
+    return lambda: common.calibration_batches(self.train.images, self.cfg.knn.batch_size,
+                                              self.mesh.size, common.BN_CALIBRATION_EXAMPLES,
+                                              seed)
+
+  def _streamed_calibration_batches(self) -> Iterator[np.ndarray]:
+    """Full batches only, so no larger than the split (sized when first needed: a folder
+    scan of ImageNet is not for every evaluation)."""
+    size = datasets.dataset_size(datasets.parse_dataset(self.cfg.dataset), self.split,
+                                 self.cfg.data_dir or None)
+    batch = min(self._batch_size(), common.device_batch(size, self.mesh.size))
+    return common.spread_batches(self._stream(self.split, batch), batch,
+                                 common.BN_CALIBRATION_EXAMPLES)
+
+  def score(self, train_features: np.ndarray, test_features: np.ndarray) -> dict[str, float]:
+    """knn_top1/top5 ({} when `unavailable`)."""
+    if self.unavailable:
+      return {}
+    result = knn_accuracy(train_features, self.train_labels, test_features,
+                                  self.test_labels, self.num_classes, k=self.cfg.knn.k,
+                                  temperature=self.cfg.knn.temperature)
+    return {'knn_top1': result['top1'], 'knn_top5': result['top5']}
+
+  def __call__(self, params, state) -> dict[str, float]:
+    return self.score(*self.features(params, state))
+
+
+def _knn_decode_config(cfg: Any) -> Any:
+  """cfg itself, or a copy whose image_size is the kNN sets' stored side
+  round(image_size / eval_crop_fraction) when that differs."""
+  size = data_lib.eval_decode_size(cfg.image_size, cfg.eval_crop_fraction)
+  if size == cfg.image_size or datasets.parse_dataset(cfg.dataset).kind == 'demo':
+    return cfg
+  out = cfg.copy_and_resolve_references()
+  out.image_size = size
+  return out
+
+
+def _labelled(split: data_lib.Split, limit: int = 0) -> data_lib.Split:
+  """The split's images that have a class (label >= 0), the first `limit` (0: all)."""
+  end = limit or None
+  if np.all(split.labels >= 0):  # slices: no copy of the images
+    return data_lib.Split(split.images[:end], split.labels[:end])
+  keep = np.flatnonzero(split.labels >= 0)[:end]
+  return data_lib.Split(split.images[keep], split.labels[keep])
