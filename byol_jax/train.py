@@ -153,6 +153,12 @@ def _validate_faults(cfg: Any) -> None:
       raise ConfigError(f'checkpoint.{name}={ckpt[name]} must be >= 0 (0 turns it off)')
   if cfg.max_bad_steps < 1:
     raise ConfigError(f'max_bad_steps={cfg.max_bad_steps} must be >= 1')
+  # `step % -1 == 0`: a negative interval evaluated kNN after every step, silently.
+  if cfg.eval_every_steps < 0:
+    raise ConfigError(f'eval_every_steps={cfg.eval_every_steps} must be >= 0 (0: evaluate at '
+                      'the end only)')
+  if cfg.log_every_steps < 1:
+    raise ConfigError(f'log_every_steps={cfg.log_every_steps} must be >= 1')
 
 
 def prepare_workdir(workdir: str) -> None:
@@ -368,6 +374,11 @@ class _Preemption:
     del frame  # no logging here: the handler may interrupt a log call holding its lock
     self.signal_name = signal.Signals(signum).name
     self._restore()
+    # Said at once, where the loop's own line waits for the step in progress (and the first
+    # step compiles for seconds to minutes): os.write takes no lock.
+    with contextlib.suppress(OSError):
+      os.write(2, f'{self.signal_name}: stopping after the step in progress, which is then '
+                  f'saved ({self.signal_name} again: stop at once, without saving it)\n'.encode())
 
   def _restore(self) -> None:
     for sig, handler in self._previous.items():

@@ -58,6 +58,8 @@ def test_a_collapsing_run_warns(tmp_path, caplog, monkeypatch):
   ('pretrain_split', 'unlabelled', "pretrain_split='unlabelled': demo datasets have the splits"),
   ('steps', -3, 'steps=-3 must be >= 0'),  # it trained nothing and said a checkpoint was final
   ('input_mode', 'gpu', "input_mode='gpu'; valid: auto, device, stream"),  # demo ignored it
+  ('eval_every_steps', -1, 'eval_every_steps=-1 must be >= 0'),  # kNN after every step
+  ('log_every_steps', 0, 'log_every_steps=0 must be >= 1'),  # logged every step
 ])
 def test_nonsense_values_are_config_errors(field, value, says):
   """Each of these either failed deep in tracing with a traceback (a zero projection
@@ -273,3 +275,15 @@ def test_a_dataset_without_labels_trains_without_knn(stl10_dir, tmp_path, caplog
   assert not os.path.exists(tmp_path / 'metrics' / 'eval.jsonl')
   said = [r.getMessage() for r in caplog.records if 'kNN evaluation is off' in r.getMessage()]
   assert len(said) == 1 and 'stl10[unlabelled]' in said[0] and 'linear_eval' in said[0]
+
+
+def test_a_stop_signal_is_acknowledged_at_once(capfd):
+  """Ctrl-C during the first step's compilation (seconds on the demo, minutes for big models
+  on a CPU) was answered only once the step had run: the terminal looked frozen. The handler
+  says at once what will happen."""
+  import signal
+  with train._Preemption() as preemption:
+    os.kill(os.getpid(), signal.SIGINT)
+    assert preemption.signal_name == 'SIGINT'
+  err = capfd.readouterr().err
+  assert err.startswith('SIGINT: stopping after the step in progress, which is then saved'), err
