@@ -556,11 +556,31 @@ def _input_fn(data: data_lib.TrainData, mesh) -> Callable[[int], tuple]:
 
 
 def _meta(cfg: Any, data: data_lib.TrainData, num_steps: int, spe: int,
-          faults: dict[str, int]) -> dict[str, Any]:
+          faults: dict[str, int], init_knn: dict[str, float]) -> dict[str, Any]:
   return dict(config=checkpointing.config_to_dict(cfg), num_classes=data.num_classes,
               num_examples=data.num_examples, num_steps=num_steps, steps_per_epoch=spe,
               num_devices=jax.device_count(), process_count=jax.process_count(),
-              faults=faults, saved_at=time.time(), jax_version=jax.__version__)
+              faults=faults, saved_at=time.time(), jax_version=jax.__version__,
+              knn_init={k: float(v) for k, v in init_knn.items()})
+
+
+def _saved_initial_knn(workdir: str, step: int) -> dict[str, float]:
+  """The `*_init` kNN figures of a resumed run: measured once at its start and kept in every
+  checkpoint's metadata, so that the evaluations after a resume (often only the final one)
+  still stand beside the baseline. Checkpoints saved before they were kept there: the
+  newest evaluation record that holds them, or none."""
+  try:
+    saved = checkpointing.read_metadata(workdir, step).get('knn_init')
+  except checkpointing.CheckpointError:
+    saved = None
+  if saved:
+    return {k: float(v) for k, v in saved.items()}
+  records = _read_records(os.path.join(workdir, 'metrics', 'eval.jsonl'))
+  for record in reversed(records):
+    found = {k: v for k, v in record.items() if k.startswith('knn_') and k.endswith('_init')}
+    if found:
+      return found
+  return {}
 
 
 def train_and_evaluate(cfg: Any, workdir: str) -> dict[str, Any]:
@@ -675,8 +695,11 @@ def _loop(cfg, workdir, mesh, data, fns, state, faults, ckpt, preemption, num_st
     step_fn = train_step.make_stream_step(fns, mesh, cfg.augment)
   count_faults = _make_fault_counter(cfg.max_bad_steps)
 
-  init_knn = (_initial_knn(cfg, state, knn, mesh)
-              if cfg.eval_at_init and start == 0 and not knn.unavailable else {})
+  if start == 0:
+    init_knn = (_initial_knn(cfg, state, knn, mesh)
+                if cfg.eval_at_init and not knn.unavailable else {})
+  else:
+    init_knn = _saved_initial_knn(workdir, start)
   if knn.unavailable:  # known now, except for a streamed run without eval_at_init
     logging.warning(_NO_KNN, knn.unavailable)
   if start == 0:
@@ -719,7 +742,7 @@ def _loop(cfg, workdir, mesh, data, fns, state, faults, ckpt, preemption, num_st
     reason = clock.reason(step, stop)
     if reason:
       host_faults = _check_faults(faults, cfg.max_bad_steps, workdir, ckpt)
-      ckpt.save(state, _meta(cfg, data, num_steps, spe, host_faults))
+      ckpt.save(state, _meta(cfg, data, num_steps, spe, host_faults, init_knn))
       clock.saved()
       logging.info('checkpoint of step %d started (%s)', step, reason)
     if stop:

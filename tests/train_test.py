@@ -287,3 +287,23 @@ def test_a_stop_signal_is_acknowledged_at_once(capfd):
     assert preemption.signal_name == 'SIGINT'
   err = capfd.readouterr().err
   assert err.startswith('SIGINT: stopping after the step in progress, which is then saved'), err
+
+
+def test_a_resumed_run_keeps_the_encoder_at_initialisation_beside_its_evaluations(tmp_path):
+  """The `*_init` kNN figures were measured at the start and written only beside later
+  evaluations: a run stopped before its first one (the demo evaluates at its end only, so
+  any Ctrl-C) lost the baseline for good, in eval.jsonl, the plots and results_table."""
+  import shutil
+  cfg = tiny_config(steps=4, eval_every_steps=0)
+  cfg.checkpoint.every_steps = 2
+  first = train.train_and_evaluate(cfg, str(tmp_path))
+  init = {k: v for k, v in first['eval'].items() if k.endswith('_init')}
+  assert init, first['eval']
+  # As if stopped after the save of step 2: the resume's evaluation is the only one.
+  shutil.rmtree(os.path.join(checkpointing.checkpoint_dir(str(tmp_path)), '4'))
+  os.remove(tmp_path / 'metrics' / 'eval.jsonl')
+  again = train.train_and_evaluate(cfg, str(tmp_path))
+  assert again['start_step'] == 2
+  assert {k: again['eval'].get(k) for k in init} == init
+  (record,) = [json.loads(line) for line in open(tmp_path / 'metrics' / 'eval.jsonl')]
+  assert record['step'] == 4 and record['knn_top1_init'] == init['knn_top1_init']
