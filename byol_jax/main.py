@@ -90,6 +90,9 @@ def share_accelerator_memory(mode: str, environ: dict | None = None) -> None:
     environ['XLA_PYTHON_CLIENT_PREALLOCATE'] = 'false'
 
 
+INTERRUPTED = 130  # the shell's code for a process ended by SIGINT
+
+
 def run(argv: list[str]) -> int:
   del argv
   from byol_jax import checkpointing, datasets, multihost, train  # after parsing: fast --help
@@ -110,12 +113,27 @@ def run(argv: list[str]) -> int:
   except KeyboardInterrupt:  # outside the trainer's step loop (set-up, waiting, evaluating)
     print(f'interrupted: the {_MODE.value} worker stopped; what it had saved (checkpoints, '
           'metric records) is intact', file=sys.stderr)
-    return 130
+    return INTERRUPTED
+
+
+def exit_process(code: int) -> None:
+  """Ends the process with `code`. After a Ctrl-C, without Python's finalisation: an
+  interrupt that lands in XLA's compiler (the set-up's jits, an evaluator's first call)
+  leaves the compilation running on a native thread, and an ordinary exit then ends in
+  'Fatal Python error: Segmentation fault' (exit -11) under the one-line message. What the
+  worker wrote is on disk already (JSONL records are appended and closed one by one,
+  checkpoints are closed by the trainer, the eval worker closes its writer)."""
+  if code != INTERRUPTED:
+    sys.exit(code)
+  logging.flush()
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(code)
 
 
 def main() -> None:
   cli.quiet_startup_logs()
-  app.run(lambda argv: sys.exit(run(argv)), flags_parser=cli.parse_flags)
+  app.run(lambda argv: exit_process(run(argv)), flags_parser=cli.parse_flags)
 
 
 if __name__ == '__main__':

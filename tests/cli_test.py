@@ -302,3 +302,51 @@ def test_ctrl_c_outside_the_step_loop_is_one_line(tmp_path):
   text = log.read_text()
   assert 'Traceback' not in text and 'KeyboardInterrupt' not in text, text[-2000:]
   assert text.strip().splitlines()[-1].startswith('interrupted: the eval worker stopped')
+
+
+_SLOW_COMPILE_WORKER = '''
+import sys
+import jax
+import jax.numpy as jnp
+
+
+def _slow_to_compile(x):
+  for i in range(400):
+    x = jnp.sin(x @ x.T + i) * jnp.cos(x)
+  return x
+
+
+def run(cfg, workdir):
+  del cfg, workdir
+  lowered = jax.jit(_slow_to_compile).lower(jnp.ones((64, 64)))
+  print('compiling', file=sys.stderr, flush=True)
+  lowered.compile()  # seconds on a CPU: the interrupt lands in it
+  return 0
+'''
+
+
+def test_ctrl_c_during_compilation_exits_130_without_a_segfault(tmp_path):
+  """Ctrl-C that lands inside XLA's compiler (the trainer's set-up jits, the eval worker's
+  first kNN call) printed the one-line message, then died in 'Fatal Python error:
+  Segmentation fault' (exit -11) at interpreter exit."""
+  (tmp_path / 'slow_compile_worker.py').write_text(_SLOW_COMPILE_WORKER)
+  code = ('import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); '
+          f'sys.path.insert(0, {str(tmp_path)!r}); '
+          'from byol_jax import main; main.WORKERS["train"] = "slow_compile_worker"; '
+          f"sys.argv = ['main', '--workdir={tmp_path / 'run'}']; main.main()")
+  log = tmp_path / 'stderr.txt'
+  # No persistent compilation cache: a cached executable would leave nothing to interrupt.
+  env = checkout_env(JAX_ENABLE_COMPILATION_CACHE='false')
+  with open(log, 'w') as err:
+    proc = subprocess.Popen([sys.executable, '-c', code], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=err)
+    deadline = time.time() + 120
+    while 'compiling' not in log.read_text() and time.time() < deadline:
+      time.sleep(0.1)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    code = proc.wait(timeout=60)
+  text = log.read_text()
+  assert code == 130, (code, text[-2000:])
+  assert 'Fatal Python error' not in text and 'Traceback' not in text, text[-2000:]
+  assert text.strip().splitlines()[-1].startswith('interrupted: the train worker stopped')
