@@ -145,7 +145,7 @@ def _streamed_calibration_batches(cfg: Any, num_devices: int) -> Callable:
       datasets.parse_dataset(cfg.dataset), cfg.train_split, batch_size=batch,
       image_size=cfg.image_size, data_dir=cfg.data_dir or None,
       crop_fraction=cfg.crop_fraction, strict=cfg.strict_data)
-    return common.spread_batches(stream, batch, cfg.bn_calibration_examples)
+    return common.spread_batches(stream, batch, cfg.bn_calibration_examples, num_devices)
 
   return batches
 

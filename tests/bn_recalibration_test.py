@@ -163,3 +163,24 @@ def test_calibration_batches_sample_equal_batches():
   assert [len(b) for b in common.calibration_batches(images[:10], 16, 2)] == [10]
   with pytest.raises(ValueError):
     common.calibration_batches(images[:1], 16, 2)
+
+
+class _Stream(list):
+  """An eval stream's shape: a sized iterable of {'images', 'mask'} batches."""
+
+
+def _batch(valid: int, size: int) -> dict:
+  images = np.arange(size, dtype=np.uint8).reshape(size, 1, 1, 1) * np.ones((1, 2, 2, 3),
+                                                                            np.uint8)
+  return dict(images=images, mask=np.arange(size) < valid)
+
+
+def test_spread_batches_of_a_split_smaller_than_a_batch_are_its_real_images():
+  """A streamed split with no full batch (smaller than the batch, or one unreadable file in
+  a folder of fewer images than knn.batch_size) gave no batch at all: the trainer's kNN at
+  initialisation and linear_eval's random_init baseline then failed in a traceback
+  ('BN recalibration got no images')."""
+  (only,) = list(common.spread_batches(_Stream([_batch(74, 75)]), 75, 10_000, num_devices=4))
+  np.testing.assert_array_equal(only[:, 0, 0, 0], np.arange(72))  # a multiple of 4 devices
+  full = list(common.spread_batches(_Stream([_batch(8, 8), _batch(3, 8)]), 8, 10_000))
+  assert [len(b) for b in full] == [8]  # full batches exist: padded ones stay out

@@ -132,15 +132,27 @@ def stream_features(apply: Callable[[np.ndarray], Any], stream: Iterable[dict[st
   return np.concatenate(outputs)[:end], np.concatenate(labels).astype(np.int32)[:end]
 
 
-def spread_batches(stream: Any, batch_size: int, max_examples: int) -> Iterable[np.ndarray]:
+def spread_batches(stream: Any, batch_size: int, max_examples: int,
+                   num_devices: int = 1) -> Iterable[np.ndarray]:
   """Full batches spread evenly over one pass of an eval stream, about max_examples images
   in all, for BN recalibration: every stride-th batch, so a split stored class by class
-  still contributes every class; padded batches are left out."""
+  still contributes every class; padded batches are left out. A stream with no full batch
+  (a split smaller than the batch, or one whose unreadable files left its only batch
+  short) gives the real images of its first padded batch instead, a multiple of
+  num_devices of them, rather than nothing (which failed the recalibration)."""
   wanted = max(1, max_examples // batch_size)
   stride = max(1, len(stream) // wanted)
+  full, partial = False, None
   for i, b in enumerate(stream):
-    if i % stride == 0 and i // stride < wanted and np.all(b['mask']):
-      yield b['images']
+    mask = np.asarray(b['mask'], bool)
+    if np.all(mask):
+      full = True
+      if i % stride == 0 and i // stride < wanted:
+        yield b['images']
+    elif partial is None and mask.any():
+      partial = np.asarray(b['images'])[mask]
+  if not full and partial is not None and len(partial) >= num_devices:
+    yield partial[:len(partial) - len(partial) % num_devices]
 
 
 # ------------------------------------------------------------------------------------------

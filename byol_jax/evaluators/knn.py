@@ -210,7 +210,7 @@ class KnnEval:
                                  self.cfg.data_dir or None)
     batch = min(self._batch_size(), common.device_batch(size, self.mesh.size))
     return common.spread_batches(self._stream(self.split, batch), batch,
-                                 common.BN_CALIBRATION_EXAMPLES)
+                                 common.BN_CALIBRATION_EXAMPLES, self.mesh.size)
 
   def score(self, train_features: np.ndarray, test_features: np.ndarray) -> dict[str, float]:
     """knn_top1/top5 ({} when `unavailable`)."""
