@@ -325,6 +325,20 @@ def _folder_root(spec: DatasetSpec) -> str:
   return root
 
 
+def _no_test_split(root: str) -> str:
+  return f'{root}/test is missing: add test/<class_name>/ folders like train/'
+
+
+def missing_split(spec: DatasetSpec, split: str) -> str:
+  """Why a folder dataset lacks `split` ('' when it has it, or is no folder). Only test/
+  can be missing: a missing valid/ is held out of train/. Lets the trainer pretrain on a
+  folder of training images alone, without kNN, instead of stopping at its first evaluation."""
+  if spec.kind != 'folder' or split != 'test':
+    return ''
+  root = _folder_root(spec)
+  return '' if os.path.isdir(os.path.join(root, 'test')) else _no_test_split(root)
+
+
 def _valid_dir(root: str) -> str | None:
   """The validation folder (valid/ or val/), if the dataset has one."""
   for name in _VALID_DIRS:
@@ -362,11 +376,10 @@ def _split_files(root: str, split: str, class_names: list[str]) -> list[list[str
   """Per-class file lists of a logical split of an image folder."""
   train_dir, valid_dir = os.path.join(root, 'train'), _valid_dir(root)
   if split == 'test':
-    test_dir = os.path.join(root, 'test')
-    if not os.path.isdir(test_dir):
-      raise DataError(f'{test_dir} is missing: add test/<class_name>/ folders like train/, '
-                      "or evaluate on split 'valid'")
-    return _class_files(test_dir, class_names)
+    if not os.path.isdir(os.path.join(root, 'test')):
+      raise DataError(f'{_no_test_split(root)}, or evaluate on split valid (linear_eval: '
+                      '--config.test_split=valid)')
+    return _class_files(os.path.join(root, 'test'), class_names)
   train = _class_files(train_dir, class_names)
   if valid_dir is None:
     return train if split == 'trainval' else _held_out(train, split == 'valid')

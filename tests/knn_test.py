@@ -148,3 +148,28 @@ def test_resident_knn_sets_hold_the_eval_crop_at_full_resolution(tmp_path):
   cfg = tiny_config(dataset=f'folder:{tmp_path}', image_size=32, eval_crop_fraction=1.0)
   sets = knn.KnnEval(cfg, mesh, training_copy)
   assert np.shares_memory(sets.train.images, training_copy.images)
+
+
+def test_a_folder_without_test_images_pretrains_without_knn(tmp_path, caplog):
+  """A folder of training images alone (no test/) is a common pretraining set: the trainer
+  must train and checkpoint with kNN off, said once, where it stopped at its first
+  evaluation with '.../test is missing' after writing the workdir."""
+  from PIL import Image
+
+  from byol_jax import checkpointing, train
+  rng = np.random.default_rng(0)
+  for c in range(2):
+    os.makedirs(tmp_path / 'data' / 'train' / f'c{c}')
+    for i in range(8):
+      Image.fromarray(rng.integers(0, 255, (16, 16, 3), np.uint8)).save(
+        tmp_path / 'data' / 'train' / f'c{c}' / f'{i}.png')
+  cfg = tiny_config(dataset=f'folder:{tmp_path / "data"}', eval_crop_fraction=1.0, steps=2,
+                    batch_size=8, eval_every_steps=1)
+  for streamed in (False, True):
+    sets = knn.KnnEval(cfg, train_step.make_mesh(), None, streamed=streamed)
+    assert sets.unavailable == f'{tmp_path / "data"}/test is missing: add test/<class_name>/ ' \
+                               'folders like train/', streamed
+  with caplog.at_level('WARNING'):
+    result = train.train_and_evaluate(cfg, str(tmp_path / 'run'))
+  assert result['eval'] == {} and checkpointing.scan(str(tmp_path / 'run')).finalised == [2]
+  assert caplog.text.count('kNN evaluation is off') == 1, caplog.text[-2000:]

@@ -120,7 +120,8 @@ class KnnEval:
   memory would not fit.
 
   `unavailable` says why there is no kNN ('' while there is): a dataset without class
-  labels (VOC, or STL-10's 'unlabelled' split alone). Callers skip the evaluation and say so;
+  labels (VOC, or STL-10's 'unlabelled' split alone), or a folder without test/. Callers
+  skip the evaluation and say so;
   a streamed run finds out at its first evaluation. Either way `knn.train_examples` takes
   the first N labelled images.
   """
@@ -134,8 +135,10 @@ class KnnEval:
     self.streamed = streamed
     self.train = self.test = None
     self.train_labels = self.test_labels = None  # known after the first features() if streamed
-    self.unavailable = ''
-    if streamed:
+    self.unavailable = datasets.missing_split(datasets.parse_dataset(cfg.dataset), 'test')
+    if self.unavailable:
+      self.num_classes = 0
+    elif streamed:
       self.num_classes = data_lib.num_classes_of(cfg)
       logging.info('kNN evaluation reads %s (%s and test splits) through tf.data at each '
                    'evaluation, as this run\'s training data streams', cfg.dataset, self.split)
