@@ -438,6 +438,11 @@ def _restore(cfg: Any, workdir: str, num_classes: int) -> checkpointing.Restored
 
   def check(meta):
     trajectory, other = checkpointing.config_differences(meta['config'], cfg)
+    saved_preset, preset = meta['config'].get('preset'), cfg.get('preset')
+    if trajectory and saved_preset and preset and saved_preset != preset:
+      # Another preset differs in a dozen fields: name the presets, not every field.
+      raise ConfigError(f'{workdir} holds a run of preset {saved_preset}, not {preset}: use a '
+                        f'new --workdir for this one (preset {saved_preset} resumes that run)')
     if trajectory:
       longer = any(c.split(' ')[0] in ('epochs', 'steps', 'dataset') for c in trajectory)
       saved = ' '.join(checkpointing.saved_value_flags(meta['config'], cfg))

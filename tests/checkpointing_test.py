@@ -398,6 +398,12 @@ def test_incompatible_config_is_refused_compatible_change_reported(reference, tm
   assert 'batch_size (16 -> 32)' in message and 'model.projection_dim (16 -> 8)' in message
   assert '(--config.batch_size=16 --config.model.projection_dim=16)' in message
   assert '\n' not in message
+  # Another preset (the default workdir holds the demo) is said in a line, not field by field.
+  cfg = tiny_config(**{**RUN_FLAGS, 'preset': 'cifar10', 'batch_size': 32})
+  with pytest.raises(train.ConfigError) as e:
+    train._restore(cfg, workdir, 10)
+  assert str(e.value) == (f'{workdir} holds a run of preset demo, not cifar10: use a new '
+                          '--workdir for this one (preset demo resumes that run)')
   cfg = tiny_config(**{**RUN_FLAGS, 'log_every_steps': 4, 'checkpoint.keep': 3})
   with caplog.at_level('INFO'):
     restored = train._restore(cfg, workdir, 10)
