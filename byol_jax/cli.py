@@ -112,8 +112,11 @@ def remote_path_error(path: str, what: str = 'workdir') -> str | None:
 
 
 def validate_path_flag(name: str, what: str = 'workdir') -> None:
-  """Refuses a URL in flag --NAME while flags are parsed (one line, exit 2)."""
+  """Refuses a URL in flag --NAME while flags are parsed (one line, exit 2), and an empty
+  --workdir= (it was taken for the current directory, then called not writable)."""
   def check(path: str | None) -> bool:
+    if what == 'workdir' and path == '':
+      raise flags.ValidationError(f'empty: name the run\'s folder, e.g. --{name}=runs/demo')
     message = remote_path_error(path or '', what)
     if message:
       raise flags.ValidationError(message)

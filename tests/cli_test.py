@@ -252,6 +252,17 @@ def test_a_url_path_is_refused_before_anything_is_written(module, argv, tmp_path
   assert list(tmp_path.iterdir()) == []
 
 
+def test_an_empty_workdir_is_one_line(tmp_path):
+  """`--workdir=` (an unset shell variable) was refused as "workdir '' is not writable"."""
+  proc = subprocess.run([sys.executable, '-m', 'byol_jax.main', '--workdir='], cwd=tmp_path,
+                        env=checkout_env(), capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2 and 'Traceback' not in proc.stderr, proc.stderr[-2000:]
+  errors = [line for line in proc.stderr.splitlines() if line.startswith('error: ')]
+  assert errors == ["error: flag --workdir=: empty: name the run's folder, e.g. "
+                    '--workdir=runs/demo (see --help)'], proc.stderr[-2000:]
+  assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize('module, argv', [
   ('byol_jax.main', ['--config=configs/byol.py:demo', '--worker_mode=eval', '--workdir=afile']),
   ('byol_jax.main', ['--config=configs/linear_eval.py:demo', '--worker_mode=linear_eval',
