@@ -316,6 +316,9 @@ def _image_files(path: str) -> list[str]:
 def _folder_root(spec: DatasetSpec) -> str:
   """The root of a folder dataset, which must contain a train/ folder."""
   root = spec.root or ''
+  if os.path.isfile(root):
+    raise DataError(f'dataset folder {root} is a file: folder: takes the folder that holds '
+                    'train/<class_name>/ (and test/)')
   if not os.path.isdir(root):
     raise DataError(f'dataset folder {root} does not exist: create {root}/train/<class_name>/'
                     '<image>.jpg (and test/) or fix the path after folder:')

@@ -124,6 +124,11 @@ def _missing_root(tmp_path):
   return str(tmp_path / 'nope'), 'train', 'nope'
 
 
+def _root_is_a_file(tmp_path):  # it said 'does not exist'
+  (tmp_path / 'images.zip').write_bytes(b'PK')
+  return str(tmp_path / 'images.zip'), 'train', 'images.zip is a file'
+
+
 def _missing_train(tmp_path):
   os.makedirs(tmp_path / 'test' / 'a')
   return str(tmp_path), 'train', 'train is missing'
@@ -146,8 +151,8 @@ def _class_mismatch(tmp_path):
   return root, 'test', 'differ from train'
 
 
-@pytest.mark.parametrize('setup', [_missing_root, _missing_train, _missing_test, _empty_class,
-                                   _class_mismatch])
+@pytest.mark.parametrize('setup', [_missing_root, _root_is_a_file, _missing_train,
+                                   _missing_test, _empty_class, _class_mismatch])
 def test_folder_errors_name_the_path(tmp_path, setup):
   """Users must learn from one line which folder is wrong and what to do."""
   root, split, fragment = setup(tmp_path)
