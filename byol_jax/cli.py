@@ -160,7 +160,8 @@ def _config_file_error(e: BaseException) -> str | None:
   text = str(root)
   missing = re.search(r"No such file or directory: '([^']*)'", text)
   if 'Failed loading config file' in text and missing:
-    return (f'config file {missing.group(1)!r} not found in {os.getcwd()} nor in {REPO}: '
+    where = os.getcwd() + ('' if os.path.samefile(os.getcwd(), REPO) else f' nor in {REPO}')
+    return (f'config file {missing.group(1)!r} not found in {where}: '
             "check the file's name (the presets are in configs/byol.py, "
             'configs/linear_eval.py and configs/ablation.py)')
   flag = re.match(r'(flag --config=\S+): Error whilst parsing config file', str(e))

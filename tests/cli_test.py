@@ -27,7 +27,7 @@ def _run_main(argv: list[str], workdir) -> subprocess.CompletedProcess:
    "error: flag --config=configs/byol.py:nope: unknown preset 'nope'; valid: demo,"),
   (['--config.batch_size=abc'], "error: flag --config.batch_size=abc: invalid literal"),
   (['--config=configs/nofile.py:demo'],  # the path as typed, and where it was looked for
-   f"error: config file 'configs/nofile.py' not found in {REPO} nor in {REPO}: check"),
+   f"error: config file 'configs/nofile.py' not found in {REPO}: check"),
   (['--bogus=1'], "error: Unknown command line flag 'bogus'"),
 ])
 def test_flag_mistakes_are_one_line_errors(argv, expected, tmp_path):
