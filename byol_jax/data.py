@@ -67,8 +67,6 @@ def load_split(cfg: Any, split: str, random_crops: bool = False) -> Split:
   images, labels, info = datasets.load_arrays(
     spec, split, data_dir=cfg.data_dir or None, image_size=cfg.image_size,
     strict=cfg.strict_data, seed=cfg.seed)
-  if info.get('skipped'):
-    logging.warning('%s/%s: skipped %d unreadable files', cfg.dataset, split, info['skipped'])
   warning = datasets.centre_square_warning(info, f'{cfg.dataset}/{split}',
                                            ', as --config.input_mode=stream does')
   if random_crops and warning:

@@ -520,3 +520,19 @@ def test_voc2007_loads_as_multilabel_targets(tmp_path):
   np.testing.assert_array_equal(labels, -1)
   with pytest.raises(datasets.DataError, match='TFDS datasets'):
     datasets.load_arrays(datasets.parse_dataset('demo'), 'train', multilabel=True)
+
+
+def test_unreadable_files_are_reported_once(tmp_path, caplog):
+  """A corrupt file in a resident training folder was reported twice (by the loader and by
+  data.load_split), which reads as two problems."""
+  from conftest import tiny_config
+
+  from byol_jax import data
+  root = make_folder(tmp_path)
+  (tmp_path / 'train' / 'cat' / 'broken.jpg').write_bytes(b'not a jpeg')
+  cfg = tiny_config(dataset=f'folder:{root}')
+  with caplog.at_level('WARNING'):
+    split = data.load_split(cfg, 'trainval')  # all of train/
+  assert len(split.labels) == 6
+  said = [r.getMessage() for r in caplog.records if 'skipped' in r.getMessage()]
+  assert len(said) == 1 and 'broken.jpg' in said[0], said
