@@ -469,6 +469,10 @@ def _run(argv: list[str], flag_values: Any) -> int:
     print(f'error: unexpected arguments {argv[1:]}', file=sys.stderr)
     return 2
   cfg = flag_values.config
+  # Said first: building and compiling the step takes from seconds to minutes, silently.
+  print(f'benchmark: building and compiling the {flag_values.mode} ({flag_values.data} data, '
+        f'batch {cfg.batch_size}), then {flag_values.warmup} warm-up and 2 x '
+        f'{flag_values.steps} timed calls', file=sys.stderr, flush=True)
   try:
     result = run_benchmark(cfg, data=flag_values.data, mode=flag_values.mode,
                            steps=flag_values.steps, warmup=flag_values.warmup,

@@ -149,7 +149,8 @@ def test_compiled_once_flags_recompiles():
 
 def test_cli_prints_one_line_and_appends_json(tmp_path):
   """`python -m byol_jax.benchmark` with config overrides prints one BENCH line for the views
-  step and appends the same figures as a JSON line to --output."""
+  step and appends the same figures as a JSON line to --output; what it is doing is said
+  first, where it was silent for the whole compile."""
   output = tmp_path / 'out' / 'bench.jsonl'
   cmd = [sys.executable, '-m', 'byol_jax.benchmark', '--config=configs/byol.py:demo',
          *TINY_FLAGS, '--data=views', '--steps=2', '--warmup=1', '--tag=cli',
@@ -158,6 +159,9 @@ def test_cli_prints_one_line_and_appends_json(tmp_path):
   assert out.returncode == 0, out.stderr[-3000:]
   lines = [line for line in out.stdout.splitlines() if line.startswith('BENCH')]
   assert len(lines) == 1
+  # Said at once on stderr (the compile is silent otherwise, seconds to minutes).
+  assert ('benchmark: building and compiling the step (views data, batch 16), then 1 warm-up '
+          'and 2 x 2 timed calls') in out.stderr, out.stderr[-2000:]
   fields = _fields(lines[0])
   assert fields['data'] == 'views' and fields['images'] == 'views'
   assert fields['compiles'] == '1' and fields['batch'] == '16'
