@@ -307,8 +307,10 @@ def evaluate(cfg: Any, pre: linear_eval.Pretrained, workdir: str) -> dict[str, A
     raise ConfigError(f'finetune trains a softmax classifier and {cfg.dataset} is multi-label; '
                       'evaluate it with --worker_mode=linear_eval (mAP)')
   start, seed = time.time(), pre.config.seed
-  logging.info('finetune of the %s encoder at step %d (%s) on %s, subset %g', cfg.network,
-               pre.step, pre.weights, cfg.dataset, cfg.subset_fraction)
+  labels = (f'{cfg.subset_fraction:g} of the labels' if 0 < cfg.subset_fraction < 1
+            else 'all labels')
+  logging.info('finetune of the %s encoder at step %d (%s) on %s, %s', cfg.network,
+               pre.step, pre.weights, cfg.dataset, labels)
   data = load_data(cfg, seed, workdir)
   tuner = Finetuner(cfg, pre, data['train'], data['num_classes'])
   result = sweep(cfg, tuner, data['val'], data['test'])
