@@ -175,7 +175,10 @@ _SETTINGS = {'network': None, 'dataset': None, 'protocol': None, 'refit': False}
 
 
 def _setting(record: dict[str, Any], field: str) -> str:
-  return str(record.get(field, _SETTINGS[field]))
+  value = str(record.get(field, _SETTINGS[field]))
+  # The eval worker's step 0 (random init, no probe) says 'knn', its checkpoints
+  # 'knn+online_probe': the same kNN measurement, one line.
+  return 'knn' if field == 'protocol' and value == 'knn+online_probe' else value
 
 
 def _eval_files(metrics: dict[str, Records]) -> list[tuple[str, Records]]:

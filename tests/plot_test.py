@@ -77,6 +77,17 @@ def test_evaluations_of_different_settings_get_their_own_lines():
     'linear_eval online dataset=dtd refit=True': [300]}
 
 
+def test_the_eval_workers_initialisation_and_checkpoints_share_a_line():
+  """The eval worker's step 0 (random init, protocol 'knn': no probe) and its checkpoints
+  ('knn+online_probe') are one kNN curve; they were drawn as two unjoined legend entries."""
+  rec = lambda step, protocol: {'step': step, 'knn_top1': 0.5, 'network': 'online',
+                                'dataset': 'demo', 'protocol': protocol}
+  records = {'eval_worker': [rec(0, 'knn'), rec(100, 'knn+online_probe'),
+                             rec(200, 'knn+online_probe')]}
+  groups = {label: [r['step'] for r in rs] for label, rs in plot._eval_files(records)}
+  assert groups == {'eval_worker online': [0, 100, 200]}
+
+
 def test_partial_metrics_and_output_dir(tmp_path):
   """Crashing on a run with only eval metrics, or ignoring --output, would break this."""
   _write_jsonl(tmp_path / 'run' / 'metrics' / 'eval.jsonl', [dict(step=10, knn_top1=0.3)])
