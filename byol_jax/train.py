@@ -561,12 +561,22 @@ def _input_fn(data: data_lib.TrainData, mesh) -> Callable[[int], tuple]:
 
 
 def _meta(cfg: Any, data: data_lib.TrainData, num_steps: int, spe: int,
-          faults: dict[str, int], init_knn: dict[str, float]) -> dict[str, Any]:
+          faults: dict[str, int], init_knn: dict[str, float], train_sec: float) -> dict[str, Any]:
   return dict(config=checkpointing.config_to_dict(cfg), num_classes=data.num_classes,
               num_examples=data.num_examples, num_steps=num_steps, steps_per_epoch=spe,
               num_devices=jax.device_count(), process_count=jax.process_count(),
               faults=faults, saved_at=time.time(), jax_version=jax.__version__,
-              knn_init={k: float(v) for k, v in init_knn.items()})
+              knn_init={k: float(v) for k, v in init_knn.items()}, train_sec=train_sec)
+
+
+def _saved_train_sec(workdir: str, step: int) -> float:
+  """The training wall time that led to checkpoint `step`, summed over the run's earlier
+  segments, so that `elapsed_sec` after a resume goes on from there instead of restarting at
+  zero (steps redone after a crash count once). 0 for checkpoints saved before it was kept."""
+  try:
+    return float(checkpointing.read_metadata(workdir, step).get('train_sec', 0.0))
+  except checkpointing.CheckpointError:
+    return 0.0
 
 
 def _saved_initial_knn(workdir: str, step: int) -> dict[str, float]:
@@ -713,7 +723,7 @@ def _loop(cfg, workdir, mesh, data, fns, state, faults, ckpt, preemption, num_st
 
   progress = Progress(start, num_steps, cfg.batch_size)
   collapse = _CollapseWatch(cfg.model.projection_dim)
-  loop_start = time.time()
+  loop_start = time.time() - (_saved_train_sec(workdir, start) if start else 0.0)
   clock = _SaveClock(cfg.checkpoint, num_steps, cfg.log_every_steps)
   last_train, last_eval, preempted = {}, {}, None
   logging.info('training steps %d..%d of %d (%d per epoch, global batch %d, %d devices); the '
@@ -747,7 +757,8 @@ def _loop(cfg, workdir, mesh, data, fns, state, faults, ckpt, preemption, num_st
     reason = clock.reason(step, stop)
     if reason:
       host_faults = _check_faults(faults, cfg.max_bad_steps, workdir, ckpt)
-      ckpt.save(state, _meta(cfg, data, num_steps, spe, host_faults, init_knn))
+      ckpt.save(state, _meta(cfg, data, num_steps, spe, host_faults, init_knn,
+                             time.time() - loop_start))
       clock.saved()
       logging.info('checkpoint of step %d started (%s)', step, reason)
     if stop:

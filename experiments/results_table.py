@@ -24,7 +24,8 @@ def _read(path: str) -> list[dict]:
 
 def rows(workdir: str) -> list[dict]:
   """One row per eval record, with the median train throughput logged since the eval before
-  (a median, so the log interval holding the compilation or an evaluation does not count)."""
+  (a median, so the log interval holding the compilation or an evaluation does not count).
+  The wall time is the training loop's since the run began, summed over its resumes."""
   train = _read(os.path.join(workdir, 'metrics', 'train.jsonl'))
   evals = _read(os.path.join(workdir, 'metrics', 'eval.jsonl'))
   out, previous = [], -1

@@ -4,6 +4,7 @@ faults are in checkpointing_test.py."""
 import json
 import logging
 import os
+import time
 
 import jax
 import jax.numpy as jnp
@@ -307,3 +308,23 @@ def test_a_resumed_run_keeps_the_encoder_at_initialisation_beside_its_evaluation
   assert {k: again['eval'].get(k) for k in init} == init
   (record,) = [json.loads(line) for line in open(tmp_path / 'metrics' / 'eval.jsonl')]
   assert record['step'] == 4 and record['knn_top1_init'] == init['knn_top1_init']
+
+
+def test_a_resumed_run_counts_its_wall_time_from_the_checkpoint_not_from_zero(tmp_path):
+  """`elapsed_sec` (results_table's wall time column) restarted at 0 with every resume, so a
+  preempted run's table said it trained in a fraction of its time. The training time behind
+  each checkpoint is kept in its metadata and the resumed run goes on from it."""
+  import shutil
+  cfg = tiny_config(steps=4, eval_every_steps=0)
+  cfg.checkpoint.every_steps = 2
+  train.train_and_evaluate(cfg, str(tmp_path))
+  saved = {s: checkpointing.read_metadata(str(tmp_path), s)['train_sec'] for s in (2, 4)}
+  assert 0 < saved[2] < saved[4], saved
+  shutil.rmtree(os.path.join(checkpointing.checkpoint_dir(str(tmp_path)), '4'))
+  os.remove(tmp_path / 'metrics' / 'eval.jsonl')
+  time_before = time.time()
+  again = train.train_and_evaluate(cfg, str(tmp_path))
+  resumed_for = time.time() - time_before
+  assert again['start_step'] == 2
+  assert saved[2] < again['eval']['elapsed_sec'] < saved[2] + resumed_for
+  assert checkpointing.read_metadata(str(tmp_path), 4)['train_sec'] > saved[2]
