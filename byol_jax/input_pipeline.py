@@ -135,12 +135,13 @@ def _decode_windows(encoded: Any, windows_fn: Callable[[Any, Any], list[Any]], s
   return tf.stack([_resize_uint8(c, size, antialias) for c in crops])
 
 
-def two_crops(encoded: Any, seed: Any, image_size: int, aug_cfg: Any,
-              antialias: bool = False) -> Any:
-  """BYOL's two random-resized crops of one encoded image, uint8 [2, S, S, 3]."""
+def random_crops(encoded: Any, seed: Any, image_size: int, aug_cfg: Any, num_views: int = 2,
+                 antialias: bool = False) -> Any:
+  """Random-resized crops of one encoded image, uint8 [num_views, S, S, 3]: BYOL's two
+  views, or the one view a linear head trains on (`linear_eval`'s streamed protocol)."""
   tf = _tf()
-  seeds = tf.random.experimental.stateless_split(seed, 2)
-  windows = lambda h, w: [sample_crop_window(seeds[i], h, w, aug_cfg) for i in range(2)]
+  seeds = tf.random.experimental.stateless_split(seed, num_views)
+  windows = lambda h, w: [sample_crop_window(seeds[i], h, w, aug_cfg) for i in range(num_views)]
   return _decode_windows(encoded, windows, image_size, antialias)
 
 
@@ -247,7 +248,7 @@ def _data_errors(batches: Iterator[Any]) -> Iterator[Any]:
 
 
 class TrainStream:
-  """Endless iterator of dict(views=uint8 [B, 2, S, S, 3], labels=int32 [B]) batches.
+  """Endless iterator of dict(views=uint8 [B, V, S, S, 3], labels=int32 [B]) batches.
 
   Also says how the stream is laid out (steps_per_epoch; examples_per_epoch of this process)
   and how many files were skipped: `skipped` when scanning, `decode_failures` while streaming.
@@ -283,13 +284,13 @@ class TrainStream:
 
 def _train_batches(ds: Any, *, image_size: int, aug_cfg: Any, crop_key: int,
                    batch_size: int, strict: bool, threads: int | None, prefetch: int,
-                   antialias: bool) -> Any:
-  """Decodes two crops per element, batches and prefetches; output keeps the index."""
+                   antialias: bool, num_views: int) -> Any:
+  """Decodes num_views crops per element, batches and prefetches; output keeps the index."""
   tf = _tf()
 
   def decode(ex):
     seed = tf.stack([tf.constant(crop_key, tf.int64), ex['index']])
-    views = two_crops(ex['encoded'], seed, image_size, aug_cfg, antialias)
+    views = random_crops(ex['encoded'], seed, image_size, aug_cfg, num_views, antialias)
     return dict(views=views, labels=ex['label'], index=ex['index'])
 
   ds = ds.map(decode, num_parallel_calls=threads or tf.data.AUTOTUNE)
@@ -355,8 +356,9 @@ def train_stream(spec: datasets.DatasetSpec, *, batch_size_per_process: int, ima
                  process_index: int = 0, process_count: int = 1, start_step: int = 0,
                  strict: bool = False, split: str = 'train', shuffle_buffer: int = 10_000,
                  threads: int | None = None, prefetch: int = 2,
-                 antialias: bool = False) -> TrainStream:
-  """Endless, deterministic stream of two-view training batches for this process.
+                 antialias: bool = False, num_views: int = 2) -> TrainStream:
+  """Endless, deterministic stream of training batches for this process: views uint8
+  [B, num_views, S, S, 3] (BYOL's two; linear evaluation's one) and labels.
 
   The process reads a disjoint shard (folders: every process_count-th file; TFDS:
   even_splits). Batch t of a stream built with start_step=k equals batch k + t of one built
@@ -368,7 +370,7 @@ def train_stream(spec: datasets.DatasetSpec, *, batch_size_per_process: int, ima
   finish = functools.partial(_train_batches, image_size=image_size, aug_cfg=aug_cfg,
                              crop_key=_seed_pair(seed, process_index, 0)[0],
                              batch_size=batch_size_per_process, strict=strict, threads=threads,
-                             prefetch=prefetch, antialias=antialias)
+                             prefetch=prefetch, antialias=antialias, num_views=num_views)
   start = start_step * batch_size_per_process
   common = dict(batch_size=batch_size_per_process, start=start, seed=seed,
                 process_index=process_index, process_count=process_count, finish=finish)

@@ -19,7 +19,10 @@ Two modes:
   crop + flip of its minibatch and runs the frozen encoder, so features are recomputed every
   epoch. The SGD update, head initialisation, batch order and LR report are
   `evaluators.linear`'s (`init_heads`, `head_update`, `epoch_batches`, `report_heads`); only
-  the source of the features differs. Validation and test use centre crops.
+  the source of the features differs. Validation and test use centre crops. A train split
+  too large for memory (ImageNet) streams: tf.data takes the crop on the host, as the
+  pretraining stream does, and the device flips and runs the encoder
+  (`train_heads_on_stream`); the refit streams 'trainval'.
 
 This module also holds what `finetune` shares: loading the pretrained state (or a fresh init
 as a baseline), resolving the dataset against the pretraining config, loading splits with
@@ -32,7 +35,7 @@ import dataclasses
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import haiku as hk
@@ -366,10 +369,21 @@ def random_crop_flip(key: jax.Array, images: jax.Array, out_size: int,
     k_crop, k_flip = jax.random.split(key)
     box = augment.sample_crop_box(k_crop, height, width, aug_cfg)
     crop = augment.crop_and_resize(image.astype(jnp.float32) / 255.0, box, out_size)
-    crop = jnp.where(jax.random.uniform(k_flip) < aug_cfg.flip_prob, crop[:, ::-1], crop)
-    return augment.normalize(jnp.clip(crop, 0.0, 1.0), aug_cfg)
+    return _flip_normalize(k_flip, crop, aug_cfg)
 
   return jax.vmap(one)(jax.random.split(key, images.shape[0]), images)
+
+
+def random_flip(key: jax.Array, crops: jax.Array, aug_cfg: Any) -> jax.Array:
+  """Training view of host crops uint8 [B, S, S, 3] (the streamed protocol: the tf.data
+  pipeline took the random resized crop): the flip, normalised float."""
+  return jax.vmap(lambda k, c: _flip_normalize(k, c.astype(jnp.float32) / 255.0, aug_cfg))(
+    jax.random.split(key, crops.shape[0]), crops)
+
+
+def _flip_normalize(key: jax.Array, crop: jax.Array, aug_cfg: Any) -> jax.Array:
+  crop = jnp.where(jax.random.uniform(key) < aug_cfg.flip_prob, crop[:, ::-1], crop)
+  return augment.normalize(jnp.clip(crop, 0.0, 1.0), aug_cfg)
 
 
 class Embedder:
@@ -432,6 +446,17 @@ def split_features(cfg: Any, embedder: Embedder, split: str, seed: int,
 # ------------------------------------------------------------------------------------------
 
 
+def _view_step(featurize: Callable, total_steps: int) -> Callable:
+  """step(carry, weights, images, labels, lrs, aug_key) -> carry: one SGD step of every head
+  on features of this minibatch's views (their randomness from aug_key and the step)."""
+
+  def step(carry, weights, images, labels, lrs, aug_key):
+    x = featurize(weights, images, jax.random.fold_in(aug_key, carry[2]))
+    return linear_lib.head_update(carry, x, labels, lrs, total_steps)
+
+  return step
+
+
 def make_epoch_fn(featurize: Callable, batch_size: int, total_steps: int,
                   batch_sharding: NamedSharding | None = None) -> Callable:
   """epoch(carry, weights, images, labels, lrs, epoch_key, aug_key) -> carry, jitted.
@@ -440,6 +465,7 @@ def make_epoch_fn(featurize: Callable, batch_size: int, total_steps: int,
   epoch sees new crops. The minibatch order is `evaluators.linear`'s: a permutation drawn
   from the epoch key, the incomplete last batch dropped.
   """
+  view_step = _view_step(featurize, total_steps)
 
   def epoch(carry, weights, images, labels, lrs, epoch_key, aug_key):
 
@@ -447,8 +473,7 @@ def make_epoch_fn(featurize: Callable, batch_size: int, total_steps: int,
       batch = images[idx]
       if batch_sharding is not None:
         batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
-      x = featurize(weights, batch, jax.random.fold_in(aug_key, carry[2]))
-      return linear_lib.head_update(carry, x, labels[idx], lrs, total_steps), None
+      return view_step(carry, weights, batch, labels[idx], lrs, aug_key), None
 
     batches = linear_lib.epoch_batches(epoch_key, images.shape[0], batch_size)
     return jax.lax.scan(step, carry, batches)[0]
@@ -494,6 +519,71 @@ def encoder_featurizer(model_cfg: Any, image_size: int, aug_cfg: Any) -> Callabl
   return featurize
 
 
+def flip_featurizer(model_cfg: Any, aug_cfg: Any) -> Callable:
+  """featurize(weights, host crops uint8 [B, S, S, 3], key): flip, then the frozen encoder."""
+  encoder = networks.build_encoder(model_cfg)
+
+  def featurize(weights, crops, key):
+    feats, _ = encoder.apply(weights[0], weights[1], None, random_flip(key, crops, aug_cfg))
+    return jax.lax.stop_gradient(feats)
+
+  return featurize
+
+
+def _labelled_views(stream: Any, where: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """(crops [B, S, S, 3], labels [B]) of a one-view train stream; an image without a class
+  (label -1) stops it, as a resident split would leave it out but a stream cannot."""
+  for batch in stream:
+    if np.any(batch['labels'] < 0):
+      raise ConfigError(f'{where} holds images without a class (label -1), which a streamed '
+                        'linear head cannot train on; evaluate on a labelled split '
+                        '(--config.train_split) or with mode=cached')
+    yield batch['views'][:, 0], batch['labels']
+
+
+def train_heads_on_stream(cfg: Any, pre: Pretrained, embedder: Embedder, split: str,
+                          num_classes: int, learning_rates: tuple[float, ...]) -> linear_lib.Params:
+  """One linear head per LR on random crops + flips of a split that streams (ImageNet):
+  the host takes the crop (tf.data, as the pretraining stream), the device flips and runs
+  the frozen encoder, every step on new crops. Epochs are the stream's whole batches; the
+  update and its schedule are `head_update`'s, as for resident splits.
+  """
+  from byol_jax import input_pipeline  # TensorFlow only on this path
+  mesh = embedder.mesh
+  batch = common.device_batch(cfg.batch_size, mesh.size)
+  where = f'{cfg.dataset}/{split}'
+  stream = input_pipeline.train_stream(
+    datasets.parse_dataset(cfg.dataset), batch_size_per_process=batch // jax.process_count(),
+    image_size=cfg.image_size, aug_cfg=pre.config.augment, data_dir=cfg.data_dir or None,
+    seed=cfg.seed, process_index=jax.process_index(), process_count=jax.process_count(),
+    strict=cfg.strict_data, split=split, num_views=1)
+  spe, total = stream.steps_per_epoch, cfg.epochs * stream.steps_per_epoch
+  featurize = flip_featurizer(pre.config.model, pre.config.augment)
+  weights = (embedder.params, embedder.state)
+  dim = jax.eval_shape(lambda w, x: featurize(w, x, jax.random.PRNGKey(0)), weights,
+                       jax.ShapeDtypeStruct((1, cfg.image_size, cfg.image_size, 3),
+                                            np.uint8)).shape[-1]
+  step = jax.jit(_view_step(featurize, total), donate_argnums=0)
+  lrs = jnp.asarray(learning_rates, jnp.float32)
+  carry = linear_lib.init_heads(dim, num_classes, len(learning_rates))
+  aug_key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 1)
+  batches = input_pipeline.prefetch_to_device(_labelled_views(stream, where), 2,
+                                              NamedSharding(mesh, P(train_step.AXIS)))
+  logging.info('training %d linear head(s) on streamed crops of %s: %d epochs of %d steps '
+               '(batch %d)', len(learning_rates), where, cfg.epochs, spe, batch)
+  start = epoch_start = time.time()
+  for t in range(1, total + 1):
+    carry = step(carry, weights, *next(batches), lrs, aug_key)
+    if t % spe == 0:
+      jax.block_until_ready(carry)
+      now = time.time()
+      logging.info('linear epoch %d/%d in %.1f s (%.0f img/s), ETA %.0f s', t // spe,
+                   cfg.epochs, now - epoch_start, spe * batch / (now - epoch_start),
+                   (now - start) / t * (total - t))
+      epoch_start = now
+  return jax.device_get(carry[0])
+
+
 # ------------------------------------------------------------------------------------------
 # The two protocols.
 # ------------------------------------------------------------------------------------------
@@ -522,8 +612,7 @@ def _augmented(cfg: Any, pre: Pretrained, embedder: Embedder) -> tuple[dict, dic
   """Heads on random crop + flip views through the frozen encoder; centre crops for eval."""
   seed = pre.config.seed
   if input_mode(cfg, cfg.train_split) == 'stream':
-    raise ConfigError(f"mode='augmented' keeps the decoded {cfg.dataset}/{cfg.train_split} "
-                      "in memory and it does not fit; use mode='cached' (streamed features)")
+    return _augmented_stream(cfg, pre, embedder)
   pool = load_split(cfg, cfg.train_split, seed, random_crops=True)
   train_rows, val_rows = hold_out(cfg, len(pool.labels))
   mode = evaluation_input_mode(cfg)
@@ -558,6 +647,46 @@ def _augmented(cfg: Any, pre: Pretrained, embedder: Embedder) -> tuple[dict, dic
     result = linear_lib.with_refit(result, linear_lib.evaluate_heads(jax.device_get(params),
                                                                      *test))
   sizes = dict(train=len(train_rows), val=len(val[1]), test=len(test[1]))
+  return dict(result, num_classes=classes, feature_dim=int(test[0].shape[1])), sizes
+
+
+def _refit_split(cfg: Any) -> str:
+  """The logical split a streamed refit reads: train + validation as the dataset defines it
+  (ImageNet's 'trainval' is all of TFDS train), as rows cannot be joined across streams."""
+  if (cfg.train_split, cfg.val_split) == ('train', 'valid'):
+    return 'trainval'
+  raise ConfigError(f"refit with a streamed train split reads 'trainval', the union of "
+                    f"train_split='train' and val_split='valid', but this evaluation has "
+                    f"train_split={cfg.train_split!r}, val_split={cfg.val_split!r}; use those "
+                    "splits or --config.refit=False")
+
+
+def _augmented_stream(cfg: Any, pre: Pretrained, embedder: Embedder) -> tuple[dict, dict]:
+  """mode='augmented' when the train split does not fit in memory (ImageNet): heads train on
+  streamed random crops (`train_heads_on_stream`), validation and test on streamed centre
+  crops; the refit streams train + validation."""
+  if not cfg.val_split:
+    raise ConfigError(f"{cfg.dataset}/{cfg.train_split} streams, and rows cannot be held "
+                      "out of a stream: set --config.val_split (e.g. 'valid')")
+  if cfg.max_examples:
+    raise ConfigError(f"max_examples={cfg.max_examples} cannot shorten a streamed train "
+                      "split's epochs; use mode='cached', or a smaller split")
+  refit_split = _refit_split(cfg) if cfg.refit else None
+  seed, spec = pre.config.seed, datasets.parse_dataset(cfg.dataset)
+  val = split_features(cfg, embedder, cfg.val_split, seed, 'stream')
+  test = split_features(cfg, embedder, cfg.test_split, seed, 'stream')
+  classes = num_classes(cfg, val[1], test[1])
+  lrs = tuple(cfg.learning_rates)
+  params = train_heads_on_stream(cfg, pre, embedder, cfg.train_split, classes, lrs)
+  result = linear_lib.report_heads(params, lrs, val, test)
+  if refit_split:
+    logging.info('refitting one head at lr %g on %s/%s', result['best_lr'], cfg.dataset,
+                 refit_split)
+    params = train_heads_on_stream(cfg, pre, embedder, refit_split, classes,
+                                   (result['best_lr'],))
+    result = linear_lib.with_refit(result, linear_lib.evaluate_heads(params, *test))
+  sizes = dict(train=datasets.dataset_size(spec, cfg.train_split, cfg.data_dir or None),
+               val=len(val[1]), test=len(test[1]))
   return dict(result, num_classes=classes, feature_dim=int(test[0].shape[1])), sizes
 
 

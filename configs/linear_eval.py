@@ -19,10 +19,12 @@ Presets:
   imagenet  the paper's linear protocol: 80 epochs, SGD with Nesterov momentum 0.9, no weight
             decay, cosine decay, batch 1024, LR chosen on the 10,009 held-out train images
             (datasets.IMAGENET_VALID_EXAMPLES), then retrained at that LR on all training
-            images (refit) and reported on the official validation set. The
-            paper trains on random crops + flips (mode='augmented'), which needs the decoded
-            train split in memory; ImageNet does not fit, so the preset uses mode='cached'
-            (centre-crop features, streamed through tf.data). Finetune uses the TFDS
+            images (refit) and reported on the official validation set. Heads train on
+            random crops + flips (mode='augmented', the paper's and the release's): the
+            train split streams through tf.data (host crop, device flip and frozen encoder,
+            every step), so each of the 80 epochs (and the refit's 80) is a forward pass
+            over 1.27M images. --config.mode=cached trains on centre-crop features computed
+            once instead (minutes, not hours; not the paper's protocol). Finetune uses the TFDS
             `imagenet2012_subset` 1pct / 10pct lists for subset_fraction 0.01 / 0.1.
   Transfer (the paper's list, where TFDS has the dataset): food101, cifar100, sun397,
             cars196 (Stanford Cars), dtd, oxford_iiit_pet, caltech101, oxford_flowers102,
@@ -59,6 +61,8 @@ Fields:
   mode               'cached': heads train on the frozen encoder's centre-crop features,
                      computed once (fast). 'augmented': the paper's protocol, every step takes
                      a random resized crop + flip and runs the frozen encoder (inference mode).
+                     A train split too large for memory streams (tf.data crops); it then needs
+                     a val_split, and refit needs train_split='train', val_split='valid'.
   normalize_features mode='cached' only: standardise features with training-split statistics
                      (the paper uses raw features; this makes one LR grid fit any scale).
   network            'online' (default) or 'target' encoder of the checkpoint.
@@ -153,6 +157,7 @@ def _imagenet() -> ml_collections.ConfigDict:
   cfg.image_size = 224
   cfg.crop_fraction = 0.875
   cfg.subset_source = 'tfds'
+  cfg.mode = 'augmented'
   cfg.finetune.update(epochs=30, batch_size=1024, learning_rates=(0.01, 0.02, 0.05, 0.1))
   return cfg
 

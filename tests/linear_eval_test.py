@@ -368,3 +368,66 @@ def test_random_init_calibrates_bn_on_the_evaluations_input_path(monkeypatch):
                       lambda pre, images, mesh, crop, *a: seen.update(images=images, crop=crop))
   linear_eval.initial_encoder(cfg, pre_cfg)
   assert seen == {'images': 'streamed', 'crop': 1.0}
+
+
+def _whole_image_views(pre):
+  """The pretraining augmentation made the identity: whole-image crops, no flips."""
+  aug = pre.config.augment
+  aug.crop_area_min = aug.crop_area_max = aug.crop_aspect_min = aug.crop_aspect_max = 1.0
+  aug.flip_prob = 0.0
+  return pre
+
+
+def test_streamed_augmented_heads_equal_cached_heads_when_views_are_whole_images(
+    workdir, png_folder):
+  """ImageNet's train split does not fit in memory, so mode='augmented' (the paper's
+  protocol) streams it: tf.data crops, the device flips and runs the encoder every step.
+  With whole-image crops and no flips its views are the cached centre crops (fraction 1,
+  the same TF decode), and with the whole split as one batch the order cannot matter: the
+  two protocols must then train the same heads. Breaks if the streamed trainer pairs images
+  with the wrong labels, takes a different number of steps or another LR schedule."""
+  base = dict(dataset=png_folder, image_size=16, crop_fraction=1.0, max_examples=0,
+              input_mode='stream', val_split='valid', epochs=3, batch_size=9,
+              learning_rates=(0.3, 3.0), refit=False)
+  pre = _whole_image_views(_pretrained(workdir))
+  cached = linear_eval.evaluate(eval_config(mode='cached', **base), pre, workdir)
+  streamed = linear_eval.evaluate(eval_config(mode='augmented', **base), pre, workdir)
+  assert streamed['protocol'] == 'linear_augmented' and cached['protocol'] == 'linear_cached'
+  assert streamed['splits']['train']['size'] == 9
+  for got, want in zip(streamed['per_lr'], cached['per_lr'], strict=True):
+    assert got == pytest.approx(want, abs=1e-6)
+
+
+def test_streamed_augmented_mode_trains_on_new_crops_and_refits(workdir, png_folder,
+                                                                  monkeypatch):
+  """The streamed protocol's heads see a new random crop of every image in every epoch and
+  the refit streams 'trainval' (train + valid). Breaks if the stream repeats one crop, or
+  the refit reads the train split alone."""
+  seen, streams = [], []
+  flip = linear_eval.random_flip
+  monkeypatch.setattr(linear_eval, 'random_flip',
+                      lambda key, crops, aug: jax.debug.callback(
+                        lambda c: seen.append(np.asarray(c)), crops) or flip(key, crops, aug))
+  from byol_jax import input_pipeline
+  train_stream = input_pipeline.train_stream
+  monkeypatch.setattr(input_pipeline, 'train_stream',
+                      lambda spec, **kw: streams.append(kw['split']) or train_stream(spec, **kw))
+  cfg = eval_config(mode='augmented', dataset=png_folder, image_size=16, max_examples=0,
+                    input_mode='stream', val_split='valid', epochs=2, batch_size=9)
+  rec = linear_eval.evaluate(cfg, _pretrained(workdir), workdir)
+  assert rec['refit'] and streams == ['train', 'trainval']
+  assert len(seen) == 2 + 2 * 12 // 9  # two epochs of the sweep, two of the refit
+  assert not np.array_equal(seen[0], seen[1])  # epoch 2 crops differ from epoch 1's
+  assert np.isfinite(rec['test_top1'])
+
+
+def test_streamed_augmented_mode_refuses_what_a_stream_cannot_do(workdir, png_folder):
+  """A stream has no rows to hold out, no first-N cut of its epochs and no union of two
+  arbitrary splits: each is one line naming the fix, before any image is decoded."""
+  base = dict(mode='augmented', dataset=png_folder, image_size=16, input_mode='stream',
+              max_examples=0)
+  for overrides, message in ((dict(val_split='', val_size=0.2), 'set --config.val_split'),
+                             (dict(val_split='valid', max_examples=5), 'max_examples=5'),
+                             (dict(val_split='test', refit=True), 'refit=False')):
+    with pytest.raises(train.ConfigError, match=message):
+      linear_eval.evaluate(eval_config(**{**base, **overrides}), _pretrained(workdir), workdir)
