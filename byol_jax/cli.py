@@ -217,6 +217,12 @@ def define_config_flag(default: str, help_text: str):
   file is looked for in the repository too (config_path_fallback).
   """
   from ml_collections import config_flags
+  given = [arg[len('--config='):] if arg.startswith('--config=') else arg
+           for i, arg in enumerate(sys.argv)
+           if arg.startswith('--config=') or (i and sys.argv[i - 1] == '--config')]
+  if len(given) > 1:  # absl: the last wins, or 'The flag config.X is defined twice'
+    _exit_with(ValueError(f'--config is given {len(given)} times ({", ".join(given)}): give '
+                          'one FILE:PRESET, and --config.FIELD=VALUE for each change'))
   sys.argv[:] = config_path_fallback(sys.argv)
   try:
     return config_flags.DEFINE_config_file('config', default, help_text, lock_config=True)

@@ -29,6 +29,7 @@ bias in the release, as in this code's presets (`model.head_output_bias`).
 from __future__ import annotations
 
 import collections
+import collections.abc
 import os
 import pickle
 import re
@@ -121,7 +122,12 @@ def read_release_pickle(path: str) -> dict[str, Any]:
   names = ('online_params', 'target_params', 'online_state', 'target_state')
   trees = {n: getattr(state, n, None) for n in names}
   if any(t is None for t in trees.values()):  # the stand-in tuple: fields by position
-    trees = dict(zip(names, tuple(state)[:4], strict=True))
+    fields = tuple(state)[:4] if isinstance(state, tuple) else ()
+    if len(fields) < 4 or not all(isinstance(t, collections.abc.Mapping) for t in fields):
+      raise ReleaseFormatError(f'{path}: its experiment_state is a {type(state).__name__}, '
+                               'not the release\'s (online and target parameters and states '
+                               'first): not a checkpoint of the release\'s pretraining')
+    trees = dict(zip(names, fields, strict=True))
   return dict(**{n: networks.numpy_tree(t) for n, t in trees.items()},
               step=int(data.get('step', 0)))
 

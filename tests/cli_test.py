@@ -29,6 +29,10 @@ def _run_main(argv: list[str], workdir) -> subprocess.CompletedProcess:
   (['--config=configs/nofile.py:demo'],  # the path as typed, and where it was looked for
    f"error: config file 'configs/nofile.py' not found in {REPO}: check"),
   (['--bogus=1'], "error: Unknown command line flag 'bogus'"),
+  # A second --config: with an override, absl said "The flag 'config.epochs' is defined
+  # twice"; without one, the last preset won silently.
+  (['--config=configs/byol.py:demo', '--config=configs/byol.py:cifar10', '--config.epochs=1'],
+   'error: --config is given 2 times (configs/byol.py:demo, configs/byol.py:cifar10)'),
 ])
 def test_flag_mistakes_are_one_line_errors(argv, expected, tmp_path):
   """A mistyped flag, field, preset or file: exit 2 with one `error:` line, no traceback

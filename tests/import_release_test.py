@@ -159,3 +159,18 @@ def test_old_haiku_containers_read_even_without_haikus_own_class(release, monkey
     for module, values in with_haiku[name].items():
       for key, value in values.items():
         np.testing.assert_array_equal(without[name][module][key], value)
+
+
+@pytest.mark.parametrize('experiment_state', [
+  {'online_params': {}},  # a dict: neither the release's NamedTuple nor its stand-in
+  import_release._ReleaseTuple({'a': {}}, {'b': {}}),  # too few fields
+  import_release._ReleaseTuple(1, 2, 3, 4, 5),  # fields that are not trees
+])
+def test_an_experiment_state_of_another_layout_is_a_format_error(experiment_state, tmp_path):
+  """A pickle with an `experiment_state` of another layout (another experiment's, or a
+  hand-made one) ended in a traceback (`zip() argument 2 is shorter than argument 1`)."""
+  import pickle
+  path = tmp_path / 'other.pkl'
+  path.write_bytes(pickle.dumps({'experiment_state': experiment_state}))
+  with pytest.raises(import_release.ReleaseFormatError, match='not the release'):
+    import_release.read_release_pickle(str(path))
