@@ -374,11 +374,13 @@ class _Preemption:
     del frame  # no logging here: the handler may interrupt a log call holding its lock
     self.signal_name = signal.Signals(signum).name
     self._restore()
-    # Said at once, where the loop's own line waits for the step in progress (and the first
+    # Said at once, where the loop's own line waits for the steps the host has queued on the
+    # devices (it runs ahead to the next logged step, whose metrics it fetches; the first
     # step compiles for seconds to minutes): os.write takes no lock.
     with contextlib.suppress(OSError):
-      os.write(2, f'{self.signal_name}: stopping after the step in progress, which is then '
-                  f'saved ({self.signal_name} again: stop at once, without saving it)\n'.encode())
+      os.write(2, f'{self.signal_name}: stopping after the steps already queued (at most one '
+                  f'log interval), then saving ({self.signal_name} again: stop at once, '
+                  'without saving)\n'.encode())
 
   def _restore(self) -> None:
     for sig, handler in self._previous.items():
@@ -433,8 +435,13 @@ class _SaveClock:
 # ------------------------------------------------------------------------------ resume
 
 
-def _restore(cfg: Any, workdir: str, num_classes: int) -> checkpointing.Restored | None:
-  """The newest usable checkpoint of this workdir, after checking the config matches."""
+def _restore(cfg: Any, workdir: str) -> checkpointing.Restored | None:
+  """The newest usable checkpoint of this workdir, after checking the config matches.
+
+  The restore template takes the checkpoint's class count, so nothing of the dataset is
+  looked up before the check: a resume with another, unprepared dataset was told to prepare
+  it, not that the workdir holds another run. `_train` then compares it with the data's.
+  """
 
   def check(meta):
     trajectory, other = checkpointing.config_differences(meta['config'], cfg)
@@ -458,9 +465,9 @@ def _restore(cfg: Any, workdir: str, num_classes: int) -> checkpointing.Restored
   template = []  # built on first use: a fresh run needs no trace of the model
 
   def template_fn(meta):
-    del meta  # the config check has passed: the current config has the same structure
+    # The config check has passed: the current config has the same structure.
     if not template:
-      template.append(checkpointing.state_template(cfg, num_classes))
+      template.append(checkpointing.state_template(cfg, int(meta['num_classes'])))
     return template[0]
 
   restored = checkpointing.restore_latest(workdir, template_fn, check)
@@ -525,18 +532,23 @@ def _read_records(path: str) -> list[dict[str, Any]]:
   return records
 
 
-def _truncate_metrics(workdir: str, step: int) -> None:
+def _truncate_metrics(workdir: str, step: int) -> int:
   """Drops records after `step` (logged by a run that died before its next checkpoint), so
-  the metrics files describe one trajectory after a resume."""
+  the metrics files describe one trajectory after a resume; at step 0 (a start that left no
+  checkpoint: Ctrl-C twice, a crash, kill -9) every record of that start goes. Returns how
+  many records were dropped."""
+  dropped = 0
   for name in ('train', 'eval'):
     path = os.path.join(workdir, 'metrics', f'{name}.jsonl')
     if not os.path.exists(path):
       continue
     records = _read_records(path)
     kept = [r for r in records if r.get('step', 0) <= step]
+    dropped += len(records) - len(kept)
     with open(path + '.tmp', 'w') as f:
       f.writelines(json.dumps(r) + '\n' for r in kept)
     os.replace(path + '.tmp', path)
+  return dropped
 
 
 # -------------------------------------------------------------------------------- loop
@@ -613,15 +625,21 @@ def train_and_evaluate(cfg: Any, workdir: str) -> dict[str, Any]:
 
 def _train(cfg: Any, workdir: str, mesh) -> dict[str, Any]:
   is_main = jax.process_index() == 0
-  restored = _restore(cfg, workdir, data_lib.num_classes_of(cfg))
+  restored = _restore(cfg, workdir)
   start = restored.step if restored else 0
   source = None if restored else _load_init_source(cfg)
   data = data_lib.make_train_data(cfg, start_step=start)
+  if restored and data.num_classes != int(restored.meta['num_classes']):
+    raise ConfigError(f'{cfg.dataset} now has {data.num_classes} classes; {workdir} was '
+                      f'trained on {restored.meta["num_classes"]} (its online probe): use a new '
+                      f'--workdir, with --config.init_from={workdir} to start from its networks')
   if is_main:  # once the data is there: a start that fails on its data leaves no config
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(cfg.to_json_best_effort(indent=2))
-    if start:
-      _truncate_metrics(workdir, start)
+    dropped = _truncate_metrics(workdir, start)
+    if dropped:
+      logging.info('dropped %d metric records after step %d, logged by an earlier start that '
+                   'saved no checkpoint past it', dropped, start)
 
   num_steps = optim.total_steps(cfg, data.num_examples)
   spe = optim.steps_per_epoch(data.num_examples, cfg.batch_size)

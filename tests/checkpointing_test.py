@@ -393,7 +393,7 @@ def test_incompatible_config_is_refused_compatible_change_reported(reference, tm
   shutil.copytree(reference(), workdir)
   cfg = tiny_config(**{**RUN_FLAGS, 'model.projection_dim': 8, 'batch_size': 32})
   with pytest.raises(train.ConfigError) as e:
-    train._restore(cfg, workdir, 10)
+    train._restore(cfg, workdir)
   message = str(e.value)
   assert 'batch_size (16 -> 32)' in message and 'model.projection_dim (16 -> 8)' in message
   assert '(--config.batch_size=16 --config.model.projection_dim=16)' in message
@@ -401,12 +401,12 @@ def test_incompatible_config_is_refused_compatible_change_reported(reference, tm
   # Another preset (the default workdir holds the demo) is said in a line, not field by field.
   cfg = tiny_config(**{**RUN_FLAGS, 'preset': 'cifar10', 'batch_size': 32})
   with pytest.raises(train.ConfigError) as e:
-    train._restore(cfg, workdir, 10)
+    train._restore(cfg, workdir)
   assert str(e.value) == (f'{workdir} holds a run of preset demo, not cifar10: use a new '
                           '--workdir for this one (preset demo resumes that run)')
   cfg = tiny_config(**{**RUN_FLAGS, 'log_every_steps': 4, 'checkpoint.keep': 3})
   with caplog.at_level('INFO'):
-    restored = train._restore(cfg, workdir, 10)
+    restored = train._restore(cfg, workdir)
   assert restored.step == NUM_STEPS
   assert 'log_every_steps (1 -> 4)' in caplog.text and 'checkpoint.keep (0 -> 3)' in caplog.text
 

@@ -287,7 +287,8 @@ def test_a_stop_signal_is_acknowledged_at_once(capfd):
     os.kill(os.getpid(), signal.SIGINT)
     assert preemption.signal_name == 'SIGINT'
   err = capfd.readouterr().err
-  assert err.startswith('SIGINT: stopping after the step in progress, which is then saved'), err
+  assert err.startswith('SIGINT: stopping after the steps already queued (at most one log '
+                        'interval), then saving'), err
 
 
 def test_a_resumed_run_keeps_the_encoder_at_initialisation_beside_its_evaluations(tmp_path):
@@ -328,3 +329,48 @@ def test_a_resumed_run_counts_its_wall_time_from_the_checkpoint_not_from_zero(tm
   assert again['start_step'] == 2
   assert saved[2] < again['eval']['elapsed_sec'] < saved[2] + resumed_for
   assert checkpointing.read_metadata(str(tmp_path), 4)['train_sec'] > saved[2]
+
+
+def test_a_start_that_saved_no_checkpoint_leaves_no_records_behind(tmp_path):
+  """A first start stopped before its first checkpoint (Ctrl-C twice, a crash, kill -9: the
+  demo saves at step 100, the ImageNet presets after 10 minutes) left its records in
+  train.jsonl and eval.jsonl, and the rerun appended its own: every step twice in the
+  loss plot, results_table's images/s a median over both starts (two configs' if the rerun
+  changed one). A rerun from step 0 starts the files afresh, as a resume cuts them at its
+  step."""
+  import shutil
+  cfg = tiny_config(steps=4, eval_every_steps=2)
+  train.train_and_evaluate(cfg, str(tmp_path))
+  shutil.rmtree(checkpointing.checkpoint_dir(str(tmp_path)))  # as if killed before a save
+  train.train_and_evaluate(cfg, str(tmp_path))
+  steps = lambda name: [r['step'] for r in train._read_records(
+    os.path.join(tmp_path, 'metrics', f'{name}.jsonl'))]
+  assert steps('train') == [2, 4]
+  assert steps('eval') == [2, 4]
+
+
+def test_a_resume_on_another_dataset_is_refused_before_that_dataset_is_looked_up(tmp_path):
+  """The resume check needs the number of classes, which was looked up in the new dataset
+  first: `--config.dataset=cifar10` on a demo run's workdir said 'cifar10 is not
+  prepared, run tfds build', and once prepared, that the workdir holds another run."""
+  cfg = tiny_config(steps=2)
+  train.train_and_evaluate(cfg, str(tmp_path / 'run'))
+  other = tiny_config(steps=2, dataset='cifar10', data_dir=str(tmp_path / 'no_tfds_here'))
+  with pytest.raises(train.ConfigError, match=r"another setup.*dataset \('demo' -> 'cifar10'\)"):
+    train.train_and_evaluate(other, str(tmp_path / 'run'))
+
+
+def test_a_resumed_folder_with_another_number_of_classes_is_one_line(png_folder, tmp_path):
+  """The restore template takes the checkpoint's class count; a folder that has gained a
+  class since must not reach the step with a probe of the wrong shape."""
+  import shutil
+  root = tmp_path / 'images'
+  shutil.copytree(png_folder[len('folder:'):], root)
+  cfg = tiny_config(steps=4, dataset=f'folder:{root}', eval_at_init=False)
+  cfg.batch_size, cfg.checkpoint.every_steps = 8, 2
+  train.train_and_evaluate(cfg, str(tmp_path / 'run'))
+  shutil.rmtree(os.path.join(checkpointing.checkpoint_dir(str(tmp_path / 'run')), '4'))
+  for split in ('train', 'test'):
+    shutil.copytree(root / split / 'c0', root / split / 'c3')
+  with pytest.raises(train.ConfigError, match='now has 4 classes.*trained on 3'):
+    train.train_and_evaluate(cfg, str(tmp_path / 'run'))
