@@ -145,6 +145,12 @@ def test_init_from_without_a_checkpoint_fails_before_loading_data(tmp_path, monk
   cfg = tiny_config(init_from=str(tmp_path / 'nothing'))
   with pytest.raises(train.ConfigError, match=r'^init_from=.*nothing: no finalised checkpoint'):
     train.train_and_evaluate(cfg, str(tmp_path / 'run'))
+  # A checkpoint's own folder (what `ls checkpoints/` shows) is named for what it is.
+  cfg.init_from = str(tmp_path / 'old' / 'checkpoints' / '300')
+  with pytest.raises(train.ConfigError,
+                     match=rf'one checkpoint of a run: pass the run and the step, '
+                           rf'--config.init_from={tmp_path}/old --config.init_from_step=300\)$'):
+    train.train_and_evaluate(cfg, str(tmp_path / 'run'))
 
 
 def test_init_from_another_network_fails_before_loading_data_naming_its_model(
