@@ -5,7 +5,7 @@ checkpoint, measured after (or beside) pretraining on any classification dataset
 reads the pretraining workdir's checkpoint and config and appends one self-describing record
 to `<workdir>/metrics/linear_eval.jsonl`.
 
-Protocol (reference/byol_facts.md): the encoder (online by default, or the target) runs in
+Protocol (../shared/reference/byol_facts.md): the encoder (online by default, or the target) runs in
 inference mode; one zero-initialised linear head per candidate LR trains with SGD, Nesterov
 momentum 0.9, no weight decay and cosine decay, all heads at once; the LR is picked on a
 validation split held out of the training data; with `refit` (the default) one head is
@@ -255,7 +255,8 @@ def evaluation_input_mode(cfg: Any) -> str:
   release's `_decode_and_center_crop`) and the resident path (PIL's antialiased short-side
   resize to decode_size, then a device crop) give different pixels for the same image. A
   head trained on one path's features and chosen / reported on the other's measures that
-  shift too (the imagenet preset streams 'train' but keeps 'valid' and 'test' resident).
+  shift too (split by split, the imagenet preset would stream 'train' but keep 'valid' and
+  'test' resident).
   """
   splits = [cfg.train_split, cfg.test_split] + ([cfg.val_split] if cfg.val_split else [])
   modes = {input_mode(cfg, s) for s in splits}

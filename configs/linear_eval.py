@@ -89,6 +89,8 @@ Fields:
                      sweeps LR and weight decay on the hold-out; the defaults are a small LR
                      grid without weight decay.
   max_examples       debugging only: keep the first N examples of every split (0 = all).
+                     Refused where mode='augmented' streams its train split (the imagenet
+                     preset): a stream's epochs cannot be shortened; use mode='cached'.
 """
 
 from __future__ import annotations

@@ -167,3 +167,23 @@ def test_config_fields_in_docs_and_scripts_exist():
           if field not in fields | placeholders:
             wrong.append(f'{os.path.relpath(path, REPO)}: --config.{field}')
   assert not wrong, wrong
+
+
+def test_imagenet_finetune_commands_name_a_label_subset():
+  """finetune decodes its splits into memory and refuses one over a quarter of an
+  accelerator's (finetune._require_resident); all of ImageNet's training images exceed even
+  an H200's, so a README command that fine-tunes with the imagenet preset (subset_fraction 0:
+  all labels) must name the 1% or 10% subset, or it stops with an error."""
+  from byol_jax import data, datasets, import_release
+  from configs import linear_eval as eval_configs
+  cfg = eval_configs.get_config('imagenet')
+  train = import_release.IMAGENET_TRAIN_EXAMPLES - datasets.IMAGENET_VALID_EXAMPLES
+  side = data.eval_decode_size(cfg.image_size, cfg.crop_fraction)
+  assert datasets.choose_input_mode(train, side, 141 * 2**30)[0] == 'stream'
+  assert not cfg.subset_fraction  # the preset alone fine-tunes on all labels
+  lines = _readme().replace('\\\n', ' ').splitlines()
+  commands = [line for line in lines
+              if '--worker_mode=finetune' in line and 'linear_eval.py:imagenet' in line]
+  assert commands  # the README shows how to fine-tune on ImageNet
+  wrong = [c for c in commands if not re.search(r'--config\.subset_fraction=0\.0?1\b', c)]
+  assert not wrong, wrong

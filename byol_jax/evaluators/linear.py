@@ -1,6 +1,6 @@
 """Linear evaluation of frozen features with a learning-rate sweep chosen on validation.
 
-The paper's protocol (see reference/byol_facts.md): a linear classifier on frozen encoder
+The paper's protocol (see ../shared/reference/byol_facts.md): a linear classifier on frozen encoder
 features, SGD with Nesterov momentum 0.9, no weight decay, cosine LR decay to zero over a
 fixed number of epochs, the LR picked on a validation split held out from the training
 set, and the result reported on the test set at that LR only. Picking the LR on the test
@@ -14,7 +14,9 @@ in the sweep equals the same head trained alone.
 
 The trainer works on feature arrays (e.g. cached features of centre crops). The paper
 also augments (random crop + flip) during linear training; that needs the encoder in the
-loop and is out of scope here. Features are used raw, as in the paper; `normalize=True`
+loop, so it lives in `linear_eval` (mode='augmented'), which reuses this module's head
+update, batch order and report (`init_heads`, `head_update`, `epoch_batches`,
+`report_heads`). Features are used raw, as in the paper; `normalize=True`
 optionally standardises them with training-split statistics.
 
 Multi-label datasets (VOC2007) pass targets [N, C] of 1 / 0 / -1 instead of class indices:
