@@ -31,7 +31,10 @@ _CONFIG = cli.define_config_flag(
   'Config file and preset, e.g. configs/byol.py:r50 or configs/byol.py:r50,epochs=300; '
   'any field overridden as --config.FIELD=VALUE (presets and fields: configs/byol.py).')
 flags.declare_key_flag('config')  # defined inside ml_collections: list it in --help too
-_WORKDIR = flags.DEFINE_string('workdir', 'runs/demo', 'Where metrics, checkpoints go.')
+_WORKDIR = flags.DEFINE_string(
+  'workdir', None, 'The run\'s folder: metrics, checkpoints, evaluations. Default: '
+  'runs/<preset> for a pretraining config (runs/demo, runs/cifar10, ...); evaluation configs '
+  '(configs/linear_eval.py) name the pretraining run they read, runs/demo for their demo.')
 cli.validate_path_flag('workdir')
 _MODE = flags.DEFINE_enum('worker_mode', 'train', WORKER_MODES, 'What this process does.')
 # Several processes (hosts) in one run; see README "Multi-host".
@@ -46,7 +49,21 @@ _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in the r
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process, 0..num_processes-1.')
 
 
-def _join(cfg) -> float:
+def default_workdir(cfg) -> str:
+  """runs/<preset> for a pretraining config, so that two presets run without --workdir do
+  not meet in one folder (the second was refused as another preset's run). An evaluation
+  config reads a pretraining run, which only its demo preset can guess."""
+  preset = str(cfg.get('preset') or 'demo')
+  if 'learning_rates' not in cfg:
+    return os.path.join('runs', preset.replace(':', '_').replace(',', '_'))
+  if preset == 'demo':
+    return os.path.join('runs', 'demo')
+  from byol_jax import train
+  raise train.ConfigError(f'--workdir: name the pretraining run that preset {preset} '
+                          'evaluates, e.g. --workdir=runs/r50')
+
+
+def _join(cfg, workdir: str) -> float:
   """Joins a multi-process run when asked to and checks that all processes agree; returns
   the silence after which a process counts as lost (0: single process, nothing to watch)."""
   from byol_jax import checkpointing, multihost
@@ -68,7 +85,7 @@ def _join(cfg) -> float:
     return trajectory + other + [f'{k} ({ref[k]!r} -> {mine[k]!r})' for k in sorted(ref)
                                  if k != 'config' and ref[k] != mine.get(k)]
 
-  facts = dict(config=checkpointing.config_to_dict(cfg), workdir=os.path.abspath(_WORKDIR.value),
+  facts = dict(config=checkpointing.config_to_dict(cfg), workdir=os.path.abspath(workdir),
                worker_mode=_MODE.value, local_devices=jax.local_device_count(),
                platform=jax.default_backend())
   multihost.check_agreement(facts, timeouts.join_timeout_secs, describe)
@@ -99,13 +116,17 @@ def run(argv: list[str]) -> int:
   checkpointing.quiet_orbax_logs()
   cfg = _CONFIG.value
   share_accelerator_memory(_MODE.value)
-  if os.path.exists(_WORKDIR.value) and not os.path.isdir(_WORKDIR.value):
-    print(f'error: {cli.missing_dir_error(_WORKDIR.value)}', file=sys.stderr)
-    return 2
   try:
-    peer_timeout = _join(cfg)
+    workdir = _WORKDIR.value
+    if workdir is None:
+      workdir = default_workdir(cfg)
+      logging.info('workdir %s (the default for this preset; --workdir sets another)', workdir)
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+      print(f'error: {cli.missing_dir_error(workdir)}', file=sys.stderr)
+      return 2
+    peer_timeout = _join(cfg, workdir)
     with multihost.PeerWatch(peer_timeout) as watch:
-      watch.exit_code = importlib.import_module(WORKERS[_MODE.value]).run(cfg, _WORKDIR.value)
+      watch.exit_code = importlib.import_module(WORKERS[_MODE.value]).run(cfg, workdir)
     return watch.exit_code
   except (train.ConfigError, datasets.DataError, multihost.LaunchError) as e:
     print(f'error: {e}', file=sys.stderr)  # one line, no log prefix: a user's mistake

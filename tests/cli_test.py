@@ -365,3 +365,32 @@ def test_ctrl_c_during_compilation_exits_130_without_a_segfault(tmp_path):
   assert code == 130, (code, text[-2000:])
   assert 'Fatal Python error' not in text and 'Traceback' not in text, text[-2000:]
   assert text.strip().splitlines()[-1].startswith('interrupted: the train worker stopped')
+
+
+def test_the_default_workdir_is_named_after_the_preset():
+  """Without --workdir every preset trained in runs/demo, so the second preset tried there
+  was refused as another preset's run. Pretraining presets now default to runs/<preset>;
+  an evaluation preset reads a pretraining run that only the demo's name can guess, so the
+  others ask for it in one line instead of evaluating the demo's run."""
+  from byol_jax import main, train
+  from configs import ablation, byol
+  from configs import linear_eval as eval_configs
+  assert main.default_workdir(byol.get_config('cifar10')) == os.path.join('runs', 'cifar10')
+  assert main.default_workdir(byol.get_config('r50,epochs=300')) == os.path.join('runs', 'r50')
+  assert (main.default_workdir(ablation.get_config('bn_both'))
+          == os.path.join('runs', 'ablation_bn_both'))
+  assert main.default_workdir(eval_configs.get_config('demo')) == os.path.join('runs', 'demo')
+  with pytest.raises(train.ConfigError, match='name the pretraining run that preset imagenet'):
+    main.default_workdir(eval_configs.get_config('imagenet'))
+
+
+def test_an_evaluation_preset_without_workdir_is_one_line(tmp_path):
+  proc = subprocess.run([sys.executable, '-m', 'byol_jax.main', '--worker_mode=linear_eval',
+                         '--config=configs/linear_eval.py:cifar10'],
+                        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                        env=checkout_env())
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert proc.stderr.strip().splitlines()[-1] == (
+    'error: --workdir: name the pretraining run that preset cifar10 evaluates, e.g. '
+    '--workdir=runs/r50'), proc.stderr[-2000:]
+  assert not os.listdir(tmp_path)  # nothing written
