@@ -32,6 +32,7 @@ their definitions, and the crop + flip training view.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import time
@@ -542,47 +543,96 @@ def _labelled_views(stream: Any, where: str) -> Iterator[tuple[np.ndarray, np.nd
     yield batch['views'][:, 0], batch['labels']
 
 
+class _HeadProgress:
+  """The streamed heads' state after each epoch, kept under <workdir>/linear_eval_progress/
+  so that an interrupted ImageNet evaluation (80 epochs of forward passes, and the refit's
+  80: hours) goes on from its last epoch when the same command runs again. The file name
+  holds a hash of everything that shapes the heads, so another setting never resumes it;
+  it is removed once its heads are trained."""
+
+  def __init__(self, workdir: str | None, identity: dict[str, Any]):
+    digest = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+    name = f"step{identity['checkpoint_step']}_{identity['split']}_{digest}.npz"
+    self.path = os.path.join(workdir, 'linear_eval_progress', name) if workdir else None
+
+  def load(self, carry: linear_lib.HeadsCarry) -> linear_lib.HeadsCarry:
+    """The saved carry if there is one of this setting, else `carry`."""
+    if not self.path or not os.path.exists(self.path):
+      return carry
+    leaves, treedef = jax.tree.flatten(carry)
+    with np.load(self.path) as saved:
+      loaded = [saved[f'leaf{i}'] for i in range(len(leaves))]
+    if [x.shape for x in loaded] != [np.shape(x) for x in leaves]:
+      logging.warning('%s does not fit these heads: starting afresh', self.path)
+      return carry
+    logging.info('resuming the linear heads at step %d from %s', int(loaded[-1]), self.path)
+    return jax.tree.unflatten(treedef, [jnp.asarray(x) for x in loaded])
+
+  def save(self, carry: linear_lib.HeadsCarry) -> None:
+    if not self.path:
+      return
+    os.makedirs(os.path.dirname(self.path), exist_ok=True)
+    leaves = jax.device_get(jax.tree.leaves(carry))
+    with open(self.path + '.tmp', 'wb') as f:
+      np.savez(f, **{f'leaf{i}': x for i, x in enumerate(leaves)})
+    os.replace(self.path + '.tmp', self.path)
+
+  def done(self) -> None:
+    if self.path and os.path.exists(self.path):
+      os.remove(self.path)
+
+
 def train_heads_on_stream(cfg: Any, pre: Pretrained, embedder: Embedder, split: str,
-                          num_classes: int, learning_rates: tuple[float, ...]) -> linear_lib.Params:
+                          num_classes: int, learning_rates: tuple[float, ...],
+                          workdir: str | None = None) -> linear_lib.Params:
   """One linear head per LR on random crops + flips of a split that streams (ImageNet):
   the host takes the crop (tf.data, as the pretraining stream), the device flips and runs
   the frozen encoder, every step on new crops. Epochs are the stream's whole batches; the
-  update and its schedule are `head_update`'s, as for resident splits.
+  update and its schedule are `head_update`'s, as for resident splits. With a workdir,
+  progress is kept after every epoch and an interrupted run resumes (`_HeadProgress`).
   """
   from byol_jax import input_pipeline  # TensorFlow only on this path
   mesh = embedder.mesh
   batch = common.device_batch(cfg.batch_size, mesh.size)
   where = f'{cfg.dataset}/{split}'
-  stream = input_pipeline.train_stream(
-    datasets.parse_dataset(cfg.dataset), batch_size_per_process=batch // jax.process_count(),
-    image_size=cfg.image_size, aug_cfg=pre.config.augment, data_dir=cfg.data_dir or None,
-    seed=cfg.seed, process_index=jax.process_index(), process_count=jax.process_count(),
-    strict=cfg.strict_data, split=split, num_views=1)
-  spe, total = stream.steps_per_epoch, cfg.epochs * stream.steps_per_epoch
   featurize = flip_featurizer(pre.config.model, pre.config.augment)
   weights = (embedder.params, embedder.state)
   dim = jax.eval_shape(lambda w, x: featurize(w, x, jax.random.PRNGKey(0)), weights,
                        jax.ShapeDtypeStruct((1, cfg.image_size, cfg.image_size, 3),
                                             np.uint8)).shape[-1]
+  progress = _HeadProgress(workdir, dict(
+    checkpoint_step=pre.step, weights=pre.weights, network=cfg.network, dataset=cfg.dataset,
+    data_dir=cfg.data_dir, split=split, image_size=cfg.image_size, epochs=cfg.epochs,
+    batch=batch, seed=cfg.seed, learning_rates=list(learning_rates),
+    num_classes=num_classes, strict=cfg.strict_data))
+  carry = progress.load(linear_lib.init_heads(dim, num_classes, len(learning_rates)))
+  done = int(carry[2])
+  stream = input_pipeline.train_stream(
+    datasets.parse_dataset(cfg.dataset), batch_size_per_process=batch // jax.process_count(),
+    image_size=cfg.image_size, aug_cfg=pre.config.augment, data_dir=cfg.data_dir or None,
+    seed=cfg.seed, process_index=jax.process_index(), process_count=jax.process_count(),
+    start_step=done, strict=cfg.strict_data, split=split, num_views=1)
+  spe, total = stream.steps_per_epoch, cfg.epochs * stream.steps_per_epoch
   step = jax.jit(_view_step(featurize, total), donate_argnums=0)
   lrs = jnp.asarray(learning_rates, jnp.float32)
-  carry = linear_lib.init_heads(dim, num_classes, len(learning_rates))
   aug_key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 1)
   batches = input_pipeline.prefetch_to_device(_labelled_views(stream, where), 2,
                                               NamedSharding(mesh, P(train_step.AXIS)))
   logging.info('training %d linear head(s) on streamed crops of %s: %d epochs of %d steps '
                '(batch %d)', len(learning_rates), where, cfg.epochs, spe, batch)
   start = epoch_start = time.time()
-  for t in range(1, total + 1):
+  for t in range(done + 1, total + 1):
     carry = step(carry, weights, *next(batches), lrs, aug_key)
     if t % spe == 0:
-      jax.block_until_ready(carry)
+      progress.save(carry)  # fetches the carry: the epoch's time is complete
       now = time.time()
       logging.info('linear epoch %d/%d in %.1f s (%.0f img/s), ETA %.0f s', t // spe,
                    cfg.epochs, now - epoch_start, spe * batch / (now - epoch_start),
-                   (now - start) / t * (total - t))
+                   (now - start) / (t - done) * (total - t))
       epoch_start = now
-  return jax.device_get(carry[0])
+  params = jax.device_get(carry[0])
+  progress.done()
+  return params
 
 
 # ------------------------------------------------------------------------------------------
@@ -609,11 +659,12 @@ def _cached(cfg: Any, pre: Pretrained, embedder: Embedder) -> tuple[dict, dict]:
   return dict(result, num_classes=classes, feature_dim=int(pool_x.shape[1])), sizes
 
 
-def _augmented(cfg: Any, pre: Pretrained, embedder: Embedder) -> tuple[dict, dict]:
+def _augmented(cfg: Any, pre: Pretrained, embedder: Embedder,
+               workdir: str | None = None) -> tuple[dict, dict]:
   """Heads on random crop + flip views through the frozen encoder; centre crops for eval."""
   seed = pre.config.seed
   if input_mode(cfg, cfg.train_split) == 'stream':
-    return _augmented_stream(cfg, pre, embedder)
+    return _augmented_stream(cfg, pre, embedder, workdir)
   pool = load_split(cfg, cfg.train_split, seed, random_crops=True)
   train_rows, val_rows = hold_out(cfg, len(pool.labels))
   mode = evaluation_input_mode(cfg)
@@ -662,7 +713,8 @@ def _refit_split(cfg: Any) -> str:
                     "splits or --config.refit=False")
 
 
-def _augmented_stream(cfg: Any, pre: Pretrained, embedder: Embedder) -> tuple[dict, dict]:
+def _augmented_stream(cfg: Any, pre: Pretrained, embedder: Embedder,
+                      workdir: str | None) -> tuple[dict, dict]:
   """mode='augmented' when the train split does not fit in memory (ImageNet): heads train on
   streamed random crops (`train_heads_on_stream`), validation and test on streamed centre
   crops; the refit streams train + validation."""
@@ -678,13 +730,13 @@ def _augmented_stream(cfg: Any, pre: Pretrained, embedder: Embedder) -> tuple[di
   test = split_features(cfg, embedder, cfg.test_split, seed, 'stream')
   classes = num_classes(cfg, val[1], test[1])
   lrs = tuple(cfg.learning_rates)
-  params = train_heads_on_stream(cfg, pre, embedder, cfg.train_split, classes, lrs)
+  params = train_heads_on_stream(cfg, pre, embedder, cfg.train_split, classes, lrs, workdir)
   result = linear_lib.report_heads(params, lrs, val, test)
   if refit_split:
     logging.info('refitting one head at lr %g on %s/%s', result['best_lr'], cfg.dataset,
                  refit_split)
     params = train_heads_on_stream(cfg, pre, embedder, refit_split, classes,
-                                   (result['best_lr'],))
+                                   (result['best_lr'],), workdir)
     result = linear_lib.with_refit(result, linear_lib.evaluate_heads(params, *test))
   sizes = dict(train=datasets.dataset_size(spec, cfg.train_split, cfg.data_dir or None),
                val=len(val[1]), test=len(test[1]))
@@ -698,7 +750,10 @@ def evaluate(cfg: Any, pre: Pretrained, workdir: str) -> dict[str, Any]:
   logging.info('linear_eval (%s) of the %s encoder at step %d (%s) on %s', cfg.mode,
                cfg.network, pre.step, pre.weights, cfg.dataset)
   embedder = Embedder(cfg, pre)
-  result, sizes = (_cached if cfg.mode == 'cached' else _augmented)(cfg, pre, embedder)
+  if cfg.mode == 'cached':
+    result, sizes = _cached(cfg, pre, embedder)
+  else:
+    result, sizes = _augmented(cfg, pre, embedder, workdir)
   result.setdefault('refit', False)
   record = dict(provenance(cfg, pre, f'linear_{cfg.mode}'),
                 splits=split_record(cfg, pre.config.seed, sizes), epochs=cfg.epochs,

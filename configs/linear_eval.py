@@ -23,7 +23,9 @@ Presets:
             random crops + flips (mode='augmented', the paper's and the release's): the
             train split streams through tf.data (host crop, device flip and frozen encoder,
             every step), so each of the 80 epochs (and the refit's 80) is a forward pass
-            over 1.27M images. --config.mode=cached trains on centre-crop features computed
+            over 1.27M images; the heads are kept after every epoch (<workdir>/
+            linear_eval_progress/), so rerunning the command resumes an interrupted
+            evaluation. --config.mode=cached trains on centre-crop features computed
             once instead (minutes, not hours; not the paper's protocol). Finetune uses the TFDS
             `imagenet2012_subset` 1pct / 10pct lists for subset_fraction 0.01 / 0.1.
   Transfer (the paper's list, where TFDS has the dataset): food101, cifar100, sun397,

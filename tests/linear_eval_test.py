@@ -431,3 +431,37 @@ def test_streamed_augmented_mode_refuses_what_a_stream_cannot_do(workdir, png_fo
                              (dict(val_split='test', refit=True), 'refit=False')):
     with pytest.raises(train.ConfigError, match=message):
       linear_eval.evaluate(eval_config(**{**base, **overrides}), _pretrained(workdir), workdir)
+
+
+def test_an_interrupted_streamed_evaluation_resumes_from_its_last_epoch(workdir, png_folder,
+                                                                        tmp_path, monkeypatch):
+  """ImageNet's streamed protocol is 80 epochs of forward passes, and the refit's 80: hours.
+  Stopped after an epoch, the same command goes on from there, and ends with the heads an
+  uninterrupted run trains (same batches, crops and updates). Breaks if the progress is not
+  kept, resumed at another step, or the stream restarts from its first batch."""
+  import shutil
+  cfg = eval_config(mode='augmented', dataset=png_folder, image_size=16, max_examples=0,
+                    input_mode='stream', val_split='valid', epochs=3, batch_size=4,
+                    refit=False)
+  runs = {name: str(shutil.copytree(workdir, tmp_path / name)) for name in ('whole', 'stopped')}
+  whole = linear_eval.evaluate(cfg, _pretrained(runs['whole']), runs['whole'])
+
+  class Stop(Exception):
+    pass
+
+  save = linear_eval._HeadProgress.save
+
+  def save_then_stop(self, carry):
+    save(self, carry)
+    if int(carry[2]) == 4:  # after epoch 2 of 3 (2 steps per epoch)
+      raise Stop
+
+  with monkeypatch.context() as m:
+    m.setattr(linear_eval._HeadProgress, 'save', save_then_stop)
+    with pytest.raises(Stop):
+      linear_eval.evaluate(cfg, _pretrained(runs['stopped']), runs['stopped'])
+  progress = os.listdir(os.path.join(runs['stopped'], 'linear_eval_progress'))
+  assert len(progress) == 1, progress
+  resumed = linear_eval.evaluate(cfg, _pretrained(runs['stopped']), runs['stopped'])
+  assert resumed['per_lr'] == whole['per_lr']
+  assert not os.listdir(os.path.join(runs['stopped'], 'linear_eval_progress'))  # trained: gone
