@@ -31,6 +31,7 @@ their definitions, and the crop + flip training view.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -237,9 +238,9 @@ def input_mode(cfg: Any, split: str) -> str:
   spec = datasets.parse_dataset(cfg.dataset)
   if spec.kind == 'demo':
     return 'device'
+  # The whole split, even with max_examples: `load_split` decodes all of it before keeping
+  # the first max_examples (a stream stops after them instead).
   num = datasets.dataset_size(spec, split, cfg.data_dir or None)
-  if cfg.max_examples:
-    num = min(num, cfg.max_examples)
   mode, reason = datasets.choose_input_mode(num, decode_size(cfg), data_lib.device_memory_bytes(),
                                             cfg.input_mode)
   if mode == 'stream' and multilabel(cfg):
@@ -548,9 +549,11 @@ class _HeadProgress:
   so that an interrupted ImageNet evaluation (80 epochs of forward passes, and the refit's
   80: hours) goes on from its last epoch when the same command runs again. The file name
   holds a hash of everything that shapes the heads, so another setting never resumes it;
-  it is removed once its heads are trained."""
+  it is removed once the evaluation that needs it has its result (the sweep's is kept
+  through the refit, so an interrupted refit does not train the sweep again)."""
 
   def __init__(self, workdir: str | None, identity: dict[str, Any]):
+    self.identity = identity
     digest = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
     name = f"step{identity['checkpoint_step']}_{identity['split']}_{digest}.npz"
     self.path = os.path.join(workdir, 'linear_eval_progress', name) if workdir else None
@@ -580,18 +583,33 @@ class _HeadProgress:
   def done(self) -> None:
     if self.path and os.path.exists(self.path):
       os.remove(self.path)
+    if self.path:
+      with contextlib.suppress(OSError):  # the folder, once no other setting's file is left
+        os.rmdir(os.path.dirname(self.path))
+
+
+def _fingerprint(tree: Any) -> str:
+  """A hash of a pytree's arrays (the frozen encoder: about 0.1 GB for a ResNet-50)."""
+  digest = hashlib.sha1()
+  for leaf in jax.device_get(jax.tree.leaves(tree)):
+    digest.update(np.ascontiguousarray(leaf).tobytes())
+  return digest.hexdigest()
 
 
 def train_heads_on_stream(cfg: Any, pre: Pretrained, embedder: Embedder, split: str,
                           num_classes: int, learning_rates: tuple[float, ...],
-                          workdir: str | None = None) -> linear_lib.Params:
+                          workdir: str | None = None,
+                          keep_progress: list | None = None) -> tuple[linear_lib.Params, int]:
   """One linear head per LR on random crops + flips of a split that streams (ImageNet):
   the host takes the crop (tf.data, as the pretraining stream), the device flips and runs
-  the frozen encoder, every step on new crops. Epochs are the stream's whole batches; the
-  update and its schedule are `head_update`'s, as for resident splits. With a workdir,
-  progress is kept after every epoch and an interrupted run resumes (`_HeadProgress`).
+  the frozen encoder, every step on new crops. Epochs are the whole batches of the split's
+  readable images, as for resident splits, and the update and its schedule are
+  `head_update`'s. Returns the heads and how many images they trained on. With a workdir,
+  progress is kept after every epoch and an interrupted run resumes (`_HeadProgress`); it is
+  removed when trained, or, given `keep_progress`, appended there for the caller to remove
+  once the heads' result is safe (`_HeadProgress.done`).
   """
-  from byol_jax import input_pipeline  # TensorFlow only on this path
+  from byol_jax import checkpointing, input_pipeline  # TensorFlow only on this path
   mesh = embedder.mesh
   batch = common.device_batch(cfg.batch_size, mesh.size)
   where = f'{cfg.dataset}/{split}'
@@ -600,19 +618,28 @@ def train_heads_on_stream(cfg: Any, pre: Pretrained, embedder: Embedder, split: 
   dim = jax.eval_shape(lambda w, x: featurize(w, x, jax.random.PRNGKey(0)), weights,
                        jax.ShapeDtypeStruct((1, cfg.image_size, cfg.image_size, 3),
                                             np.uint8)).shape[-1]
+  spec = datasets.parse_dataset(cfg.dataset)
   progress = _HeadProgress(workdir, dict(
     checkpoint_step=pre.step, weights=pre.weights, network=cfg.network, dataset=cfg.dataset,
     data_dir=cfg.data_dir, split=split, image_size=cfg.image_size, epochs=cfg.epochs,
     batch=batch, seed=cfg.seed, learning_rates=list(learning_rates),
-    num_classes=num_classes, strict=cfg.strict_data))
+    num_classes=num_classes, strict=cfg.strict_data,
+    # The step does not pin the encoder (random_init's BN statistics follow crop_fraction
+    # and bn_calibration_examples; a run folder trained again has other weights at the same
+    # steps), nor the crops (the run's augmentation) or the data (a folder that changed).
+    encoder=_fingerprint(weights), augment=checkpointing.config_to_dict(pre.config.augment),
+    examples=datasets.dataset_size(spec, split, cfg.data_dir or None)))
   carry = progress.load(linear_lib.init_heads(dim, num_classes, len(learning_rates)))
   done = int(carry[2])
   stream = input_pipeline.train_stream(
-    datasets.parse_dataset(cfg.dataset), batch_size_per_process=batch // jax.process_count(),
+    spec, batch_size_per_process=batch // jax.process_count(),
     image_size=cfg.image_size, aug_cfg=pre.config.augment, data_dir=cfg.data_dir or None,
     seed=cfg.seed, process_index=jax.process_index(), process_count=jax.process_count(),
     start_step=done, strict=cfg.strict_data, split=split, num_views=1)
-  spe, total = stream.steps_per_epoch, cfg.epochs * stream.steps_per_epoch
+  # Not stream.steps_per_epoch, which counts the files scanned (a run's hosts agree on it):
+  # an epoch of the stream is its readable images' whole batches (one process here).
+  spe = stream.examples_per_epoch // (batch // jax.process_count())
+  total = cfg.epochs * spe
   step = jax.jit(_view_step(featurize, total), donate_argnums=0)
   lrs = jnp.asarray(learning_rates, jnp.float32)
   aug_key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 1)
@@ -631,8 +658,11 @@ def train_heads_on_stream(cfg: Any, pre: Pretrained, embedder: Embedder, split: 
                    (now - start) / (t - done) * (total - t))
       epoch_start = now
   params = jax.device_get(carry[0])
-  progress.done()
-  return params
+  if keep_progress is None:
+    progress.done()
+  else:
+    keep_progress.append(progress)
+  return params, progress.identity['examples'] - stream.skipped
 
 
 # ------------------------------------------------------------------------------------------
@@ -725,21 +755,24 @@ def _augmented_stream(cfg: Any, pre: Pretrained, embedder: Embedder,
     raise ConfigError(f"max_examples={cfg.max_examples} cannot shorten a streamed train "
                       "split's epochs; use mode='cached', or a smaller split")
   refit_split = _refit_split(cfg) if cfg.refit else None
-  seed, spec = pre.config.seed, datasets.parse_dataset(cfg.dataset)
+  seed = pre.config.seed
   val = split_features(cfg, embedder, cfg.val_split, seed, 'stream')
   test = split_features(cfg, embedder, cfg.test_split, seed, 'stream')
   classes = num_classes(cfg, val[1], test[1])
   lrs = tuple(cfg.learning_rates)
-  params = train_heads_on_stream(cfg, pre, embedder, cfg.train_split, classes, lrs, workdir)
+  trained: list[_HeadProgress] = []  # the sweep's heads stay on disk until the refit's are
+  params, trained_on = train_heads_on_stream(cfg, pre, embedder, cfg.train_split, classes,
+                                             lrs, workdir, trained)
   result = linear_lib.report_heads(params, lrs, val, test)
   if refit_split:
     logging.info('refitting one head at lr %g on %s/%s', result['best_lr'], cfg.dataset,
                  refit_split)
-    params = train_heads_on_stream(cfg, pre, embedder, refit_split, classes,
-                                   (result['best_lr'],), workdir)
+    params, _ = train_heads_on_stream(cfg, pre, embedder, refit_split, classes,
+                                      (result['best_lr'],), workdir, trained)
     result = linear_lib.with_refit(result, linear_lib.evaluate_heads(params, *test))
-  sizes = dict(train=datasets.dataset_size(spec, cfg.train_split, cfg.data_dir or None),
-               val=len(val[1]), test=len(test[1]))
+  for progress in trained:
+    progress.done()
+  sizes = dict(train=trained_on, val=len(val[1]), test=len(test[1]))
   return dict(result, num_classes=classes, feature_dim=int(test[0].shape[1])), sizes
 
 

@@ -386,6 +386,8 @@ def test_streamed_augmented_heads_equal_cached_heads_when_views_are_whole_images
   the same TF decode), and with the whole split as one batch the order cannot matter: the
   two protocols must then train the same heads. Breaks if the streamed trainer pairs images
   with the wrong labels, takes a different number of steps or another LR schedule."""
+  if 9 % jax.device_count():  # the streamed batch is a multiple of the device count
+    pytest.skip(f'the 9 training images are not one batch over {jax.device_count()} devices')
   base = dict(dataset=png_folder, image_size=16, crop_fraction=1.0, max_examples=0,
               input_mode='stream', val_split='valid', epochs=3, batch_size=9,
               learning_rates=(0.3, 3.0), refit=False)
@@ -464,4 +466,129 @@ def test_an_interrupted_streamed_evaluation_resumes_from_its_last_epoch(workdir,
   assert len(progress) == 1, progress
   resumed = linear_eval.evaluate(cfg, _pretrained(runs['stopped']), runs['stopped'])
   assert resumed['per_lr'] == whole['per_lr']
-  assert not os.listdir(os.path.join(runs['stopped'], 'linear_eval_progress'))  # trained: gone
+  assert not os.path.exists(os.path.join(runs['stopped'], 'linear_eval_progress'))  # trained: gone
+
+
+def test_an_evaluation_interrupted_in_its_refit_does_not_train_the_sweep_again(
+    workdir, png_folder, tmp_path, monkeypatch):
+  """The refit is the second half of ImageNet's streamed protocol (80 more epochs). Stopped
+  there, the same command must go on with the refit, not retrain the sweep's 80 epochs
+  from its first step; and a finished evaluation leaves no progress behind. Breaks if the
+  sweep's progress is removed before the refit's heads are trained."""
+  import shutil
+
+  from byol_jax import input_pipeline
+  cfg = eval_config(mode='augmented', dataset=png_folder, image_size=16, max_examples=0,
+                    input_mode='stream', val_split='valid', epochs=3, batch_size=4)
+  run = str(shutil.copytree(workdir, tmp_path / 'run'))
+
+  class Stop(Exception):
+    pass
+
+  save = linear_eval._HeadProgress.save
+
+  def save_then_stop_in_refit(self, carry):
+    save(self, carry)
+    if '_trainval_' in os.path.basename(self.path):
+      raise Stop
+
+  with monkeypatch.context() as m:
+    m.setattr(linear_eval._HeadProgress, 'save', save_then_stop_in_refit)
+    with pytest.raises(Stop):
+      linear_eval.evaluate(cfg, _pretrained(run), run)
+  starts = []
+  train_stream = input_pipeline.train_stream
+  monkeypatch.setattr(input_pipeline, 'train_stream', lambda spec, **kw: starts.append(
+    (kw['split'], kw['start_step'])) or train_stream(spec, **kw))
+  linear_eval.evaluate(cfg, _pretrained(run), run)
+  assert starts == [('train', 3 * (9 // 4)), ('trainval', 12 // 4)], starts
+  assert not os.path.exists(os.path.join(run, 'linear_eval_progress'))
+
+
+def test_a_streamed_evaluation_of_another_encoder_does_not_resume_these_heads(
+    workdir, png_folder, tmp_path, monkeypatch):
+  """Progress is keyed by what shapes the heads. The encoder is one of those things, and
+  the checkpoint step does not pin it: the initial encoder's BN statistics are estimated on
+  centre crops of crop_fraction (and bn_calibration_examples of them), and a run folder
+  trained again holds other weights at the same steps. Heads of one encoder must never go
+  on training on another's features; the same setting still resumes. Breaks if the
+  progress file's identity leaves the encoder out."""
+  import shutil
+
+  from byol_jax import input_pipeline
+  run = str(shutil.copytree(workdir, tmp_path / 'run'))
+  base = dict(mode='augmented', dataset=png_folder, image_size=16, max_examples=0,
+              input_mode='stream', val_split='valid', epochs=3, batch_size=4, refit=False,
+              random_init=True, bn_calibration_examples=8)
+
+  class Stop(Exception):
+    pass
+
+  save = linear_eval._HeadProgress.save
+
+  def save_then_stop(self, carry):
+    save(self, carry)
+    raise Stop
+
+  with monkeypatch.context() as m:
+    m.setattr(linear_eval._HeadProgress, 'save', save_then_stop)
+    cfg = eval_config(crop_fraction=1.0, **base)
+    with pytest.raises(Stop):
+      linear_eval.evaluate(cfg, linear_eval.load_pretrained(cfg, run), run)
+  starts = []
+  train_stream = input_pipeline.train_stream
+  monkeypatch.setattr(input_pipeline, 'train_stream', lambda spec, **kw: starts.append(
+    kw['start_step']) or train_stream(spec, **kw))
+  for crop_fraction in (0.5, 1.0):  # another encoder (BN statistics), then the same one
+    cfg = eval_config(crop_fraction=crop_fraction, **base)
+    linear_eval.evaluate(cfg, linear_eval.load_pretrained(cfg, run), run)
+  assert starts == [0, 9 // 4], starts
+
+
+def test_max_examples_does_not_make_a_split_too_large_for_memory_resident(
+    workdir, png_folder, monkeypatch):
+  """max_examples keeps the first N images of a split that `load_split` has decoded whole,
+  so it cannot make that split fit: ImageNet with max_examples=1000 decoded all 1.28M
+  training images into memory (233 GiB). A split that must stream streams (cached features
+  stop after N images), and mode='augmented' refuses it in one line, as documented. Breaks
+  if max_examples shrinks the size the input path is chosen by."""
+  from byol_jax import data as data_lib
+  from byol_jax import datasets
+  monkeypatch.setattr(data_lib, 'device_memory_bytes', lambda: 12_000)  # 3 of 9 images fit
+  decoded = []
+  load_arrays = datasets.load_arrays
+  monkeypatch.setattr(datasets, 'load_arrays', lambda spec, split, **kw: decoded.append(split)
+                      or load_arrays(spec, split, **kw))
+  base = dict(dataset=png_folder, image_size=16, input_mode='auto', val_split='valid',
+              max_examples=2, refit=False, epochs=1, batch_size=2)
+  with pytest.raises(train.ConfigError, match='max_examples=2 cannot shorten'):
+    linear_eval.evaluate(eval_config(mode='augmented', **base), _pretrained(workdir), workdir)
+  rec = linear_eval.evaluate(eval_config(mode='cached', **base), _pretrained(workdir), workdir)
+  assert rec['splits']['train']['size'] == 2 and decoded == []
+
+
+def test_streamed_heads_take_the_resident_steps_when_files_are_unreadable(
+    workdir, png_folder, tmp_path, monkeypatch):
+  """A folder's unreadable files are left out of both input paths. The stream's epoch is
+  then its readable images' whole batches, as the resident path's is: the same number of
+  steps (and cosine schedule), and the record's train size counts the images trained on.
+  Breaks if the streamed heads count epochs by the files scanned (13 here: 3 steps an
+  epoch, not 2) or the record says 13."""
+  import shutil
+  folder = tmp_path / 'folder'
+  shutil.copytree(png_folder[len('folder:'):], folder)
+  for i in range(4):
+    (folder / 'train' / 'c0' / f'bad{i}.png').write_bytes(b'not an image' * 30)
+  totals = []
+  view_step = linear_eval._view_step
+  monkeypatch.setattr(linear_eval, '_view_step',
+                      lambda featurize, total: totals.append(total) or view_step(featurize,
+                                                                                 total))
+  sizes = []
+  for input_mode in ('device', 'stream'):
+    cfg = eval_config(mode='augmented', dataset=f'folder:{folder}', image_size=16,
+                      max_examples=0, input_mode=input_mode, val_split='valid', epochs=3,
+                      batch_size=4, refit=False)
+    sizes.append(linear_eval.evaluate(cfg, _pretrained(workdir), workdir)['splits']['train']
+                 ['size'])
+  assert totals == [3 * (9 // 4)] * 2 and sizes == [9, 9], (totals, sizes)
