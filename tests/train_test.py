@@ -344,26 +344,28 @@ def test_a_start_that_saved_no_checkpoint_leaves_no_records_behind(tmp_path):
   loss plot, results_table's images/s a median over both starts (two configs' if the rerun
   changed one). A rerun from step 0 starts the files afresh, as a resume cuts them at its
   step."""
-  import shutil
-  cfg = tiny_config(steps=4, eval_every_steps=2)
-  train.train_and_evaluate(cfg, str(tmp_path))
-  shutil.rmtree(checkpointing.checkpoint_dir(str(tmp_path)))  # as if killed before a save
-  train.train_and_evaluate(cfg, str(tmp_path))
-  steps = lambda name: [r['step'] for r in train._read_records(
-    os.path.join(tmp_path, 'metrics', f'{name}.jsonl'))]
-  assert steps('train') == [2, 4]
-  assert steps('eval') == [2, 4]
+  os.makedirs(tmp_path / 'metrics')
+  for name in ('train', 'eval'):  # what a start killed before its first save left
+    with open(tmp_path / 'metrics' / f'{name}.jsonl', 'w') as f:
+      f.writelines(json.dumps({'step': s, 'dead_start': True}) + '\n' for s in (2, 4))
+  train.train_and_evaluate(tiny_config(steps=4, eval_every_steps=2), str(tmp_path))
+  for name in ('train', 'eval'):
+    records = train._read_records(os.path.join(tmp_path, 'metrics', f'{name}.jsonl'))
+    assert [r['step'] for r in records] == [2, 4] and not any('dead_start' in r
+                                                              for r in records), records
 
 
-def test_a_resume_on_another_dataset_is_refused_before_that_dataset_is_looked_up(tmp_path):
+def test_a_resume_on_another_dataset_is_refused_before_that_dataset_is_looked_up(
+    pretrained_workdir, tmp_path):
   """The resume check needs the number of classes, which was looked up in the new dataset
   first: `--config.dataset=cifar10` on a demo run's workdir said 'cifar10 is not
   prepared, run tfds build', and once prepared, that the workdir holds another run."""
-  cfg = tiny_config(steps=2)
-  train.train_and_evaluate(cfg, str(tmp_path / 'run'))
-  other = tiny_config(steps=2, dataset='cifar10', data_dir=str(tmp_path / 'no_tfds_here'))
+  import shutil
+  run = shutil.copytree(pretrained_workdir, tmp_path / 'run')  # a demo run (conftest)
+  other = tiny_config(dataset='cifar10', data_dir=str(tmp_path / 'no_tfds_here'),
+                      eval_at_init=False)
   with pytest.raises(train.ConfigError, match=r"another setup.*dataset \('demo' -> 'cifar10'\)"):
-    train.train_and_evaluate(other, str(tmp_path / 'run'))
+    train.train_and_evaluate(other, str(run))
 
 
 def test_a_resumed_folder_with_another_number_of_classes_is_one_line(png_folder, tmp_path):
@@ -372,10 +374,9 @@ def test_a_resumed_folder_with_another_number_of_classes_is_one_line(png_folder,
   import shutil
   root = tmp_path / 'images'
   shutil.copytree(png_folder[len('folder:'):], root)
-  cfg = tiny_config(steps=4, dataset=f'folder:{root}', eval_at_init=False)
-  cfg.batch_size, cfg.checkpoint.every_steps = 8, 2
+  cfg = tiny_config(steps=2, dataset=f'folder:{root}', eval_at_init=False, eval_every_steps=0)
+  cfg.batch_size = 8
   train.train_and_evaluate(cfg, str(tmp_path / 'run'))
-  shutil.rmtree(os.path.join(checkpointing.checkpoint_dir(str(tmp_path / 'run')), '4'))
   for split in ('train', 'test'):
     shutil.copytree(root / split / 'c0', root / split / 'c3')
   with pytest.raises(train.ConfigError, match='now has 4 classes.*trained on 3'):
