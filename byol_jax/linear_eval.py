@@ -599,15 +599,14 @@ def _fingerprint(tree: Any) -> str:
 def train_heads_on_stream(cfg: Any, pre: Pretrained, embedder: Embedder, split: str,
                           num_classes: int, learning_rates: tuple[float, ...],
                           workdir: str | None = None,
-                          keep_progress: list | None = None) -> tuple[linear_lib.Params, int]:
+                          ) -> tuple[linear_lib.Params, int, _HeadProgress]:
   """One linear head per LR on random crops + flips of a split that streams (ImageNet):
   the host takes the crop (tf.data, as the pretraining stream), the device flips and runs
   the frozen encoder, every step on new crops. Epochs are the whole batches of the split's
   readable images, as for resident splits, and the update and its schedule are
-  `head_update`'s. Returns the heads and how many images they trained on. With a workdir,
-  progress is kept after every epoch and an interrupted run resumes (`_HeadProgress`); it is
-  removed when trained, or, given `keep_progress`, appended there for the caller to remove
-  once the heads' result is safe (`_HeadProgress.done`).
+  `head_update`'s. Returns the heads, how many images they trained on and their progress.
+  With a workdir, progress is kept after every epoch and an interrupted run resumes; the
+  caller removes it (`_HeadProgress.done`) once the heads' result is safe.
   """
   from byol_jax import checkpointing, input_pipeline  # TensorFlow only on this path
   mesh = embedder.mesh
@@ -657,12 +656,7 @@ def train_heads_on_stream(cfg: Any, pre: Pretrained, embedder: Embedder, split: 
                    cfg.epochs, now - epoch_start, spe * batch / (now - epoch_start),
                    (now - start) / (t - done) * (total - t))
       epoch_start = now
-  params = jax.device_get(carry[0])
-  if keep_progress is None:
-    progress.done()
-  else:
-    keep_progress.append(progress)
-  return params, progress.identity['examples'] - stream.skipped
+  return jax.device_get(carry[0]), progress.identity['examples'] - stream.skipped, progress
 
 
 # ------------------------------------------------------------------------------------------
@@ -760,15 +754,17 @@ def _augmented_stream(cfg: Any, pre: Pretrained, embedder: Embedder,
   test = split_features(cfg, embedder, cfg.test_split, seed, 'stream')
   classes = num_classes(cfg, val[1], test[1])
   lrs = tuple(cfg.learning_rates)
-  trained: list[_HeadProgress] = []  # the sweep's heads stay on disk until the refit's are
-  params, trained_on = train_heads_on_stream(cfg, pre, embedder, cfg.train_split, classes,
-                                             lrs, workdir, trained)
+  # The sweep's progress stays on disk until the refit's heads are trained too.
+  params, trained_on, sweep = train_heads_on_stream(cfg, pre, embedder, cfg.train_split,
+                                                    classes, lrs, workdir)
+  trained = [sweep]
   result = linear_lib.report_heads(params, lrs, val, test)
   if refit_split:
     logging.info('refitting one head at lr %g on %s/%s', result['best_lr'], cfg.dataset,
                  refit_split)
-    params, _ = train_heads_on_stream(cfg, pre, embedder, refit_split, classes,
-                                      (result['best_lr'],), workdir, trained)
+    params, _, refit = train_heads_on_stream(cfg, pre, embedder, refit_split, classes,
+                                             (result['best_lr'],), workdir)
+    trained.append(refit)
     result = linear_lib.with_refit(result, linear_lib.evaluate_heads(params, *test))
   for progress in trained:
     progress.done()
