@@ -40,6 +40,7 @@ import collections
 import functools
 import itertools
 import math
+import os
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -194,6 +195,12 @@ def _folder_shard(spec: datasets.DatasetSpec, split: str, process_index: int,
   return paths, labels, skipped, len(found.paths)
 
 
+def _path_bytes(paths: list[str]) -> list[bytes]:
+  """File names as the bytes the OS uses: a name that is not UTF-8 lists as a str with
+  surrogate escapes, which tf.constant cannot encode."""
+  return [os.fsencode(p) for p in paths]
+
+
 def _folder_train_source(paths: list[str], labels: np.ndarray, per_epoch: int, start: int,
                          shuffle_seed: int) -> Any:
   """Endless epochs, each a fresh stateless permutation truncated to per_epoch elements.
@@ -202,7 +209,7 @@ def _folder_train_source(paths: list[str], labels: np.ndarray, per_epoch: int, s
   crops; the first epoch starts `start` elements in, so resuming is free.
   """
   tf = _tf()
-  paths_t, labels_t = tf.constant(paths), tf.constant(labels, tf.int32)
+  paths_t, labels_t = tf.constant(_path_bytes(paths)), tf.constant(labels, tf.int32)
   first_epoch, offset = divmod(start, per_epoch)
 
   def epoch(e):
@@ -440,7 +447,7 @@ def _eval_dataset(source: Any, *, image_size: int, crop_fraction: float, batch_s
 def _folder_eval_source(paths: list[str], labels: np.ndarray) -> Any:
   """Files in scan order (class, then name)."""
   tf = _tf()
-  ds = tf.data.Dataset.from_tensor_slices((paths, labels.astype(np.int32)))
+  ds = tf.data.Dataset.from_tensor_slices((_path_bytes(paths), labels.astype(np.int32)))
   return ds.map(lambda p, y: dict(encoded=tf.io.read_file(p), label=y))
 
 

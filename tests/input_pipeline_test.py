@@ -312,3 +312,21 @@ def test_prefetch_to_device_keeps_order():
   for a, b in zip(batches, out, strict=True):
     np.testing.assert_array_equal(a['x'], b['x'])
     np.testing.assert_array_equal(a['y'], b['y'])
+
+
+def test_file_names_that_are_not_utf8_stream(tmp_path, aug_cfg):
+  """Linux file names are bytes: one written by a Latin-1 tool (an unpacked zip, say) lists
+  as a str with surrogate escapes, which Pillow opens but tf.constant refused ('Error
+  converting unicode string'), so the stream and the eval pass stopped at their start."""
+  class_dir = os.path.join(os.fsencode(tmp_path), b'train', b'a')
+  os.makedirs(class_dir)
+  for name in (b'caf\xe9.jpg', b'plain.png'):
+    try:
+      _noise_image(len(name)).save(os.path.join(class_dir, name))
+    except OSError:  # A file system that only takes UTF-8 names (macOS).
+      pytest.skip('file system refuses names that are not UTF-8')
+  spec = datasets.parse_dataset(f'folder:{tmp_path}')
+  batch = next(_stream(spec, aug_cfg, batch_size_per_process=2))
+  assert batch['labels'].tolist() == [0, 0]
+  evals = list(input_pipeline.eval_stream(spec, 'trainval', batch_size=2, image_size=8))
+  assert [b['mask'].sum() for b in evals] == [2]
