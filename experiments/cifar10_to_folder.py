@@ -15,7 +15,8 @@ A finished conversion leaves `<out>/CONVERTED.json` naming what it holds. With `
 the experiment scripts run it) a folder whose marker matches the request is kept; one made
 for another request (the scripts' TINY=1 subset, say) is rewritten, and one without a marker
 (a conversion that was stopped, or not this script's) is refused: a real run used to train
-on whatever folder was there.
+on whatever folder was there. Without `--reuse` a finished conversion there is rewritten
+too, never written over: the files it did not replace used to stay under the new marker.
 """
 
 from __future__ import annotations
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     return 2
   request = {k: getattr(args, k) for k in ('train_per_class', 'test_per_class',
                                             'holdout_per_class')}
-  if args.reuse and (code := _reuse_or_clear(args.out, request)) is not None:
+  if (code := _reuse_or_clear(args.out, request, args.reuse)) is not None:
     return code
   if not os.path.isfile(args.src):
     print(f'error: {args.src} not found; pass --src or set BYOL_SHARED', file=sys.stderr)
@@ -133,10 +134,12 @@ def main(argv: list[str] | None = None) -> int:
 MARKER = 'CONVERTED.json'
 
 
-def _reuse_or_clear(out: str, request: dict[str, int]) -> int | None:
-  """0 when `out` holds a finished conversion of `request`; 2 (and why) when it holds
-  images of unknown origin; None, after clearing a conversion of another request, or when
-  there is nothing there, to convert."""
+def _reuse_or_clear(out: str, request: dict[str, int], reuse: bool = True) -> int | None:
+  """0 when `out` holds a finished conversion of `request` (and `reuse`); 2 (and why) when
+  it holds images of unknown origin; None, after clearing any other conversion there, or when
+  there is nothing there, to convert. A conversion is never written over another one's files:
+  those it does not rewrite would stay (held-out training images in the new test split, say)
+  while its marker named only its own request."""
   splits = [os.path.join(out, s) for s in ('train', 'test')]
   marker = os.path.join(out, MARKER)
   try:
@@ -150,10 +153,10 @@ def _reuse_or_clear(out: str, request: dict[str, int]) -> int | None:
             'another one): remove it, or choose another folder', file=sys.stderr)
       return 2
     return None
-  if {k: done.get(k) for k in request} == request:
+  if reuse and {k: done.get(k) for k in request} == request:
     print(f'reusing {out}: {done.get("counts")} images')
     return 0
-  print(f'{out} holds another conversion ({done}); rewriting it')
+  print(f'{out} holds {"another" if reuse else "a"} conversion ({done}); rewriting it')
   os.remove(marker)
   for path in splits:
     shutil.rmtree(path, ignore_errors=True)

@@ -536,3 +536,25 @@ def test_unreadable_files_are_reported_once(tmp_path, caplog):
   assert len(split.labels) == 6
   said = [r.getMessage() for r in caplog.records if 'skipped' in r.getMessage()]
   assert len(said) == 1 and 'broken.jpg' in said[0], said
+
+
+def test_cifar10_to_folder_without_reuse_leaves_no_files_of_an_earlier_conversion(tmp_path):
+  """Converting into a folder that holds another conversion wrote the new files over the old
+  ones: a plain conversion after a --holdout_per_class one kept the held-out training images
+  in its test split, under a marker that named the plain request (which --reuse then kept)."""
+  src = tmp_path / 'fake.npz'
+  _fake_cifar_npz(src)
+  script = os.path.join(REPO, 'experiments', 'cifar10_to_folder.py')
+  out = tmp_path / 'cifar'
+
+  def convert(*flags):
+    return subprocess.run([sys.executable, script, '--src', str(src), '--out', str(out),
+                           '--train_per_class', '2', *flags], capture_output=True, text=True,
+                          timeout=60)
+
+  assert convert('--holdout_per_class', '3').returncode == 0
+  assert convert('--test_per_class', '1').returncode == 0
+  assert _written(out, 'test') == {'a': {b'test-0'}, 'b': {b'test-6'}}
+  os.remove(out / 'CONVERTED.json')  # a stopped conversion, or a folder of other images
+  refused = convert('--test_per_class', '1')
+  assert refused.returncode == 2 and 'without CONVERTED.json' in refused.stderr
