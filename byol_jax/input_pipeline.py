@@ -445,7 +445,7 @@ def _eval_dataset(source: Any, *, image_size: int, crop_fraction: float, batch_s
 
 
 def _folder_eval_source(paths: list[str], labels: np.ndarray) -> Any:
-  """Files in scan order (class, then name)."""
+  """Files in the order given (`eval_stream`: `datasets.load_arrays`'s fixed shuffled one)."""
   tf = _tf()
   ds = tf.data.Dataset.from_tensor_slices((_path_bytes(paths), labels.astype(np.int32)))
   return ds.map(lambda p, y: dict(encoded=tf.io.read_file(p), label=y))
