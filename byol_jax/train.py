@@ -86,6 +86,9 @@ def validate(cfg: Any, num_devices: int) -> None:
   if spec.kind != 'tfds' and split not in logical:
     raise ConfigError(f'pretrain_split={split!r}: {spec.kind} datasets have the splits '
                       f'{", ".join(logical)} (TFDS datasets also take split expressions)')
+  if spec.kind == 'demo' and split == 'valid':  # its valid draw is linear evaluation's
+    raise ConfigError("pretrain_split='valid': the demo pretrains on its train images "
+                      "('train' or 'trainval', the same draw of demo.train_examples)")
   if data_lib.datasets.includes_test_split(spec, split):
     logging.warning("pretrain_split=%r takes images of %s's test split, on which kNN and "
                     'linear evaluation report: their figures are then not held out',

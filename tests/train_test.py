@@ -57,6 +57,7 @@ def test_a_collapsing_run_warns(tmp_path, caplog, monkeypatch):
   ('optimizer.momentum', 1.0, 'optimizer.momentum=1.0 must be in [0, 1)'),
   ('augment.mean', (0.5, 0.5), 'augment.mean=(0.5, 0.5) must hold 3 numbers'),
   ('pretrain_split', 'unlabelled', "pretrain_split='unlabelled': demo datasets have the splits"),
+  ('pretrain_split', 'valid', "pretrain_split='valid': the demo pretrains on"),  # traceback
   ('steps', -3, 'steps=-3 must be >= 0'),  # it trained nothing and said a checkpoint was final
   ('input_mode', 'gpu', "input_mode='gpu'; valid: auto, device, stream"),  # demo ignored it
   ('eval_every_steps', -1, 'eval_every_steps=-1 must be >= 0'),  # kNN after every step
