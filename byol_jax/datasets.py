@@ -9,7 +9,7 @@ imported only inside the functions that read TFDS datasets, never at import time
 Dataset names (`parse_dataset`):
 - 'demo': the generated dataset of `demo_data` (no files, no download);
 - 'folder:/path/to/root': an image folder, root/<split>/<class_name>/<image>.{jpg,jpeg,png}
-  with split folders 'train', 'test' and optionally 'valid' (or 'val');
+  with split folders 'train', 'test' and optionally 'valid' (or 'val', 'validation');
 - anything else: a TFDS name such as 'cifar10', 'imagenet2012' or 'oxford_flowers102',
   optionally with a config and version ('name/config:1.2.3'). It must already be prepared
   under data_dir: nothing here downloads.
@@ -84,7 +84,7 @@ TFDS_SPLITS: dict[str, dict[str, str]] = {
 _TFDS_NAME = re.compile(r'^[a-z][a-z0-9_]*(/[A-Za-z0-9_.\-]+)?(:\d+\.\d+\.\d+)?$')
 _VALID_FORMS = ("valid forms: 'demo', 'folder:/path/to/root' (root/train/<class>/*.jpg), or a "
                 "TFDS name such as 'cifar10' or 'imagenet2012'")
-_VALID_DIRS = ('valid', 'val')
+_VALID_DIRS = ('valid', 'val', 'validation')
 _READABLE_FORMATS = ('JPEG', 'MPO', 'PNG', 'GIF', 'BMP')  # What tf.io.decode_image reads.
 
 
@@ -300,17 +300,24 @@ def one_line(error: BaseException) -> str:
 # ------------------------------------------------------------------------------------------
 
 
+def _entries(path: str) -> list[os.DirEntry]:
+  """Visible entries of a folder; one that cannot be listed (permissions) is a DataError."""
+  try:
+    with os.scandir(path) as entries:
+      return [e for e in entries if not e.name.startswith('.')]
+  except OSError as e:
+    raise DataError(f'cannot list {path}: {e.strerror or one_line(e)}') from None
+
+
 def _subdirs(path: str) -> list[str]:
   """Sorted names of visible subdirectories."""
-  with os.scandir(path) as entries:
-    return sorted(e.name for e in entries if e.is_dir() and not e.name.startswith('.'))
+  return sorted(e.name for e in _entries(path) if e.is_dir())
 
 
 def _image_files(path: str) -> list[str]:
   """Sorted names of visible files with an image extension (case-insensitive)."""
-  with os.scandir(path) as entries:
-    return sorted(e.name for e in entries if e.is_file() and not e.name.startswith('.')
-                  and e.name.lower().endswith(IMAGE_EXTENSIONS))
+  return sorted(e.name for e in _entries(path)
+                if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS))
 
 
 def _folder_root(spec: DatasetSpec) -> str:
@@ -343,7 +350,7 @@ def missing_split(spec: DatasetSpec, split: str) -> str:
 
 
 def _valid_dir(root: str) -> str | None:
-  """The validation folder (valid/ or val/), if the dataset has one."""
+  """The validation folder (valid/, val/ or validation/), if the dataset has one."""
   for name in _VALID_DIRS:
     if os.path.isdir(os.path.join(root, name)):
       return os.path.join(root, name)
@@ -363,8 +370,11 @@ def _class_files(split_dir: str, class_names: list[str]) -> list[list[str]]:
     class_dir = os.path.join(split_dir, name)
     names = _image_files(class_dir)
     if not names:
-      raise DataError(f'class folder {class_dir} has no .jpg/.jpeg/.png files: add images '
-                      'or remove the folder from every split')
+      nested = _subdirs(class_dir)[:2]  # Tiny-ImageNet's <class>/images/, say
+      where = (f' (its images must lie in it, not in subfolders such as {nested[0]}/)'
+               if nested else '')
+      raise DataError(f'class folder {class_dir} has no .jpg/.jpeg/.png files{where}: add '
+                      'images or remove the folder from every split')
     files.append([os.path.join(class_dir, n) for n in names])
   return files
 

@@ -145,6 +145,13 @@ def _empty_class(tmp_path):
   return root, 'train', os.path.join('train', 'empty')
 
 
+def _nested_images(tmp_path):  # Tiny-ImageNet's <class>/images/: the error did not say why
+  root = make_folder(tmp_path)
+  for split in ('train', 'test'):
+    make_folder(tmp_path / split / 'fox', classes=('images',), splits=('.',))
+  return root, 'train', 'not in subfolders such as images/'
+
+
 def _class_mismatch(tmp_path):
   root = make_folder(tmp_path)
   os.rename(tmp_path / 'test' / 'dog', tmp_path / 'test' / 'wolf')
@@ -152,7 +159,8 @@ def _class_mismatch(tmp_path):
 
 
 @pytest.mark.parametrize('setup', [_missing_root, _root_is_a_file, _missing_train,
-                                   _missing_test, _empty_class, _class_mismatch])
+                                   _missing_test, _empty_class, _nested_images,
+                                   _class_mismatch])
 def test_folder_errors_name_the_path(tmp_path, setup):
   """Users must learn from one line which folder is wrong and what to do."""
   root, split, fragment = setup(tmp_path)
@@ -270,6 +278,24 @@ def test_valid_is_held_out_of_train(tmp_path):
   assert datasets.dataset_size(spec, 'valid') == 4
   assert datasets.dataset_size(spec, 'train') == 50
   assert datasets.dataset_size(spec, 'trainval') == 54
+  os.rename(tmp_path / 'val', tmp_path / 'validation')  # the third name in use; it was ignored
+  assert datasets.dataset_size(spec, 'valid') == 4
+
+
+def test_a_class_folder_that_cannot_be_listed_is_a_data_error(tmp_path, monkeypatch):
+  """A folder without read permission stopped the run with a PermissionError traceback.
+  (Root lists any folder, so the refusal is simulated.)"""
+  root = make_folder(tmp_path)
+  locked, scandir = str(tmp_path / 'train' / 'dog'), os.scandir
+
+  def refuse(path):
+    if os.fspath(path) == locked:
+      raise PermissionError(13, 'Permission denied', locked)
+    return scandir(path)
+
+  monkeypatch.setattr(datasets.os, 'scandir', refuse)
+  with pytest.raises(datasets.DataError, match=f'^cannot list {locked}: Permission denied$'):
+    datasets.scan_folder(root, 'train')
 
 
 def test_load_arrays_process_shards_are_disjoint_and_cover(tmp_path):
