@@ -86,6 +86,7 @@ _VALID_FORMS = ("valid forms: 'demo', 'folder:/path/to/root' (root/train/<class>
                 "TFDS name such as 'cifar10' or 'imagenet2012'")
 _VALID_DIRS = ('valid', 'val', 'validation')
 _READABLE_FORMATS = ('JPEG', 'MPO', 'PNG', 'GIF', 'BMP')  # What tf.io.decode_image reads.
+_UNREADABLE = 'damaged, or not JPEG, PNG, GIF or BMP inside whatever the extension says'
 
 
 class DataError(ValueError):
@@ -434,9 +435,10 @@ def _report_skipped(where: str, skipped: list[str], total: int, strict: bool) ->
     return
   if strict:
     raise DataError(f'{len(skipped)} of {total} files under {where} are not readable images '
-                    f'(first: {skipped[0]}); remove them or run without strict_data')
-  logging.warning('skipped %d of %d unreadable image files under %s (first: %s)',
-                  len(skipped), total, where, skipped[0])
+                    f'({_UNREADABLE}; first: {skipped[0]}); remove them or run without '
+                    'strict_data')
+  logging.warning('skipped %d of %d unreadable image files under %s (%s; first: %s)',
+                  len(skipped), total, where, _UNREADABLE, skipped[0])
 
 
 # Items timed one by one before choosing threads, and the per-item time from which they pay.
@@ -568,6 +570,8 @@ def _decode_and_area(source: str | bytes, image_size: int | None) -> tuple[np.nd
   from PIL import Image
   try:
     with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
+      if img.format not in _READABLE_FORMATS:  # as streamed: tf.data could not decode it
+        return None, 1.0
       img.load()
       rgb = _to_rgb(img)
       area = 1.0

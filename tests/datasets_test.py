@@ -38,7 +38,9 @@ def write_mixed_images(class_dir) -> dict[str, tuple[int, int, int]]:
 
 
 def write_corrupt_images(class_dir) -> None:
-  """A truncated JPEG, a text file named .jpg, and a non-image extension (ignored)."""
+  """A truncated JPEG, a text file named .jpg, a TIFF named .png (Pillow reads it, tf.data
+  does not: the stream dropped it where the resident copy kept it), and a non-image
+  extension (ignored)."""
   good = os.path.join(class_dir, 'z_trunc.jpg')
   Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)).save(good)
   with open(good, 'rb') as f:
@@ -47,6 +49,7 @@ def write_corrupt_images(class_dir) -> None:
     f.write(data[:len(data) // 2])
   with open(os.path.join(class_dir, 'z_text.jpg'), 'w') as f:
     f.write('not an image')
+  Image.new('RGB', (8, 8), (1, 2, 3)).save(os.path.join(class_dir, 'z_tiff.png'), format='TIFF')
   with open(os.path.join(class_dir, 'notes.txt'), 'w') as f:
     f.write('ignored')
 
@@ -180,12 +183,12 @@ def test_load_arrays_mixed_formats_and_corrupt_files(tmp_path):
   write_mixed_images(tmp_path / 'test' / 'zebra')
   images, labels, info = datasets.load_arrays(datasets.parse_dataset(f'folder:{root}'),
                                               'trainval')
-  assert info == dict(num_classes=3, class_names=['cat', 'dog', 'zebra'], skipped=2,
+  assert info == dict(num_classes=3, class_names=['cat', 'dog', 'zebra'], skipped=3,
                       centre_square_area=1.0)  # not resized: nothing cropped
   assert images.shape == (4 + len(expected), 16, 20, 3) and images.dtype == np.uint8
   files = datasets.scan_folder(root, 'trainval').paths  # the documented order, then shuffled
   names = [os.path.basename(files[i]) for i in datasets.folder_order(len(files))]
-  names = [n for n in names if n not in ('z_trunc.jpg', 'z_text.jpg')]  # the unreadable two
+  names = [n for n in names if n not in ('z_trunc.jpg', 'z_text.jpg', 'z_tiff.png')]
   assert labels.dtype == np.int32
   assert sorted(labels.tolist()) == [0, 0, 1, 1] + [2] * len(expected)
   decoded = dict(zip(names, images, strict=True))
@@ -213,7 +216,7 @@ def test_strict_mode_rejects_corrupt_files(tmp_path):
     datasets.load_arrays(datasets.parse_dataset(f'folder:{root}'), 'trainval', strict=True)
   with pytest.raises(datasets.DataError, match='z_t'):
     datasets.scan_folder(root, 'trainval', validate=True, strict=True)
-  assert datasets.scan_folder(root, 'trainval', validate=True).skipped == 2
+  assert datasets.scan_folder(root, 'trainval', validate=True).skipped == 3
 
 
 def test_resize_short_side_then_centre_crop(tmp_path):

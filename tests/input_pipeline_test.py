@@ -176,7 +176,7 @@ def test_mixed_formats_and_corrupt_files_stream(tmp_path, aug_cfg):
   write_corrupt_images(tmp_path / 'train' / 'a')
   spec = datasets.parse_dataset(f'folder:{tmp_path}')
   stream = _stream(spec, aug_cfg, batch_size_per_process=6, split='trainval')
-  assert stream.skipped == 2
+  assert stream.skipped == 3
   batch = next(stream)
   assert sorted(batch['labels'].tolist()) == [0] * 6
   colours = {tuple(np.round(v.reshape(-1, 3).mean(0))) for v in batch['views']}
@@ -194,14 +194,14 @@ def test_decode_failures_after_the_scan_are_skipped_and_counted(tmp_path, aug_cf
   write_corrupt_images(tmp_path / 'train' / 'cat')
   monkeypatch.setattr(datasets, '_check_readable', lambda path: True)
   stream = _stream(datasets.parse_dataset(f'folder:{root}'), aug_cfg)
-  _take(stream, 4)  # 10 files, 8 per epoch: two epochs must meet a corrupt file.
+  _take(stream, 4)  # 11 files, 8 per epoch: two epochs must meet a corrupt file.
   assert stream.skipped == 0 and stream.decode_failures >= 1
   strict = _stream(datasets.parse_dataset(f'folder:{root}'), aug_cfg, strict=True)
   with pytest.raises(datasets.DataError, match='decode'):
     _take(strict, 4)
   spec = datasets.parse_dataset(f'folder:{root}')
   evals = list(input_pipeline.eval_stream(spec, 'trainval', batch_size=4, image_size=8))
-  assert sum(b['mask'].sum() for b in evals) == 8 and len(evals) == 3  # 10 listed, 8 decode.
+  assert sum(b['mask'].sum() for b in evals) == 8 and len(evals) == 3  # 11 listed, 8 decode.
   with pytest.raises(datasets.DataError, match='decode'):
     list(input_pipeline.eval_stream(spec, 'trainval', batch_size=4, image_size=8, strict=True))
 
