@@ -550,7 +550,9 @@ class _HeadProgress:
   80: hours) goes on from its last epoch when the same command runs again. The file name
   holds a hash of everything that shapes the heads, so another setting never resumes it;
   it is removed once the evaluation that needs it has its result (the sweep's is kept
-  through the refit, so an interrupted refit does not train the sweep again)."""
+  through the refit, so an interrupted refit does not train the sweep again). Every process
+  reads it; process 0 alone writes and removes it (the heads are replicated), as it alone
+  writes metrics: processes renaming one shared <file>.tmp at once fail each other."""
 
   def __init__(self, workdir: str | None, identity: dict[str, Any]):
     self.identity = identity
@@ -572,7 +574,7 @@ class _HeadProgress:
     return jax.tree.unflatten(treedef, [jnp.asarray(x) for x in loaded])
 
   def save(self, carry: linear_lib.HeadsCarry) -> None:
-    if not self.path:
+    if not self.path or jax.process_index() != 0:
       return
     os.makedirs(os.path.dirname(self.path), exist_ok=True)
     leaves = jax.device_get(jax.tree.leaves(carry))
@@ -581,6 +583,8 @@ class _HeadProgress:
     os.replace(self.path + '.tmp', self.path)
 
   def done(self) -> None:
+    if jax.process_index() != 0:
+      return
     if self.path and os.path.exists(self.path):
       os.remove(self.path)
     if self.path:

@@ -592,3 +592,29 @@ def test_streamed_heads_take_the_resident_steps_when_files_are_unreadable(
     sizes.append(linear_eval.evaluate(cfg, _pretrained(workdir), workdir)['splits']['train']
                  ['size'])
   assert totals == [3 * (9 // 4)] * 2 and sizes == [9, 9], (totals, sizes)
+
+
+def test_only_process_0_writes_the_streamed_heads_progress(tmp_path, monkeypatch):
+  """Every process of a multi-host evaluation (a TPU pod slice, workdir on a shared file
+  system as the README asks) holds the same replicated heads. If each one writes them to the
+  same <file>.tmp and renames it, the first rename takes the others' file away and their
+  os.replace fails (FileNotFoundError), one host dies and the rest wait on it; `done` races
+  the same way. Process 0 writes and removes, as it alone writes metrics; every process
+  reads. Breaks if another process writes or removes the progress file."""
+  progress = linear_eval._HeadProgress(str(tmp_path), dict(checkpoint_step=4, split='train'))
+  params, momentum, _ = linear_lib.init_heads(3, 2, 1)
+  carry = (params, momentum, jax.numpy.int32(5))
+  folder = tmp_path / 'linear_eval_progress'
+  monkeypatch.setattr(jax, 'process_index', lambda: 1)
+  progress.save(carry)
+  assert not folder.exists()
+  monkeypatch.setattr(jax, 'process_index', lambda: 0)
+  progress.save(carry)
+  assert os.listdir(folder) == [os.path.basename(progress.path)]
+  monkeypatch.setattr(jax, 'process_index', lambda: 1)
+  assert int(progress.load(linear_lib.init_heads(3, 2, 1))[2]) == 5  # every process resumes
+  progress.done()
+  assert os.path.exists(progress.path)
+  monkeypatch.setattr(jax, 'process_index', lambda: 0)
+  progress.done()
+  assert not folder.exists()
