@@ -687,12 +687,14 @@ def _cached(cfg: Any, pre: Pretrained, embedder: Embedder) -> tuple[dict, dict]:
   return dict(result, num_classes=classes, feature_dim=int(pool_x.shape[1])), sizes
 
 
-def _augmented(cfg: Any, pre: Pretrained, embedder: Embedder,
-               workdir: str | None = None) -> tuple[dict, dict]:
-  """Heads on random crop + flip views through the frozen encoder; centre crops for eval."""
+def _augmented(cfg: Any, pre: Pretrained, embedder: Embedder, workdir: str | None = None,
+               progress: list[_HeadProgress] | None = None) -> tuple[dict, dict]:
+  """Heads on random crop + flip views through the frozen encoder; centre crops for eval.
+  A streamed train split appends its heads' progress to `progress`, for the caller to
+  remove once the record is written."""
   seed = pre.config.seed
   if input_mode(cfg, cfg.train_split) == 'stream':
-    return _augmented_stream(cfg, pre, embedder, workdir)
+    return _augmented_stream(cfg, pre, embedder, workdir, [] if progress is None else progress)
   pool = load_split(cfg, cfg.train_split, seed, random_crops=True)
   train_rows, val_rows = hold_out(cfg, len(pool.labels))
   mode = evaluation_input_mode(cfg)
@@ -741,11 +743,13 @@ def _refit_split(cfg: Any) -> str:
                     "splits or --config.refit=False")
 
 
-def _augmented_stream(cfg: Any, pre: Pretrained, embedder: Embedder,
-                      workdir: str | None) -> tuple[dict, dict]:
+def _augmented_stream(cfg: Any, pre: Pretrained, embedder: Embedder, workdir: str | None,
+                      trained: list[_HeadProgress]) -> tuple[dict, dict]:
   """mode='augmented' when the train split does not fit in memory (ImageNet): heads train on
   streamed random crops (`train_heads_on_stream`), validation and test on streamed centre
-  crops; the refit streams train + validation."""
+  crops; the refit streams train + validation. The heads' progress goes into `trained`:
+  `evaluate` removes it once the record is written, so that nothing trained is lost to a
+  failed write or a stop before it."""
   if not cfg.val_split:
     raise ConfigError(f"{cfg.dataset}/{cfg.train_split} streams, and rows cannot be held "
                       "out of a stream: set --config.val_split (e.g. 'valid')")
@@ -761,7 +765,7 @@ def _augmented_stream(cfg: Any, pre: Pretrained, embedder: Embedder,
   # The sweep's progress stays on disk until the refit's heads are trained too.
   params, trained_on, sweep = train_heads_on_stream(cfg, pre, embedder, cfg.train_split,
                                                     classes, lrs, workdir)
-  trained = [sweep]
+  trained.append(sweep)
   result = linear_lib.report_heads(params, lrs, val, test)
   if refit_split:
     logging.info('refitting one head at lr %g on %s/%s', result['best_lr'], cfg.dataset,
@@ -770,8 +774,6 @@ def _augmented_stream(cfg: Any, pre: Pretrained, embedder: Embedder,
                                              (result['best_lr'],), workdir)
     trained.append(refit)
     result = linear_lib.with_refit(result, linear_lib.evaluate_heads(params, *test))
-  for progress in trained:
-    progress.done()
   sizes = dict(train=trained_on, val=len(val[1]), test=len(test[1]))
   return dict(result, num_classes=classes, feature_dim=int(test[0].shape[1])), sizes
 
@@ -783,16 +785,19 @@ def evaluate(cfg: Any, pre: Pretrained, workdir: str) -> dict[str, Any]:
   logging.info('linear_eval (%s) of the %s encoder at step %d (%s) on %s', cfg.mode,
                cfg.network, pre.step, pre.weights, cfg.dataset)
   embedder = Embedder(cfg, pre)
+  progress = []  # streamed heads' progress: kept until their record is written
   if cfg.mode == 'cached':
     result, sizes = _cached(cfg, pre, embedder)
   else:
-    result, sizes = _augmented(cfg, pre, embedder, workdir)
+    result, sizes = _augmented(cfg, pre, embedder, workdir, progress)
   result.setdefault('refit', False)
   record = dict(provenance(cfg, pre, f'linear_{cfg.mode}'),
                 splits=split_record(cfg, pre.config.seed, sizes), epochs=cfg.epochs,
                 batch_size=cfg.batch_size, learning_rates=list(cfg.learning_rates),
                 **result, elapsed_sec=time.time() - start)
   record = write_record(workdir, 'linear_eval', pre.step, record)
+  for trained in progress:
+    trained.done()
   head = ('of the head refit on train + validation' if record['refit']
           else "of the sweep's head")
   if 'test_map' in record:

@@ -440,7 +440,8 @@ def test_an_interrupted_streamed_evaluation_resumes_from_its_last_epoch(workdir,
   """ImageNet's streamed protocol is 80 epochs of forward passes, and the refit's 80: hours.
   Stopped after an epoch, the same command goes on from there, and ends with the heads an
   uninterrupted run trains (same batches, crops and updates). Breaks if the progress is not
-  kept, resumed at another step, or the stream restarts from its first batch."""
+  kept, resumed at another step, or the stream restarts from its first batch; or if it is
+  removed before the evaluation's record is written."""
   import shutil
   cfg = eval_config(mode='augmented', dataset=png_folder, image_size=16, max_examples=0,
                     input_mode='stream', val_split='valid', epochs=3, batch_size=4,
@@ -462,11 +463,26 @@ def test_an_interrupted_streamed_evaluation_resumes_from_its_last_epoch(workdir,
     m.setattr(linear_eval._HeadProgress, 'save', save_then_stop)
     with pytest.raises(Stop):
       linear_eval.evaluate(cfg, _pretrained(runs['stopped']), runs['stopped'])
-  progress = os.listdir(os.path.join(runs['stopped'], 'linear_eval_progress'))
+  folder = os.path.join(runs['stopped'], 'linear_eval_progress')
+  progress = os.listdir(folder)
   assert len(progress) == 1, progress
-  resumed = linear_eval.evaluate(cfg, _pretrained(runs['stopped']), runs['stopped'])
+  # The resumed run trains epoch 3, then cannot write its record (a full disk: the progress
+  # files are the large thing written there). Its heads stay on disk, trained to the end,
+  # so the rerun trains nothing again; they go once a record is written (the refit test).
+  resumed = {}
+
+  def full_disk(workdir, name, step, record):
+    resumed.update(record)
+    raise OSError(28, 'No space left on device')
+
+  with monkeypatch.context() as m:
+    m.setattr(linear_eval, 'write_record', full_disk)
+    with pytest.raises(OSError, match='No space left'):
+      linear_eval.evaluate(cfg, _pretrained(runs['stopped']), runs['stopped'])
   assert resumed['per_lr'] == whole['per_lr']
-  assert not os.path.exists(os.path.join(runs['stopped'], 'linear_eval_progress'))  # trained: gone
+  assert os.listdir(folder) == progress
+  with np.load(os.path.join(folder, progress[0])) as saved:
+    assert int(saved[f'leaf{len(saved.files) - 1}']) == 3 * 2  # all 3 epochs of 2 steps
 
 
 def test_an_evaluation_interrupted_in_its_refit_does_not_train_the_sweep_again(
