@@ -544,6 +544,16 @@ def _labelled_views(stream: Any, where: str) -> Iterator[tuple[np.ndarray, np.nd
     yield batch['views'][:, 0], batch['labels']
 
 
+def _fewest_across_processes(steps: int) -> int:
+  """The least of every process's `steps`: hosts that ran different step counts would wait
+  for each other's collectives for ever (a host whose shard holds an unreadable file has a
+  step fewer per epoch); the others' streams then roll into their next epoch a step early."""
+  if jax.process_count() == 1:
+    return steps
+  from jax.experimental import multihost_utils
+  return int(np.min(multihost_utils.process_allgather(np.asarray(steps, np.int32))))
+
+
 class _HeadProgress:
   """The streamed heads' state after each epoch, kept under <workdir>/linear_eval_progress/
   so that an interrupted ImageNet evaluation (80 epochs of forward passes, and the refit's
@@ -639,9 +649,9 @@ def train_heads_on_stream(cfg: Any, pre: Pretrained, embedder: Embedder, split: 
     image_size=cfg.image_size, aug_cfg=pre.config.augment, data_dir=cfg.data_dir or None,
     seed=cfg.seed, process_index=jax.process_index(), process_count=jax.process_count(),
     start_step=done, strict=cfg.strict_data, split=split, num_views=1)
-  # Not stream.steps_per_epoch, which counts the files scanned (a run's hosts agree on it):
-  # an epoch of the stream is its readable images' whole batches (one process here).
-  spe = stream.examples_per_epoch // (batch // jax.process_count())
+  # Not stream.steps_per_epoch, which counts the files scanned: an epoch of the stream is its
+  # readable images' whole batches, which hosts agree on only without unreadable files.
+  spe = _fewest_across_processes(stream.examples_per_epoch // (batch // jax.process_count()))
   total = cfg.epochs * spe
   step = jax.jit(_view_step(featurize, total), donate_argnums=0)
   lrs = jnp.asarray(learning_rates, jnp.float32)

@@ -634,3 +634,16 @@ def test_only_process_0_writes_the_streamed_heads_progress(tmp_path, monkeypatch
   monkeypatch.setattr(jax, 'process_index', lambda: 0)
   progress.done()
   assert not folder.exists()
+
+
+def test_hosts_train_the_streamed_heads_for_the_same_steps(monkeypatch):
+  """Each host counts its own stream's readable images; one whose shard holds an unreadable
+  file has a step fewer per epoch, and hosts running different step counts hang in their
+  collectives. Breaks if a host keeps its own count instead of the fewest."""
+  from jax.experimental import multihost_utils
+  monkeypatch.setattr(jax, 'process_count', lambda: 3)
+  monkeypatch.setattr(multihost_utils, 'process_allgather',
+                      lambda x: np.stack([np.asarray(x), np.asarray(x) - 1, np.asarray(x)]))
+  assert linear_eval._fewest_across_processes(10) == 9
+  monkeypatch.setattr(jax, 'process_count', lambda: 1)
+  assert linear_eval._fewest_across_processes(10) == 10
