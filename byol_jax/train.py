@@ -77,6 +77,11 @@ def validate(cfg: Any, num_devices: int) -> None:
     raise ConfigError(f'epochs={cfg.epochs} must be positive (or set steps)')
   if cfg.image_size < 8:
     raise ConfigError(f'image_size={cfg.image_size} must be at least 8 pixels')
+  if not 0 < cfg.eval_crop_fraction <= 1:  # 0 divided by zero; above 1 cropped past the image
+    raise ConfigError(f'eval_crop_fraction={cfg.eval_crop_fraction} must be in (0, 1]')
+  if (target_init := config_compat.setting(cfg, 'target_init')) not in train_step.TARGET_INITS:
+    raise ConfigError(f'target_init={target_init!r}; valid: '
+                      f'{", ".join(train_step.TARGET_INITS)}')
   try:
     train_step.precision_dtype(cfg.precision)
     spec = data_lib.datasets.parse_dataset(cfg.dataset)
@@ -98,6 +103,7 @@ def validate(cfg: Any, num_devices: int) -> None:
                       f'{", ".join(data_lib.datasets.INPUT_MODES)}')
   if cfg.loss not in ('byol', 'infonce'):
     raise ConfigError(f'loss={cfg.loss!r}; valid: byol, infonce')
+  _need_positive(cfg, '', ('infonce_temperature',))
   _validate_model(cfg.model)
   _validate_optimisation(cfg)
   _validate_augment(cfg.augment)
@@ -108,7 +114,7 @@ def validate(cfg: Any, num_devices: int) -> None:
 def _need_positive(section: Any, prefix: str, names: tuple[str, ...]) -> None:
   for name in names:
     if not section[name] > 0:
-      raise ConfigError(f'{prefix}.{name}={section[name]} must be positive')
+      raise ConfigError(f'{prefix}{"." if prefix else ""}{name}={section[name]} must be positive')
 
 
 def _validate_model(model: Any) -> None:
@@ -121,6 +127,10 @@ def _validate_model(model: Any) -> None:
     if model[name] not in train_step.networks.NORM_KINDS:
       raise ConfigError(f'model.{name}={model[name]!r}; valid: '
                         f'{", ".join(train_step.networks.NORM_KINDS)}')
+  weight_init = config_compat.setting(model, 'model.weight_init')
+  if weight_init not in train_step.networks.WEIGHT_INITS:  # a traceback after loading the data
+    raise ConfigError(f'model.weight_init={weight_init!r}; valid: '
+                      f'{", ".join(train_step.networks.WEIGHT_INITS)}')
 
 
 def _validate_optimisation(cfg: Any) -> None:

@@ -62,6 +62,13 @@ def test_a_collapsing_run_warns(tmp_path, caplog, monkeypatch):
   ('input_mode', 'gpu', "input_mode='gpu'; valid: auto, device, stream"),  # demo ignored it
   ('eval_every_steps', -1, 'eval_every_steps=-1 must be >= 0'),  # kNN after every step
   ('log_every_steps', 0, 'log_every_steps=0 must be >= 1'),  # logged every step
+  # A traceback once the data was loaded (an unknown init), a ZeroDivisionError, or
+  # silently cropping past the image / a zero softmax temperature.
+  ('model.weight_init', 'torch', "model.weight_init='torch'; valid: release, he_fan_out"),
+  ('target_init', 'cpy', "target_init='cpy'; valid: random, copy"),
+  ('eval_crop_fraction', 0.0, 'eval_crop_fraction=0.0 must be in (0, 1]'),
+  ('eval_crop_fraction', 1.5, 'eval_crop_fraction=1.5 must be in (0, 1]'),
+  ('infonce_temperature', 0.0, 'infonce_temperature=0.0 must be positive'),
 ])
 def test_nonsense_values_are_config_errors(field, value, says):
   """Each of these either failed deep in tracing with a traceback (a zero projection
