@@ -206,6 +206,8 @@ def _validate(cfg: Any) -> None:
     raise ConfigError(f'crop_fraction={cfg.crop_fraction} must be in (0, 1]')
   if cfg.image_size < 8:
     raise ConfigError(f'image_size={cfg.image_size} must be at least 8 pixels')
+  if cfg.max_examples < 0:  # `split[:-N]` dropped N examples of every split, test included
+    raise ConfigError(f'max_examples={cfg.max_examples} must be >= 0 (0: every example)')
   if not 0.0 <= cfg.subset_fraction < 1.0:
     raise ConfigError(f'subset_fraction={cfg.subset_fraction} must be in [0, 1) (0 = all)')
   if cfg.normalize_features and cfg.mode != 'cached':

@@ -143,6 +143,13 @@ def test_encoder_weights_picks_the_requested_network(workdir):
     linear_eval.encoder_weights(state, 'projector')
 
 
+def test_a_negative_max_examples_is_refused():
+  """--config.max_examples=-5 sliced every split as [:-5]: the test top-1 of 995 of the
+  1000 test images was reported, silently."""
+  with pytest.raises(train.ConfigError, match=r'^max_examples=-5 must be >= 0'):
+    linear_eval.resolve_config(eval_config(max_examples=-5), tiny_config())
+
+
 def test_random_init_baseline_and_missing_checkpoint(workdir, tmp_path):
   """Breaks if the untrained baseline is mislabelled, keeps the never-updated BN statistics
   (mean 0, variance 0) of either network instead of recalibrated ones, or is not the run's
