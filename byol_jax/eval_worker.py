@@ -84,6 +84,7 @@ class Worker:
   def __init__(self, cfg: Any, workdir: str):
     if cfg.eval_network not in NETWORKS:
       raise train.ConfigError(f'eval_network={cfg.eval_network!r}; valid: {", ".join(NETWORKS)}')
+    train.validate_knn(cfg.knn)
     self.cfg, self.workdir = cfg, workdir
     # Opened with the first record, so that a worker pointed at a mistyped --workdir
     # creates nothing there while it waits.

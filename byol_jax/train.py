@@ -107,8 +107,15 @@ def validate(cfg: Any, num_devices: int) -> None:
   _validate_model(cfg.model)
   _validate_optimisation(cfg)
   _validate_augment(cfg.augment)
-  _need_positive(cfg.knn, 'knn', ('k', 'temperature'))
+  validate_knn(cfg.knn)
   _validate_faults(cfg)
+
+
+def validate_knn(knn: Any) -> None:
+  """The kNN settings, which the trainer and the eval worker read."""
+  _need_positive(knn, 'knn', ('k', 'temperature', 'batch_size'))
+  if knn.train_examples < 0:  # `images[:-N]` left N reference images out, silently
+    raise ConfigError(f'knn.train_examples={knn.train_examples} must be >= 0 (0: all)')
 
 
 def _need_positive(section: Any, prefix: str, names: tuple[str, ...]) -> None:

@@ -192,6 +192,13 @@ def test_bad_network_is_a_config_error(tmp_path):
   """An unknown eval_network must fail at once, listing the valid choices."""
   with pytest.raises(train.ConfigError, match='online, target'):
     eval_worker.run(_worker_cfg(eval_network='ema'), str(tmp_path))
+  # It evaluated with them: a negative count left reference images out, k=0 had no neighbour.
+  for knn, says in ((dict(train_examples=-3), 'knn.train_examples=-3 must be >= 0'),
+                    (dict(k=0), 'knn.k=0 must be positive')):
+    cfg = _worker_cfg()
+    cfg.knn.update(knn)
+    with pytest.raises(train.ConfigError, match=says):
+      eval_worker.run(cfg, str(tmp_path))
 
 
 def test_a_worker_waiting_for_a_mistyped_workdir_says_so_and_creates_nothing(

@@ -69,6 +69,8 @@ def test_a_collapsing_run_warns(tmp_path, caplog, monkeypatch):
   ('eval_crop_fraction', 0.0, 'eval_crop_fraction=0.0 must be in (0, 1]'),
   ('eval_crop_fraction', 1.5, 'eval_crop_fraction=1.5 must be in (0, 1]'),
   ('infonce_temperature', 0.0, 'infonce_temperature=0.0 must be positive'),
+  ('knn.train_examples', -3, 'knn.train_examples=-3 must be >= 0'),  # dropped the last 3
+  ('knn.batch_size', 0, 'knn.batch_size=0 must be positive'),  # embedded one image a call
 ])
 def test_nonsense_values_are_config_errors(field, value, says):
   """Each of these either failed deep in tracing with a traceback (a zero projection
