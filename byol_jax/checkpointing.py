@@ -125,6 +125,20 @@ def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), CHECKPOINT_SUBDIR)
 
 
+def not_a_run_hint(workdir: str) -> str:
+  """Why `workdir` holds no checkpoints when it is a mistyped path or one checkpoint's own
+  folder (`RUN/checkpoints/300`, which the tools took for a run and then found nothing in
+  `RUN/checkpoints/300/checkpoints`); '' otherwise."""
+  if not os.path.isdir(workdir):
+    return f' ({workdir} does not exist)'
+  parent, step = os.path.split(os.path.normpath(workdir))
+  run, name = os.path.split(parent)
+  if name == CHECKPOINT_SUBDIR and step.isdigit():
+    return (f' ({workdir} is checkpoint step {int(step)} of the run {run or "."}: pass the '
+            "run's folder, and that step if it is not the newest)")
+  return ''
+
+
 def scan(workdir: str) -> Scan:
   """Lists finalised steps and unfinished save folders without reading any arrays."""
   root = checkpoint_dir(workdir)
@@ -398,14 +412,15 @@ def load_state(workdir: str, step: int | None = None,
   if step is None:
     restored = restore_latest(workdir, template_fn)
     if restored is None:
-      raise NoCheckpointError(f'no finalised checkpoint in {checkpoint_dir(workdir)}')
+      raise NoCheckpointError(f'no finalised checkpoint in {checkpoint_dir(workdir)}'
+                              f'{not_a_run_hint(workdir)}')
     state, meta, step = restored.state, restored.meta, restored.step
   else:
     steps = finalised_steps(workdir)
     if step not in steps:
       have = f' (finalised: {", ".join(map(str, steps))})' if steps else ''
       raise NoCheckpointError(f'no finalised checkpoint for step {step} in '
-                              f'{checkpoint_dir(workdir)}{have}')
+                              f'{checkpoint_dir(workdir)}{have}{not_a_run_hint(workdir)}')
     state, meta = read_checkpoint(workdir, step, template_fn)
   return state, config_from_dict(meta['config']), step
 

@@ -100,8 +100,9 @@ def load_pretrained(cfg: Any, workdir: str) -> Pretrained:
     return Pretrained(pre_cfg, state, 0, 'random_init', note)
   steps = checkpointing.finalised_steps(workdir)
   if not steps:
-    raise ConfigError(f'no finalised checkpoint in {workdir}: train there first, or set '
-                      '--config.random_init to evaluate an untrained encoder')
+    hint = checkpointing.not_a_run_hint(workdir)
+    raise ConfigError(f'no finalised checkpoint in {workdir}' + (hint or ': train there first, or '
+                      'set --config.random_init to evaluate an untrained encoder'))
   if cfg.step and cfg.step not in steps:
     raise ConfigError(f'no checkpoint at step {cfg.step} in {workdir}; finalised steps: '
                       f'{steps}')

@@ -512,7 +512,9 @@ def _load_init_source(cfg: Any) -> train_step.TrainState | None:
   try:
     state, source_cfg, step = checkpointing.load_state(cfg.init_from, cfg.init_from_step or None)
   except checkpointing.CheckpointError as e:
-    raise ConfigError(f'init_from={cfg.init_from}: {e}{_run_folder_hint(cfg.init_from)}') from None
+    hint = _run_folder_hint(cfg.init_from)  # names the flags: in place of the generic one
+    message = str(e).replace(checkpointing.not_a_run_hint(cfg.init_from), '') if hint else e
+    raise ConfigError(f'init_from={cfg.init_from}: {message}{hint}') from None
   source_model = {'model': checkpointing.config_to_dict(source_cfg.model)}
   model = {'model': checkpointing.config_to_dict(cfg.model)}
   try:

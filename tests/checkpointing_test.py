@@ -560,3 +560,23 @@ def test_orbax_records_of_a_failed_save_are_one_line_each():
   assert chatter.filter(ours) and ours.exc_info is exc
   assert not chatter.filter(record('absl', orbax_file, std_logging.INFO, 'saved'))
   assert chatter.filter(record('absl', 'train.py', std_logging.INFO, 'step 2'))
+
+
+def test_a_missing_run_or_a_checkpoints_own_folder_is_named_for_what_it_is(tmp_path):
+  """export, features and linear_eval given a mistyped path or `RUN/checkpoints/300` (what
+  `ls checkpoints/` shows) said only 'no finalised checkpoint in
+  RUN/checkpoints/300/checkpoints', and linear_eval told the user to train there."""
+  from byol_jax import linear_eval
+  from configs import linear_eval as eval_configs
+  with pytest.raises(checkpointing.NoCheckpointError, match=r'\(\S+/nope does not exist\)$'):
+    checkpointing.load_state(str(tmp_path / 'nope'))
+  step_dir = tmp_path / 'run' / 'checkpoints' / '300'
+  step_dir.mkdir(parents=True)
+  hint = rf"is checkpoint step 300 of the run {tmp_path}/run: pass the run's folder"
+  for step in (None, 300):
+    with pytest.raises(checkpointing.NoCheckpointError, match=hint):
+      checkpointing.load_state(str(step_dir), step)
+  with pytest.raises(train.ConfigError, match=hint) as e:
+    linear_eval.load_pretrained(eval_configs.get_config('demo'), str(step_dir))
+  assert 'train there first' not in str(e.value)
+  assert checkpointing.not_a_run_hint(str(tmp_path / 'run')) == ''
