@@ -394,9 +394,11 @@ class _Preemption:
     del frame  # no logging here: the handler may interrupt a log call holding its lock
     self.signal_name = signal.Signals(signum).name
     self._restore()
-    # Said at once, where the loop's own line waits for the steps the host has queued on the
+    # Said here, where the loop's own line waits for the steps the host has queued on the
     # devices (it runs ahead to the next logged step, whose metrics it fetches; the first
-    # step compiles for seconds to minutes): os.write takes no lock.
+    # step compiles for seconds to minutes): os.write takes no lock. Python runs this
+    # handler only between bytecodes, so a signal that comes while the host blocks in
+    # device_get is answered when that returns, and a second one in that wait is lost.
     with contextlib.suppress(OSError):
       os.write(2, f'{self.signal_name}: stopping after the steps already queued (at most one '
                   f'log interval), then saving ({self.signal_name} again: stop at once, '
