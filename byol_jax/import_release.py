@@ -112,7 +112,8 @@ def read_release_pickle(path: str) -> dict[str, Any]:
       data = _Unpickler(f).load()
   except OSError as e:
     raise ReleaseFormatError(f'cannot read {path}: {e.strerror or e}') from None
-  except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, TypeError) as e:
+  except Exception as e:  # noqa: BLE001 -- a file that is no pickle raises almost anything
+    # (UnpicklingError, EOFError, ValueError, KeyError, IndexError, ...), by its first bytes
     raise ReleaseFormatError(f'{path} is not a readable release checkpoint: '
                              f'{" ".join(str(e).split())}') from None
   if not isinstance(data, dict) or 'experiment_state' not in data:

@@ -161,6 +161,15 @@ def test_old_haiku_containers_read_even_without_haikus_own_class(release, monkey
         np.testing.assert_array_equal(without[name][module][key], value)
 
 
+def test_a_file_that_is_no_pickle_is_a_format_error(tmp_path):
+  """A file that is no pickle ended in a traceback when its first bytes read as a pickle
+  opcode that fails with another error: a text file starting with 'g' (ValueError)."""
+  path = tmp_path / 'notes.txt'
+  path.write_bytes(b'garbage\n')
+  with pytest.raises(import_release.ReleaseFormatError, match='not a readable release'):
+    import_release.read_release_pickle(str(path))
+
+
 @pytest.mark.parametrize('experiment_state', [
   {'online_params': {}},  # a dict: neither the release's NamedTuple nor its stand-in
   import_release._ReleaseTuple({'a': {}}, {'b': {}}),  # too few fields
