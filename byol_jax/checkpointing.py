@@ -125,18 +125,19 @@ def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), CHECKPOINT_SUBDIR)
 
 
-def not_a_run_hint(workdir: str) -> str:
+def not_a_run_hint(workdir: str, flags: tuple[str, str] | None = None) -> str:
   """Why `workdir` holds no checkpoints when it is a mistyped path or one checkpoint's own
   folder (`RUN/checkpoints/300`, which the tools took for a run and then found nothing in
-  `RUN/checkpoints/300/checkpoints`); '' otherwise."""
-  if not os.path.isdir(workdir):
-    return f' ({workdir} does not exist)'
+  `RUN/checkpoints/300/checkpoints`); '' otherwise. `flags` (the run's and the step's flag)
+  name the command line that means that checkpoint."""
   parent, step = os.path.split(os.path.normpath(workdir))
   run, name = os.path.split(parent)
-  if name == CHECKPOINT_SUBDIR and step.isdigit():
-    return (f' ({workdir} is checkpoint step {int(step)} of the run {run or "."}: pass the '
-            "run's folder, and that step if it is not the newest)")
-  return ''
+  if name != CHECKPOINT_SUBDIR or not step.isdigit():
+    return '' if os.path.isdir(workdir) else f' ({workdir} does not exist)'
+  what = f' ({workdir} is checkpoint step {int(step)} of the run {run or "."}: pass '
+  if flags:
+    return what + f'the run and the step, {flags[0]}={run or "."} {flags[1]}={int(step)})'
+  return what + "the run's folder, and that step if it is not the newest)"
 
 
 def scan(workdir: str) -> Scan:
@@ -397,13 +398,14 @@ def restore_latest(workdir: str,
   return None
 
 
-def load_state(workdir: str, step: int | None = None,
+def load_state(workdir: str, step: int | None = None, run_flags: tuple[str, str] | None = None,
                ) -> tuple[train_step.TrainState, ml_collections.ConfigDict, int]:
   """(host TrainState, the run's config, step) of `step`, or of the newest usable checkpoint.
 
   Works in a fresh process that knows only the workdir: the structure is rebuilt from the
   saved config and metadata. With `step=None` damaged newer checkpoints are skipped (and
-  logged); an explicit step must be intact.
+  logged); an explicit step must be intact. `run_flags`: the caller's flags for the run and
+  the step, which a path that is one checkpoint's folder is told to use (`not_a_run_hint`).
   """
   if message := cli.remote_path_error(workdir):
     raise NoCheckpointError(message)
@@ -413,14 +415,15 @@ def load_state(workdir: str, step: int | None = None,
     restored = restore_latest(workdir, template_fn)
     if restored is None:
       raise NoCheckpointError(f'no finalised checkpoint in {checkpoint_dir(workdir)}'
-                              f'{not_a_run_hint(workdir)}')
+                              f'{not_a_run_hint(workdir, run_flags)}')
     state, meta, step = restored.state, restored.meta, restored.step
   else:
     steps = finalised_steps(workdir)
     if step not in steps:
       have = f' (finalised: {", ".join(map(str, steps))})' if steps else ''
+      hint = not_a_run_hint(workdir, run_flags)
       raise NoCheckpointError(f'no finalised checkpoint for step {step} in '
-                              f'{checkpoint_dir(workdir)}{have}{not_a_run_hint(workdir)}')
+                              f'{checkpoint_dir(workdir)}{have}{hint}')
     state, meta = read_checkpoint(workdir, step, template_fn)
   return state, config_from_dict(meta['config']), step
 

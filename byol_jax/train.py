@@ -512,11 +512,10 @@ def _load_init_source(cfg: Any) -> train_step.TrainState | None:
   if not cfg.get('init_from'):
     return None
   try:
-    state, source_cfg, step = checkpointing.load_state(cfg.init_from, cfg.init_from_step or None)
+    state, source_cfg, step = checkpointing.load_state(
+      cfg.init_from, cfg.init_from_step or None, ('--config.init_from', '--config.init_from_step'))
   except checkpointing.CheckpointError as e:
-    hint = _run_folder_hint(cfg.init_from)  # names the flags: in place of the generic one
-    message = str(e).replace(checkpointing.not_a_run_hint(cfg.init_from), '') if hint else e
-    raise ConfigError(f'init_from={cfg.init_from}: {message}{hint}') from None
+    raise ConfigError(f'init_from={cfg.init_from}: {e}') from None
   source_model = {'model': checkpointing.config_to_dict(source_cfg.model)}
   model = {'model': checkpointing.config_to_dict(cfg.model)}
   try:
@@ -532,16 +531,6 @@ def _load_init_source(cfg: Any) -> train_step.TrainState | None:
                source_cfg.get('preset', '?'),
                f'; model settings changed: {", ".join(changed)}' if changed else '')
   return state
-
-
-def _run_folder_hint(path: str) -> str:
-  """For a checkpoint folder given where a run's folder is wanted: the flags that mean it."""
-  parent, step = os.path.split(os.path.normpath(path))
-  run, name = os.path.split(parent)
-  if name == 'checkpoints' and step.isdigit():
-    return (f' ({path} is one checkpoint of a run: pass the run and the step, '
-            f'--config.init_from={run} --config.init_from_step={int(step)})')
-  return ''
 
 
 def _warm_start(cfg: Any, fresh: train_step.TrainState, source: train_step.TrainState,

@@ -158,8 +158,9 @@ def test_init_from_without_a_checkpoint_fails_before_loading_data(tmp_path, monk
   # A checkpoint's own folder (what `ls checkpoints/` shows) is named for what it is.
   cfg.init_from = str(tmp_path / 'old' / 'checkpoints' / '300')
   with pytest.raises(train.ConfigError,
-                     match=rf'one checkpoint of a run: pass the run and the step, '
-                           rf'--config.init_from={tmp_path}/old --config.init_from_step=300\)$'):
+                     match=rf'is checkpoint step 300 of the run {tmp_path}/old: pass the run '
+                           rf'and the step, --config.init_from={tmp_path}/old '
+                           rf'--config.init_from_step=300\)$'):
     train.train_and_evaluate(cfg, str(tmp_path / 'run'))
 
 
