@@ -386,6 +386,8 @@ def export(workdir: str, fmt: str = 'npz', step: int | None = None, network: str
     _require_torch()
   params, state, cfg, step = load_encoder(workdir, step, network)
   path = output or default_output(workdir, fmt, network, step)
+  if path.endswith(os.sep) or os.path.isdir(path):  # a folder: the default name inside it
+    path = os.path.join(path, os.path.basename(default_output(workdir, fmt, network, step)))
   meta = sidecar(cfg, fmt, network, step)
   save = save_npz if fmt == 'npz' else save_torch
   try:
@@ -409,7 +411,8 @@ def main() -> None:
   flags.DEFINE_enum('format', 'npz', FORMATS, 'npz (Haiku paths) or torch (torchvision).')
   flags.DEFINE_integer('step', None, 'Checkpoint step; the latest finalised one by default.')
   flags.DEFINE_enum('network', 'online', NETWORKS, 'Which encoder to export.')
-  flags.DEFINE_string('output', None, 'Weights path; default WORKDIR/export/encoder_*.')
+  flags.DEFINE_string('output', None, 'Weights path, or a folder for the default file name; '
+                      'default WORKDIR/export/encoder_*.')
   cli.validate_path_flag('workdir')
   cli.validate_path_flag('output', 'output')
   cli.quiet_startup_logs()

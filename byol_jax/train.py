@@ -129,7 +129,9 @@ def _validate_model(model: Any) -> None:
     raise ConfigError(f'model.depth={model.depth} is not a ResNet depth; valid: '
                       f'{sorted(train_step.networks.RESNET_LAYOUTS)}')
   _need_positive(model, 'model', ('width', 'projector_hidden', 'predictor_hidden',
-                                  'projection_dim'))
+                                  'projection_dim', 'bn_eps'))
+  if not 0 <= model.bn_decay < 1:  # BN's moving averages: 1 never moves, above 1 diverges
+    raise ConfigError(f'model.bn_decay={model.bn_decay} must be in [0, 1)')
   for name in ('projector_norm', 'predictor_norm'):
     if model[name] not in train_step.networks.NORM_KINDS:
       raise ConfigError(f'model.{name}={model[name]!r}; valid: '

@@ -246,3 +246,12 @@ def test_cli_missing_workdir_is_one_line(tmp_path):
   result = _cli(f'--workdir={tmp_path / "nope"}')
   assert result.returncode == 2
   assert result.stderr.strip().count('\n') == 0 and 'does not exist' in result.stderr
+
+
+def test_an_output_folder_gets_the_default_file_name(checkpointed, tmp_path):
+  """`--output=new_dir/` made the folder, then failed with 'Is a directory'; an existing
+  folder did the same. Breaks if a folder is taken for the weights file's own path."""
+  for folder in (str(tmp_path / 'new') + os.sep, str(tmp_path)):
+    path = export.export(checkpointed[0], 'npz', output=folder)
+    assert os.path.dirname(path) == os.path.normpath(folder)
+    assert os.path.basename(path).startswith('encoder_online_step') and os.path.isfile(path)

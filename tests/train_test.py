@@ -52,6 +52,8 @@ def test_a_collapsing_run_warns(tmp_path, caplog, monkeypatch):
   ('model.projection_dim', 0, 'model.projection_dim=0 must be positive'),
   ('image_size', 4, 'image_size=4 must be at least 8'),
   ('knn.k', 0, 'knn.k=0 must be positive'),
+  ('model.bn_decay', 1.5, 'model.bn_decay=1.5 must be in [0, 1)'),  # statistics diverged
+  ('model.bn_eps', 0.0, 'model.bn_eps=0.0 must be positive'),  # NaN on a constant channel
   ('tau_base', 1.5, 'tau_base=1.5 must be in [0, 1]'),
   ('optimizer.weight_decay', -1.0, 'optimizer.weight_decay=-1.0'),
   ('optimizer.momentum', 1.0, 'optimizer.momentum=1.0 must be in [0, 1)'),
