@@ -147,7 +147,8 @@ class Worker:
     record = dict(checkpoint_step=step, dataset=self.dataset, split='test', network=network,
                   protocol='knn+online_probe' if with_probe else 'knn', weights=weights,
                   bn_statistics=bn_note, **self.knn.score(train_feats, test_feats),
-                  probe_top1=None, knn_k=self.cfg.knn.k,
+                  probe_top1=None,  # k as used: at most the reference set's size
+                  knn_k=min(self.cfg.knn.k, len(self.knn.train_labels)),
                   knn_temperature=self.cfg.knn.temperature,
                   train_examples=len(self.knn.train_labels),
                   test_examples=len(self.knn.test_labels))

@@ -150,13 +150,15 @@ def test_a_worker_started_again_on_an_evaluated_run_ends_at_once(followed_run, t
 
 
 def test_target_network_gets_its_own_records(followed_run, tmp_path):
-  """eval_network='target' must evaluate the target encoder into its own records (no probe)."""
+  """eval_network='target' must evaluate the target encoder into its own records (no probe).
+  Its k (above the 64 reference images) is recorded as used: it said 100 while 64 voted."""
   workdir = str(tmp_path / 'run')
   shutil.copytree(followed_run[0], workdir)
   for step in (2, 4, 6):
     shutil.rmtree(os.path.join(workdir, 'checkpoints', str(step)))
-  assert eval_worker.run(_worker_cfg(eval_network='target'), workdir) == 0
+  assert eval_worker.run(_worker_cfg(eval_network='target', **{'knn.k': 100}), workdir) == 0
   (record,) = records(workdir, 'eval_worker_target')
+  assert (record['knn_k'], record['train_examples']) == (64, 64)
   assert record['step'] == record['checkpoint_step'] == NUM_STEPS
   assert (record['network'], record['protocol']) == ('target', 'knn')
   assert record['probe_top1'] is None and 0.0 <= record['knn_top1'] <= 1.0
