@@ -236,6 +236,10 @@ class Finetuner:
     ft = cfg.finetune
     self.batch = min(ft.batch_size, len(train.labels))
     self.batch = max(self.mesh.size, self.batch - self.batch % self.mesh.size)
+    if self.batch != ft.batch_size:  # the record holds the batch used; say why it differs
+      logging.info('finetune: batch %d (finetune.batch_size=%d, at most the %d training '
+                   'images, a multiple of the %d devices)', self.batch, ft.batch_size,
+                   len(train.labels), self.mesh.size)
     self.steps_per_epoch = max(1, len(train.labels) // self.batch)
     self.net = build_classifier(pre.config.model, num_classes)
     self.tx = make_optimizer(ft.weight_decay, ft.momentum)
