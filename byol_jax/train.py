@@ -396,11 +396,10 @@ class _Preemption:
     del frame  # no logging here: the handler may interrupt a log call holding its lock
     self.signal_name = signal.Signals(signum).name
     self._restore()
-    # Said here, where the loop's own line waits for the steps the host has queued on the
-    # devices (it runs ahead to the next logged step, whose metrics it fetches; the first
-    # step compiles for seconds to minutes): os.write takes no lock. Python runs this
-    # handler only between bytecodes, so a signal that comes while the host blocks in
-    # device_get is answered when that returns, and a second one in that wait is lost.
+    # Said at once, where the loop's own line waits for the steps the host has queued on the
+    # devices (it runs ahead to the next logged step, whose metrics it awaits in short
+    # sleeps, `fetch`, so that this runs at once; the first step compiles for seconds to
+    # minutes): os.write takes no lock.
     with contextlib.suppress(OSError):
       os.write(2, f'{self.signal_name}: stopping after the steps already queued (at most one '
                   f'log interval), then saving ({self.signal_name} again: stop at once, '
@@ -418,6 +417,17 @@ class _Preemption:
     if jax.process_count() > 1:
       return ckpt.reached_preemption(step)
     return self.signal_name is not None
+
+
+def fetch(tree: Any, poll_secs: float = 0.002) -> Any:
+  """`jax.device_get`, waiting for the devices in short sleeps: Python runs signal handlers
+  only between bytecodes, so a Ctrl-C that came while the host blocked in device_get (up to
+  a log interval of queued steps) was answered only when the wait ended, and a second one in
+  that wait was lost."""
+  arrays = [x for x in jax.tree.leaves(tree) if isinstance(x, jax.Array)]
+  while not all(x.is_ready() for x in arrays):
+    time.sleep(poll_secs)
+  return jax.device_get(tree)
 
 
 class _SaveClock:
@@ -776,7 +786,7 @@ def _loop(cfg, workdir, mesh, data, fns, state, faults, ckpt, preemption, num_st
     state, metrics = step_fn(state, *inputs(step))
     faults = count_faults(faults, metrics['nonfinite'], step)
     if train_step.is_logged_step(step, fns):  # the steps whose collapse signals exist
-      metrics, host_faults = jax.device_get((metrics, faults))
+      metrics, host_faults = fetch((metrics, faults))
       metrics.update(progress.update(step), epoch=step / spe,
                      bad_steps_in_a_row=int(host_faults['bad_in_a_row']))
       last_train = train_writer.write(step, metrics)

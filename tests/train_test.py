@@ -310,6 +310,30 @@ def test_a_stop_signal_is_acknowledged_at_once(capfd):
                         'interval), then saving'), err
 
 
+def test_the_metrics_are_awaited_where_a_signal_is_handled(monkeypatch):
+  """The trainer waits for a logged step's metrics, up to a log interval of queued steps. In
+  jax.device_get's wait Python ran no signal handler: Ctrl-C right after the demo's step-10
+  line (log_every_steps=5) was answered 3.8 s later, and a second one in the wait was lost.
+  `fetch` waits in short sleeps and hands device_get only finished arrays. Breaks if it
+  calls device_get on arrays still being computed (the CPU computes asynchronously)."""
+  @jax.jit
+  def slow(x):
+    y = jax.lax.fori_loop(0, 20, lambda i, y: jnp.tanh(y @ y), x)
+    return {'loss': jnp.sum(y), 'steps': jnp.int32(3)}
+
+  x = jnp.full((1000, 1000), 1e-3)
+  expected = jax.device_get(slow(x))  # also compiles it
+  ready_when_read, device_get = [], jax.device_get
+
+  def recording_device_get(tree):
+    ready_when_read.append(all(a.is_ready() for a in jax.tree.leaves(tree)))
+    return device_get(tree)
+
+  monkeypatch.setattr(jax, 'device_get', recording_device_get)
+  assert train.fetch(slow(x)) == expected
+  assert ready_when_read == [True]
+
+
 def test_a_resumed_run_keeps_the_encoder_at_initialisation_beside_its_evaluations(tmp_path):
   """The `*_init` kNN figures were measured at the start and written only beside later
   evaluations: a run stopped before its first one (the demo evaluates at its end only, so
