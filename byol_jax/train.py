@@ -419,7 +419,7 @@ class _Preemption:
     return self.signal_name is not None
 
 
-def fetch(tree: Any, poll_secs: float = 0.002) -> Any:
+def fetch(tree: Any, poll_secs: float = 0.001) -> Any:
   """`jax.device_get`, waiting for the devices in short sleeps: Python runs signal handlers
   only between bytecodes, so a Ctrl-C that came while the host blocked in device_get (up to
   a log interval of queued steps) was answered only when the wait ended, and a second one in
