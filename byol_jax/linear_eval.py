@@ -700,14 +700,14 @@ def _cached(cfg: Any, pre: Pretrained, embedder: Embedder) -> tuple[dict, dict]:
   return dict(result, num_classes=classes, feature_dim=int(pool_x.shape[1])), sizes
 
 
-def _augmented(cfg: Any, pre: Pretrained, embedder: Embedder, workdir: str | None = None,
-               progress: list[_HeadProgress] | None = None) -> tuple[dict, dict]:
+def _augmented(cfg: Any, pre: Pretrained, embedder: Embedder, workdir: str | None,
+               progress: list[_HeadProgress]) -> tuple[dict, dict]:
   """Heads on random crop + flip views through the frozen encoder; centre crops for eval.
   A streamed train split appends its heads' progress to `progress`, for the caller to
   remove once the record is written."""
   seed = pre.config.seed
   if input_mode(cfg, cfg.train_split) == 'stream':
-    return _augmented_stream(cfg, pre, embedder, workdir, [] if progress is None else progress)
+    return _augmented_stream(cfg, pre, embedder, workdir, progress)
   pool = load_split(cfg, cfg.train_split, seed, random_crops=True)
   train_rows, val_rows = hold_out(cfg, len(pool.labels))
   mode = evaluation_input_mode(cfg)
