@@ -19,7 +19,8 @@ Logical splits (`resolve_tfds_split`, `scan_folder`):
   model was trained on. Where a dataset has an official validation split next to its test
   split (dtd, oxford_flowers102) that split is 'valid'; otherwise the first VALID_PERCENT %
   of TFDS 'train' (TFDS shuffles records when it prepares a dataset), and for image folders
-  without a valid/ folder every 10th file of each class (sorted by file name).
+  without a valid/ folder every 10th file of each class (sorted by file name), none of a
+  class with a single file (it stays in 'train').
 - 'trainval' is 'train' plus 'valid': all labelled training data, for pretraining and for
   final runs once hyperparameters are fixed (the BYOL release pretrains on it).
 - 'test' is the split results are reported on: 'test' where the dataset has one, else the
@@ -381,9 +382,14 @@ def _class_files(split_dir: str, class_names: list[str]) -> list[list[str]]:
 
 
 def _held_out(files: list[list[str]], valid: bool) -> list[list[str]]:
-  """Every VALID_PERCENT-th file of each class is 'valid'; the rest is 'train'."""
+  """Every VALID_PERCENT-th file of each class is 'valid'; the rest is 'train'.
+
+  A class with a single file keeps it in 'train': holding it out would take the class out
+  of training altogether (a linear head that never sees it), for one validation image.
+  """
   step = 100 // VALID_PERCENT
-  return [[p for i, p in enumerate(fs) if (i % step == 0) == valid] for fs in files]
+  return [[p for i, p in enumerate(fs) if (i % step == 0 and len(fs) > 1) == valid]
+          for fs in files]
 
 
 def _split_files(root: str, split: str, class_names: list[str]) -> list[list[str]]:

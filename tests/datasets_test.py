@@ -285,6 +285,25 @@ def test_valid_is_held_out_of_train(tmp_path):
   assert datasets.dataset_size(spec, 'valid') == 4
 
 
+def test_the_valid_hold_out_never_takes_a_class_out_of_train(tmp_path):
+  """A class folder with one image went wholly to 'valid' (file 0 of every class is held
+  out), so 'train' lost the class: a linear head fitted on it never saw that class. It stays
+  in 'train' now; classes with more images still give every 10th file to 'valid'."""
+  root = make_folder(tmp_path, classes=('big', 'two'), per_class=11)
+  make_folder(tmp_path, classes=('one',), per_class=1)
+  for name in ('002.jpg', '003.png', '004.jpg', '005.png', '006.jpg', '007.png', '008.jpg',
+               '009.png', '010.jpg'):
+    os.remove(tmp_path / 'train' / 'two' / name)
+  spec = datasets.parse_dataset(f'folder:{root}')
+  train, valid = (datasets.scan_folder(root, s) for s in ('train', 'valid'))
+  assert train.class_names == ['big', 'one', 'two']
+  assert np.bincount(train.labels, minlength=3).tolist() == [9, 1, 1]
+  assert np.bincount(valid.labels, minlength=3).tolist() == [2, 0, 1]
+  _, labels, _ = datasets.load_arrays(spec, 'train')
+  assert sorted(set(labels.tolist())) == [0, 1, 2]
+  assert datasets.dataset_size(spec, 'trainval') == 11 + 1 + 2
+
+
 def test_a_class_folder_that_cannot_be_listed_is_a_data_error(tmp_path, monkeypatch):
   """A folder without read permission stopped the run with a PermissionError traceback.
   (Root lists any folder, so the refusal is simulated.)"""
