@@ -9,11 +9,13 @@ must not be committed, so the script refuses to write inside a git work tree.
 
 `--holdout_per_class N` writes a validation copy for tuning: its 'test' split is the N
 training images per class that follow the first `--train_per_class`, so hyperparameters are
-chosen without looking at the test set.
+chosen without looking at the test set. Counts a class cannot fill (a holdout past its 5,000
+training images, say) are refused before anything is written, as are negative ones.
 
-A finished conversion leaves `<out>/CONVERTED.json` naming what it holds. With `--reuse` (as
-the experiment scripts run it) a folder whose marker matches the request is kept; one made
-for another request (the scripts' TINY=1 subset, say) is rewritten, and one without a marker
+A finished conversion leaves `<out>/CONVERTED.json` naming what it holds: the counts and the
+real path of `--src`. With `--reuse` (as the experiment scripts run it) a folder whose
+marker matches the request is kept; one made for another request (the scripts' TINY=1
+subset, or another --src, say) is rewritten, and one without a marker
 (a conversion that was stopped, or not this script's) is refused: a real run used to train
 on whatever folder was there. Without `--reuse` a finished conversion there is rewritten
 too, never written over: the files it did not replace used to stay under the new marker.
@@ -22,11 +24,14 @@ too, never written over: the files it did not replace used to stay under the new
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
 import sys
 import time
+import zipfile
+from typing import Any
 
 import numpy as np
 
@@ -87,7 +92,69 @@ def write_split(data: np.lib.npyio.NpzFile, split: str, out: str,
   return written
 
 
-def main(argv: list[str] | None = None) -> int:
+COUNT_FLAGS = ('train_per_class', 'test_per_class', 'holdout_per_class')
+_KEYS = ('class_names', 'train_jpeg', 'train_offsets', 'train_labels', 'test_jpeg',
+         'test_offsets', 'test_labels')
+
+
+def flag_error(args: argparse.Namespace) -> str:
+  """Why the per-class counts make no sense whatever the data holds ('' when they do).
+
+  Why: a negative count kept every image (0 means all), and --test_per_class beside
+  --holdout_per_class was ignored without a word (the test split is then the held-out
+  training images).
+  """
+  negative = [f'--{k}' for k in COUNT_FLAGS if getattr(args, k) < 0]
+  if negative:
+    return f'{", ".join(negative)} must be 0 (all) or more'
+  if args.holdout_per_class and not args.train_per_class:
+    return ('--holdout_per_class needs --train_per_class (the held-out images follow the '
+            'kept ones)')
+  if args.holdout_per_class and args.test_per_class:
+    return ('--test_per_class has no effect with --holdout_per_class (the test split is then '
+            'the held-out training images): drop one')
+  return ''
+
+
+def source_error(data: Any) -> str:
+  """Why an opened --src is not the CIFAR-10 JPEG copy `write_split` reads ('' when it is):
+  keys missing, or rows not sorted by class (a row's rank within its class would be wrong)."""
+  missing = [k for k in _KEYS if k not in data.files]
+  if missing:
+    return f'has no {", ".join(missing)}: it is not the CIFAR-10 JPEG copy (cifar10_jpeg_bytes.npz)'
+  for split in ('train', 'test'):
+    if np.any(np.diff(data[f'{split}_labels']) < 0):
+      return f'has {split}_labels not sorted by class, as this script needs'
+  return ''
+
+
+def size_error(args: argparse.Namespace, data: Any) -> str:
+  """Why the counts ask for more images than a class holds ('' when they do not).
+
+  Why: `write_split` keeps what there is, so a holdout beyond the end of a class wrote a
+  smaller validation split than asked for, without a word.
+  """
+  names = [str(n) for n in data['class_names']]
+  asks = [('train', args.train_per_class + args.holdout_per_class,
+           '--train_per_class + --holdout_per_class' if args.holdout_per_class
+           else '--train_per_class')]
+  if not args.holdout_per_class:
+    asks.append(('test', args.test_per_class, '--test_per_class'))
+  for split, wanted, flags in asks:
+    sizes = np.bincount(data[f'{split}_labels'], minlength=len(names))
+    smallest = int(np.argmin(sizes))
+    if wanted > sizes[smallest]:
+      return (f'{flags} = {wanted} exceeds the {sizes[smallest]} {split} images of class '
+              f'{names[smallest]!r}')
+  return ''
+
+
+def _error(message: str) -> int:
+  print(f'error: {message}', file=sys.stderr)
+  return 2
+
+
+def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--src', default=default_src(), help='cifar10_jpeg_bytes.npz')
   parser.add_argument('--out', required=True, help='output root (outside any git repo)')
@@ -100,67 +167,106 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument('--holdout_per_class', type=int, default=0,
                       help='validation copy: the test split is this many further training '
                            'images per class (needs --train_per_class), not the test set')
-  args = parser.parse_args(argv)
-  if args.holdout_per_class and not args.train_per_class:
-    print('error: --holdout_per_class needs --train_per_class (the held-out images follow '
-          'the kept ones)', file=sys.stderr)
-    return 2
+  return parser
+
+
+def _open_source(src: str) -> tuple[np.lib.npyio.NpzFile | None, str]:
+  """The opened --src, or None and why it cannot be read (one line, not a traceback)."""
+  if not os.path.isfile(src):
+    return None, f'{src} not found; pass --src or set BYOL_SHARED'
+  try:
+    data = np.load(src, allow_pickle=False)
+  except (OSError, ValueError, zipfile.BadZipFile):  # ValueError: not npz, npy or a zip
+    return None, (f'--src {src} is not a readable .npz archive (the CIFAR-10 JPEG copy is '
+                  'cifar10_jpeg_bytes.npz)')
+  if not isinstance(data, np.lib.npyio.NpzFile):
+    return None, f'--src {src} holds one array, not the CIFAR-10 JPEG copy'
+  return data, ''
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = _parser().parse_args(argv)
+  if message := flag_error(args):
+    return _error(message)
   tree = enclosing_git_tree(args.out)
   if tree is not None:
-    print(f'error: {args.out} is inside the git work tree {tree}; CIFAR-10 must not be '
-          'committed, choose an --out outside it', file=sys.stderr)
-    return 2
-  request = {k: getattr(args, k) for k in ('train_per_class', 'test_per_class',
-                                            'holdout_per_class')}
-  if (code := _reuse_or_clear(args.out, request, args.reuse)) is not None:
+    return _error(f'{args.out} is inside the git work tree {tree}; CIFAR-10 must not be '
+                  'committed, choose an --out outside it')
+  request = {k: getattr(args, k) for k in COUNT_FLAGS}
+  request['src'] = os.path.realpath(args.src)
+  if (code := _reusable(args.out, request, args.reuse)) is not None:
     return code
-  if not os.path.isfile(args.src):
-    print(f'error: {args.src} not found; pass --src or set BYOL_SHARED', file=sys.stderr)
-    return 2
-  with np.load(args.src, allow_pickle=False) as data:
-    class_names = [str(n) for n in data['class_names']]
-    counts = {'train': write_split(data, 'train', args.out, class_names, args.train_per_class)}
-    if args.holdout_per_class:
-      counts['test'] = write_split(data, 'test', args.out, class_names, args.holdout_per_class,
-                                   skip_per_class=args.train_per_class, source='train')
-    else:
-      counts['test'] = write_split(data, 'test', args.out, class_names, args.test_per_class)
+  data, message = _open_source(args.src)
+  if data is None:
+    return _error(message)
+  with data:
+    if message := source_error(data):
+      return _error(f'--src {args.src} {message}')
+    if message := size_error(args, data):
+      return _error(message)
+    _clear(args.out, args.reuse)
+    counts = _write_splits(args, data)
+    classes = len(data['class_names'])
   with open(os.path.join(args.out, MARKER), 'w') as f:
     json.dump(dict(request, counts=counts), f)
-  print(f'wrote {counts} images of {len(class_names)} classes to {args.out}')
+  print(f'wrote {counts} images of {classes} classes to {args.out}')
   return 0
 
 
+def _write_splits(args: argparse.Namespace, data: np.lib.npyio.NpzFile) -> dict[str, int]:
+  """Writes train/ and test/ (the held-out training images with --holdout_per_class)."""
+  class_names = [str(n) for n in data['class_names']]
+  counts = {'train': write_split(data, 'train', args.out, class_names, args.train_per_class)}
+  if args.holdout_per_class:
+    counts['test'] = write_split(data, 'test', args.out, class_names, args.holdout_per_class,
+                                 skip_per_class=args.train_per_class, source='train')
+  else:
+    counts['test'] = write_split(data, 'test', args.out, class_names, args.test_per_class)
+  return counts
+
+
 MARKER = 'CONVERTED.json'
+_SPLITS = ('train', 'test')
 
 
-def _reuse_or_clear(out: str, request: dict[str, int], reuse: bool = True) -> int | None:
+def _reusable(out: str, request: dict[str, Any], reuse: bool = True) -> int | None:
   """0 when `out` holds a finished conversion of `request` (and `reuse`); 2 (and why) when
-  it holds images of unknown origin; None, after clearing any other conversion there, or when
-  there is nothing there, to convert. A conversion is never written over another one's files:
-  those it does not rewrite would stay (held-out training images in the new test split, say)
-  while its marker named only its own request."""
-  splits = [os.path.join(out, s) for s in ('train', 'test')]
-  marker = os.path.join(out, MARKER)
-  try:
-    with open(marker) as f:
-      done = json.load(f)
-  except (OSError, ValueError):
-    done = None
+  it holds images of unknown origin; None when there is something to convert (`_clear`
+  then removes any other conversion there). The request names the source (its real path),
+  so a conversion of another --src is not reused; markers written before it was recorded
+  name none and are converted again."""
+  done = _marker(out)
   if done is None:
-    if any(os.path.exists(p) for p in splits):
-      print(f'error: {out} holds images without {MARKER} (a conversion that was stopped, or '
-            'another one): remove it, or choose another folder', file=sys.stderr)
-      return 2
+    if any(os.path.exists(os.path.join(out, s)) for s in _SPLITS):
+      return _error(f'{out} holds images without {MARKER} (a conversion that was stopped, or '
+                    'another one): remove it, or choose another folder')
     return None
   if reuse and {k: done.get(k) for k in request} == request:
     print(f'reusing {out}: {done.get("counts")} images')
     return 0
-  print(f'{out} holds {"another" if reuse else "a"} conversion ({done}); rewriting it')
-  os.remove(marker)
-  for path in splits:
-    shutil.rmtree(path, ignore_errors=True)
   return None
+
+
+def _marker(out: str) -> dict[str, Any] | None:
+  """The request a finished conversion in `out` recorded, or None."""
+  try:
+    with open(os.path.join(out, MARKER)) as f:
+      done = json.load(f)
+  except (OSError, ValueError):
+    return None
+  return done if isinstance(done, dict) else None
+
+
+def _clear(out: str, reuse: bool) -> None:
+  """Removes a finished conversion's marker and splits, saying so. A conversion is never
+  written over another one's files: those it does not rewrite would stay (held-out training
+  images in the new test split, say) while its marker named only its own request."""
+  if (done := _marker(out)) is not None:
+    print(f'{out} holds {"another" if reuse else "a"} conversion ({done}); rewriting it')
+  with contextlib.suppress(FileNotFoundError):
+    os.remove(os.path.join(out, MARKER))
+  for split in _SPLITS:
+    shutil.rmtree(os.path.join(out, split), ignore_errors=True)
 
 
 if __name__ == '__main__':

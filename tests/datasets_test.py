@@ -1,5 +1,6 @@
 """Tests of dataset names, splits, folder scanning and whole-dataset decoding."""
 
+import json
 import os
 import subprocess
 import sys
@@ -606,3 +607,56 @@ def test_cifar10_to_folder_without_reuse_leaves_no_files_of_an_earlier_conversio
   os.remove(out / 'CONVERTED.json')  # a stopped conversion, or a folder of other images
   refused = convert('--test_per_class', '1')
   assert refused.returncode == 2 and 'without CONVERTED.json' in refused.stderr
+
+
+def _convert(src, out, *flags: str) -> subprocess.CompletedProcess:
+  script = os.path.join(REPO, 'experiments', 'cifar10_to_folder.py')
+  return subprocess.run([sys.executable, script, '--src', str(src), '--out', str(out), *flags],
+                        capture_output=True, text=True, timeout=60)
+
+
+def test_cifar10_to_folder_reuse_is_of_the_same_source(tmp_path):
+  """The marker named the counts but not --src, so --reuse kept a conversion of another
+  copy (a stand-in, an older file) as if it were of this one. It records the source's real
+  path now, and a conversion of another source is rewritten."""
+  first, second = tmp_path / 'first.npz', tmp_path / 'second.npz'
+  _fake_cifar_npz(first)
+  _fake_cifar_npz(second, per_class=7)
+  out = tmp_path / 'cifar'
+  assert _convert(first, out, '--reuse').returncode == 0
+  marker = json.loads((out / 'CONVERTED.json').read_text())
+  assert marker['src'] == os.path.realpath(first)
+  assert _convert(tmp_path / '.' / 'first.npz', out, '--reuse').stdout.startswith('reusing')
+  other = _convert(second, out, '--reuse')
+  assert other.returncode == 0 and 'rewriting' in other.stdout, other.stdout
+  assert {k: len(v) for k, v in _written(out, 'train').items()} == {'a': 7, 'b': 7}
+  assert json.loads((out / 'CONVERTED.json').read_text())['src'] == os.path.realpath(second)
+
+
+@pytest.mark.parametrize('flags, message', [
+  (('--train_per_class', '4', '--holdout_per_class', '3'),
+   "--train_per_class + --holdout_per_class = 7 exceeds the 6 train images of class 'a'"),
+  (('--train_per_class', '7'), "--train_per_class = 7 exceeds the 6 train images of class 'a'"),
+  (('--test_per_class', '9'), "--test_per_class = 9 exceeds the 6 test images of class 'a'"),
+  (('--train_per_class', '-1'), '--train_per_class must be 0 (all) or more'),
+  (('--train_per_class', '2', '--holdout_per_class', '2', '--test_per_class', '1'),
+   '--test_per_class has no effect with --holdout_per_class'),
+  (('--src-is-text',), 'is not a readable .npz'),
+])
+def test_cifar10_to_folder_refuses_counts_a_class_cannot_fill(tmp_path, flags, message):
+  """A holdout past the end of a class wrote fewer images than asked without a word (a
+  validation split of 1 image per class for --holdout_per_class 200 after 4,900), a
+  negative count kept every image, and --test_per_class beside --holdout_per_class was
+  ignored. Each is one line on stderr now, before anything is written: an earlier
+  conversion in --out stays."""
+  src, out = tmp_path / 'fake.npz', tmp_path / 'cifar'
+  _fake_cifar_npz(src)
+  assert _convert(src, out, '--train_per_class', '1').returncode == 0
+  if flags == ('--src-is-text',):
+    src, flags = tmp_path / 'notes.npz', ()
+    src.write_text('not an npz')
+  result = _convert(src, out, *flags)
+  assert result.returncode == 2 and message in result.stderr, result.stderr
+  assert result.stderr.startswith('error: ')
+  assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+  assert {k: len(v) for k, v in _written(out, 'train').items()} == {'a': 1, 'b': 1}
