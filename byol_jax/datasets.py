@@ -402,7 +402,12 @@ def _split_files(root: str, split: str, class_names: list[str]) -> list[list[str
     return _class_files(os.path.join(root, 'test'), class_names)
   train = _class_files(train_dir, class_names)
   if valid_dir is None:
-    return train if split == 'trainval' else _held_out(train, split == 'valid')
+    files = train if split == 'trainval' else _held_out(train, split == 'valid')
+    if not any(files):  # only 'valid', when every class has a single image
+      raise DataError(f'{root} has no valid/ folder, and no class folder of {root}/train has '
+                      'a second image to hold out for validation: add '
+                      f'{root}/valid/<class_name>/ folders, or more images')
+    return files
   if split == 'train':
     return train
   valid = _class_files(valid_dir, class_names)

@@ -305,6 +305,20 @@ def test_the_valid_hold_out_never_takes_a_class_out_of_train(tmp_path):
   assert datasets.dataset_size(spec, 'trainval') == 11 + 1 + 2
 
 
+def test_a_folder_with_nothing_to_hold_out_has_no_valid_split(tmp_path):
+  """With a single image in every class, nothing is held out for 'valid' (each stays in
+  'train'): the empty split reached linear evaluation, which stopped with a traceback
+  ('cannot evaluate on an empty set'). It is a one-line DataError naming the remedy."""
+  root = make_folder(tmp_path, per_class=1)
+  spec = datasets.parse_dataset(f'folder:{root}')
+  with pytest.raises(datasets.DataError, match=f'^{root} has no valid/ folder, and no class '
+                     f'folder of {root}/train has a second image'):
+    datasets.load_arrays(spec, 'valid')
+  assert datasets.dataset_size(spec, 'train') == datasets.dataset_size(spec, 'trainval') == 2
+  make_folder(tmp_path, per_class=1, splits=('valid',))
+  assert datasets.dataset_size(spec, 'valid') == 2
+
+
 def test_a_class_folder_that_cannot_be_listed_is_a_data_error(tmp_path, monkeypatch):
   """A folder without read permission stopped the run with a PermissionError traceback.
   (Root lists any folder, so the refusal is simulated.)"""
