@@ -441,9 +441,14 @@ def _check_readable(path: str) -> bool:
 
 
 def _report_skipped(where: str, skipped: list[str], total: int, strict: bool) -> None:
-  """Logs unreadable files once, or raises DataError for them in strict mode."""
+  """Logs unreadable files once, or raises DataError for them in strict mode, or when no
+  file is readable: an empty split surfaced later as a misleading error (kNN: 'label -1
+  throughout') or a traceback (linear evaluation: 'cannot evaluate on an empty set')."""
   if not skipped:
     return
+  if len(skipped) == total:
+    raise DataError(f'none of the {total} files under {where} is a readable image '
+                    f'({_UNREADABLE}; first: {skipped[0]})')
   if strict:
     raise DataError(f'{len(skipped)} of {total} files under {where} are not readable images '
                     f'({_UNREADABLE}; first: {skipped[0]}); remove them or run without '

@@ -220,6 +220,28 @@ def test_strict_mode_rejects_corrupt_files(tmp_path):
   assert datasets.scan_folder(root, 'trainval', validate=True).skipped == 3
 
 
+def test_a_split_without_one_readable_image_is_a_data_error(tmp_path):
+  """A split whose every file is unreadable (WebP or HEIC files named .jpg, say) loaded as
+  an empty split after a warning: kNN then said the split had 'no labelled images (label
+  -1 throughout)', and linear evaluation stopped with a traceback. Loading it (resident or
+  scanned for the stream) is a one-line DataError now; a split with some readable files
+  still skips the others."""
+  root = make_folder(tmp_path, splits=('train',))
+  for name in ('cat', 'dog'):
+    os.makedirs(tmp_path / 'test' / name)
+    (tmp_path / 'test' / name / 'photo.jpg').write_bytes(b'RIFF\x00\x00\x00\x00WEBPVP8 ')
+  spec = datasets.parse_dataset(f'folder:{root}')
+  message = f'^none of the 2 files under {root} \\(test\\) is a readable image'
+  with pytest.raises(datasets.DataError, match=message):
+    datasets.load_arrays(spec, 'test', image_size=8)
+  with pytest.raises(datasets.DataError, match=message):
+    datasets.scan_folder(root, 'test', validate=True)
+  (tmp_path / 'test' / 'cat' / 'photo.jpg').unlink()
+  make_folder(tmp_path, classes=('cat',), splits=('test',), per_class=1)
+  _, labels, info = datasets.load_arrays(spec, 'test', image_size=8)
+  assert labels.tolist() == [0] and info['skipped'] == 1
+
+
 def test_resize_short_side_then_centre_crop(tmp_path):
   """Images of other sizes must be resized and centre-cropped, not squashed or padded."""
   stripes = np.zeros((20, 40, 3), np.uint8)
