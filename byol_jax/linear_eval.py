@@ -557,6 +557,31 @@ def _fewest_across_processes(steps: int) -> int:
   return int(np.min(multihost_utils.process_allgather(np.asarray(steps, np.int32))))
 
 
+class _Stopwatch:
+  """The seconds one evaluation has taken, summed over the invocations that trained it.
+
+  Why: a stopped streamed evaluation resumes its heads from their progress file
+  (`_HeadProgress`), and its record's `elapsed_sec` must count the time the earlier
+  invocations spent on them, not the last invocation's alone (an ImageNet evaluation
+  stopped after 70 of its 80 epochs recorded the last 10 epochs' time). Every progress file
+  keeps the evaluation's elapsed time at its save; resuming one carries that time on. Time
+  an earlier invocation spent after its last save is lost work and not counted, as the
+  trainer's `train_sec` counts redone steps once.
+  """
+
+  def __init__(self) -> None:
+    self.start, self.earlier = time.time(), 0.0
+
+  def elapsed(self) -> float:
+    """This invocation's seconds so far plus the earlier invocations' that were resumed."""
+    return self.earlier + time.time() - self.start
+
+  def resume(self, saved_sec: float) -> None:
+    """Counts the earlier invocations' time kept in a resumed progress file. The largest
+    kept time wins: the refit's file was saved after the sweep's and counts it already."""
+    self.earlier = max(self.earlier, saved_sec)
+
+
 class _HeadProgress:
   """The streamed heads' state after each epoch, kept under <workdir>/linear_eval_progress/
   so that an interrupted ImageNet evaluation (80 epochs of forward passes, and the refit's
@@ -567,8 +592,9 @@ class _HeadProgress:
   reads it; process 0 alone writes and removes it (the heads are replicated), as it alone
   writes metrics: processes renaming one shared <file>.tmp at once fail each other."""
 
-  def __init__(self, workdir: str | None, identity: dict[str, Any]):
-    self.identity = identity
+  def __init__(self, workdir: str | None, identity: dict[str, Any],
+               clock: _Stopwatch | None = None):
+    self.identity, self.clock = identity, clock or _Stopwatch()
     digest = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
     name = f"step{identity['checkpoint_step']}_{identity['split']}_{digest}.npz"
     self.path = os.path.join(workdir, 'linear_eval_progress', name) if workdir else None
@@ -580,10 +606,12 @@ class _HeadProgress:
     leaves, treedef = jax.tree.flatten(carry)
     with np.load(self.path) as saved:
       loaded = [saved[f'leaf{i}'] for i in range(len(leaves))]
+      kept_sec = float(saved['elapsed_sec']) if 'elapsed_sec' in saved.files else 0.0
     if [x.shape for x in loaded] != [np.shape(x) for x in leaves]:
       logging.warning('%s does not fit these heads: starting afresh', self.path)
       return carry
     logging.info('resuming the linear heads at step %d from %s', int(loaded[-1]), self.path)
+    self.clock.resume(kept_sec)
     return jax.tree.unflatten(treedef, [jnp.asarray(x) for x in loaded])
 
   def save(self, carry: linear_lib.HeadsCarry) -> None:
@@ -592,7 +620,8 @@ class _HeadProgress:
     os.makedirs(os.path.dirname(self.path), exist_ok=True)
     leaves = jax.device_get(jax.tree.leaves(carry))
     with open(self.path + '.tmp', 'wb') as f:
-      np.savez(f, **{f'leaf{i}': x for i, x in enumerate(leaves)})
+      np.savez(f, elapsed_sec=np.float64(self.clock.elapsed()),
+               **{f'leaf{i}': x for i, x in enumerate(leaves)})
     os.replace(self.path + '.tmp', self.path)
 
   def done(self) -> None:
@@ -615,7 +644,7 @@ def _fingerprint(tree: Any) -> str:
 
 def train_heads_on_stream(cfg: Any, pre: Pretrained, embedder: Embedder, split: str,
                           num_classes: int, learning_rates: tuple[float, ...],
-                          workdir: str | None = None,
+                          workdir: str | None = None, clock: _Stopwatch | None = None,
                           ) -> tuple[linear_lib.Params, int, _HeadProgress]:
   """One linear head per LR on random crops + flips of a split that streams (ImageNet):
   the host takes the crop (tf.data, as the pretraining stream), the device flips and runs
@@ -623,7 +652,8 @@ def train_heads_on_stream(cfg: Any, pre: Pretrained, embedder: Embedder, split: 
   readable images, as for resident splits, and the update and its schedule are
   `head_update`'s. Returns the heads, how many images they trained on and their progress.
   With a workdir, progress is kept after every epoch and an interrupted run resumes; the
-  caller removes it (`_HeadProgress.done`) once the heads' result is safe.
+  caller removes it (`_HeadProgress.done`) once the heads' result is safe. `clock`, the
+  evaluation's, is kept with the progress and takes on the time a resumed one kept.
   """
   from byol_jax import checkpointing, input_pipeline  # TensorFlow only on this path
   mesh = embedder.mesh
@@ -644,7 +674,7 @@ def train_heads_on_stream(cfg: Any, pre: Pretrained, embedder: Embedder, split: 
     # and bn_calibration_examples; a run folder trained again has other weights at the same
     # steps), nor the crops (the run's augmentation) or the data (a folder that changed).
     encoder=_fingerprint(weights), augment=checkpointing.config_to_dict(pre.config.augment),
-    examples=datasets.dataset_size(spec, split, cfg.data_dir or None)))
+    examples=datasets.dataset_size(spec, split, cfg.data_dir or None)), clock)
   carry = progress.load(linear_lib.init_heads(dim, num_classes, len(learning_rates)))
   done = int(carry[2])
   stream = input_pipeline.train_stream(
@@ -701,13 +731,13 @@ def _cached(cfg: Any, pre: Pretrained, embedder: Embedder) -> tuple[dict, dict]:
 
 
 def _augmented(cfg: Any, pre: Pretrained, embedder: Embedder, workdir: str | None,
-               progress: list[_HeadProgress]) -> tuple[dict, dict]:
+               progress: list[_HeadProgress], clock: _Stopwatch) -> tuple[dict, dict]:
   """Heads on random crop + flip views through the frozen encoder; centre crops for eval.
   A streamed train split appends its heads' progress to `progress`, for the caller to
-  remove once the record is written."""
+  remove once the record is written, and keeps `clock` with it."""
   seed = pre.config.seed
   if input_mode(cfg, cfg.train_split) == 'stream':
-    return _augmented_stream(cfg, pre, embedder, workdir, progress)
+    return _augmented_stream(cfg, pre, embedder, workdir, progress, clock)
   pool = load_split(cfg, cfg.train_split, seed, random_crops=True)
   train_rows, val_rows = hold_out(cfg, len(pool.labels))
   mode = evaluation_input_mode(cfg)
@@ -757,7 +787,7 @@ def _refit_split(cfg: Any) -> str:
 
 
 def _augmented_stream(cfg: Any, pre: Pretrained, embedder: Embedder, workdir: str | None,
-                      trained: list[_HeadProgress]) -> tuple[dict, dict]:
+                      trained: list[_HeadProgress], clock: _Stopwatch) -> tuple[dict, dict]:
   """mode='augmented' when the train split does not fit in memory (ImageNet): heads train on
   streamed random crops (`train_heads_on_stream`), validation and test on streamed centre
   crops; the refit streams train + validation. The heads' progress goes into `trained`:
@@ -777,14 +807,14 @@ def _augmented_stream(cfg: Any, pre: Pretrained, embedder: Embedder, workdir: st
   lrs = tuple(cfg.learning_rates)
   # The sweep's progress stays on disk until the refit's heads are trained too.
   params, trained_on, sweep = train_heads_on_stream(cfg, pre, embedder, cfg.train_split,
-                                                    classes, lrs, workdir)
+                                                    classes, lrs, workdir, clock)
   trained.append(sweep)
   result = linear_lib.report_heads(params, lrs, val, test)
   if refit_split:
     logging.info('refitting one head at lr %g on %s/%s', result['best_lr'], cfg.dataset,
                  refit_split)
     params, _, refit = train_heads_on_stream(cfg, pre, embedder, refit_split, classes,
-                                             (result['best_lr'],), workdir)
+                                             (result['best_lr'],), workdir, clock)
     trained.append(refit)
     result = linear_lib.with_refit(result, linear_lib.evaluate_heads(params, *test))
   sizes = dict(train=trained_on, val=len(val[1]), test=len(test[1]))
@@ -794,7 +824,7 @@ def _augmented_stream(cfg: Any, pre: Pretrained, embedder: Embedder, workdir: st
 def evaluate(cfg: Any, pre: Pretrained, workdir: str) -> dict[str, Any]:
   """Runs linear evaluation of `pre` as configured; appends and returns the record."""
   cfg = resolve_config(cfg, pre.config)
-  start = time.time()
+  clock = _Stopwatch()  # with the time of the earlier invocations whose heads it resumes
   logging.info('linear_eval (%s) of the %s encoder at step %d (%s) on %s', cfg.mode,
                cfg.network, pre.step, pre.weights, cfg.dataset)
   embedder = Embedder(cfg, pre)
@@ -802,12 +832,12 @@ def evaluate(cfg: Any, pre: Pretrained, workdir: str) -> dict[str, Any]:
   if cfg.mode == 'cached':
     result, sizes = _cached(cfg, pre, embedder)
   else:
-    result, sizes = _augmented(cfg, pre, embedder, workdir, progress)
+    result, sizes = _augmented(cfg, pre, embedder, workdir, progress, clock)
   result.setdefault('refit', False)
   record = dict(provenance(cfg, pre, f'linear_{cfg.mode}'),
                 splits=split_record(cfg, pre.config.seed, sizes), epochs=cfg.epochs,
                 batch_size=cfg.batch_size, learning_rates=list(cfg.learning_rates),
-                **result, elapsed_sec=time.time() - start)
+                **result, elapsed_sec=clock.elapsed())
   record = write_record(workdir, 'linear_eval', pre.step, record)
   for trained in progress:
     trained.done()

@@ -489,7 +489,45 @@ def test_an_interrupted_streamed_evaluation_resumes_from_its_last_epoch(workdir,
   assert resumed['per_lr'] == whole['per_lr']
   assert os.listdir(folder) == progress
   with np.load(os.path.join(folder, progress[0])) as saved:
-    assert int(saved[f'leaf{len(saved.files) - 1}']) == 3 * 2  # all 3 epochs of 2 steps
+    leaves = [name for name in saved.files if name.startswith('leaf')]
+    assert int(saved[f'leaf{len(leaves) - 1}']) == 3 * 2  # all 3 epochs of 2 steps
+
+
+def test_a_resumed_evaluation_records_the_time_of_every_invocation(workdir, png_folder,
+                                                                   tmp_path, monkeypatch):
+  """The record's elapsed_sec of a stopped and resumed streamed evaluation counts the stopped
+  invocation's time up to its last kept epoch, not the last invocation's alone (an ImageNet
+  evaluation stopped at epoch 70 of 80 recorded the time of 10). linear_eval's clock jumps
+  1000 s before each of the stopped invocation's two saves, so the record must hold at
+  least 2000 s. Breaks if the progress file does not keep the elapsed time or the resume
+  does not carry it into the record."""
+  import shutil
+  cfg = eval_config(mode='augmented', dataset=png_folder, image_size=16, max_examples=0,
+                    input_mode='stream', val_split='valid', epochs=3, batch_size=4,
+                    refit=False)
+  run = str(shutil.copytree(workdir, tmp_path / 'run'))
+  jump = [0.0]
+  monkeypatch.setattr(linear_eval, 'time',
+                      types.SimpleNamespace(time=lambda: time.time() + jump[0]))
+
+  class Stop(Exception):
+    pass
+
+  save = linear_eval._HeadProgress.save
+
+  def slow_epoch_then_stop(self, carry):
+    jump[0] += 1000.0
+    save(self, carry)
+    if int(carry[2]) == 4:  # after epoch 2 of 3 (2 steps per epoch)
+      raise Stop
+
+  start = time.time()
+  with monkeypatch.context() as m:
+    m.setattr(linear_eval._HeadProgress, 'save', slow_epoch_then_stop)
+    with pytest.raises(Stop):
+      linear_eval.evaluate(cfg, _pretrained(run), run)
+  record = linear_eval.evaluate(cfg, _pretrained(run), run)
+  assert 2000.0 <= record['elapsed_sec'] <= 2000.0 + time.time() - start
 
 
 def test_an_evaluation_interrupted_in_its_refit_does_not_train_the_sweep_again(
