@@ -37,6 +37,7 @@ import hashlib
 import json
 import os
 import time
+import zipfile
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -597,11 +598,13 @@ class _HeadProgress:
     self.identity, self.clock = identity, clock or _Stopwatch()
     digest = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
     name = f"step{identity['checkpoint_step']}_{identity['split']}_{digest}.npz"
-    self.path = os.path.join(workdir, 'linear_eval_progress', name) if workdir else None
+    self.path = os.path.join(progress_folder(workdir), name) if workdir else None
 
   def load(self, carry: linear_lib.HeadsCarry) -> linear_lib.HeadsCarry:
     """The saved carry if there is one of this setting, else `carry`."""
     if not self.path or not os.path.exists(self.path):
+      if self.path:
+        self._say_what_is_not_resumed()
       return carry
     leaves, treedef = jax.tree.flatten(carry)
     with np.load(self.path) as saved:
@@ -621,6 +624,7 @@ class _HeadProgress:
     leaves = jax.device_get(jax.tree.leaves(carry))
     with open(self.path + '.tmp', 'wb') as f:
       np.savez(f, elapsed_sec=np.float64(self.clock.elapsed()),
+               identity=np.asarray(json.dumps(self.identity, sort_keys=True)),
                **{f'leaf{i}': x for i, x in enumerate(leaves)})
     os.replace(self.path + '.tmp', self.path)
 
@@ -632,6 +636,107 @@ class _HeadProgress:
     if self.path:
       with contextlib.suppress(OSError):  # the folder, once no other setting's file is left
         os.rmdir(os.path.dirname(self.path))
+
+  def _say_what_is_not_resumed(self) -> None:
+    """Warns, before these heads train from their first step, about kept heads of the same
+    checkpoint step and split that another setting trained. Why: a setting changed by
+    mistake (an LR grid, the epochs) would otherwise start hours of training afresh beside
+    the file the intended command resumes, without a word."""
+    prefix = f"step{self.identity['checkpoint_step']}_{self.identity['split']}_"
+    for kept in read_kept_progress(os.path.dirname(self.path)):
+      name = os.path.basename(kept.path)  # an unfinished save (.tmp) resumes nothing
+      if name.startswith(prefix) and name.endswith('.npz') and kept.path != self.path:
+        logging.warning('linear_eval: not resuming %s, heads of another setting (%s); these '
+                        'heads train from their first step, and the command of that setting '
+                        'still resumes it', kept.path, _differences(kept.identity,
+                                                                     self.identity))
+
+
+def progress_folder(workdir: str) -> str:
+  """Where streamed heads' progress files are kept (`_HeadProgress`)."""
+  return os.path.join(workdir, 'linear_eval_progress')
+
+
+@dataclasses.dataclass
+class KeptProgress:
+  """One file under linear_eval_progress/: the setting that trained it (None: saved before
+  settings were kept in the file, or unreadable), the heads' steps and seconds so far."""
+  path: str
+  identity: dict[str, Any] | None
+  steps: int
+  elapsed_sec: float
+
+
+def read_kept_progress(folder: str) -> list[KeptProgress]:
+  """Every progress file in `folder`, an unfinished save (.tmp) included, read without
+  loading the heads' arrays (ImageNet's six heads: 49 MB a file)."""
+  try:
+    names = sorted(os.listdir(folder))
+  except OSError:
+    return []
+  return [_read_kept(os.path.join(folder, name)) for name in names]
+
+
+def _read_kept(path: str) -> KeptProgress:
+  """What a progress file says about itself; a file another evaluation removes meanwhile,
+  or one its stopped save left unfinished, reads as unknown."""
+  try:
+    with np.load(path) as saved:
+      leaves = sum(name.startswith('leaf') for name in saved.files)
+      identity = (json.loads(str(saved['identity'])) if 'identity' in saved.files else None)
+      elapsed = float(saved['elapsed_sec']) if 'elapsed_sec' in saved.files else 0.0
+      return KeptProgress(path, identity, int(saved[f'leaf{leaves - 1}']), elapsed)
+  except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile):
+    return KeptProgress(path, None, 0, 0.0)
+
+
+def _differences(kept: dict[str, Any] | None, ours: dict[str, Any]) -> str:
+  """The fields in which a kept file's setting differs from this one, in words."""
+  if kept is None:
+    return 'its setting is not in the file'
+  diffs = []
+  for key in sorted(set(kept) | set(ours)):
+    there, here = kept.get(key), ours.get(key)
+    if there == here:
+      continue
+    if max(len(repr(there)), len(repr(here))) > 40:  # the encoder's hash, the augmentation
+      diffs.append(key)
+    else:
+      diffs.append(f'{key} {there!r} there, {here!r} here')
+  return 'differs in ' + '; '.join(diffs)
+
+
+def _describe(kept: KeptProgress) -> str:
+  """One kept file in a line: its setting's main fields and how far its heads got."""
+  if kept.identity is None:
+    if kept.path.endswith('.tmp'):
+      return 'a save that was stopped unfinished: nothing resumes it'
+    return f'{kept.steps} steps trained' if kept.steps else 'unreadable'
+  fields = ('checkpoint_step', 'weights', 'network', 'split', 'epochs', 'learning_rates')
+  setting = ', '.join(f'{k} {kept.identity.get(k)!r}' for k in fields)
+  return f'{setting}: {kept.steps} steps trained in {kept.elapsed_sec:.0f} s'
+
+
+def say_kept_progress(workdir: str) -> None:
+  """Names the heads still kept under linear_eval_progress/ once an evaluation's record is
+  written (its own files are gone by then), and how to remove them.
+
+  Why: heads of a setting that was stopped and then changed stay there for ever otherwise
+  (49 MB a file for ImageNet), unseen. They are not removed: the command of their setting
+  resumes them, or an evaluation running now is training them; only the user knows which
+  will never run again.
+  """
+  if jax.process_index() != 0:
+    return
+  kept = read_kept_progress(progress_folder(workdir))
+  if not kept:
+    return
+  logging.warning('linear_eval: %s holds %d file(s) of heads that this evaluation did not '
+                  'train, kept so that the command of their setting resumes them (or an '
+                  'evaluation running now trains them):\n%s\nRemove those no evaluation will '
+                  'resume: rm %s', progress_folder(workdir), len(kept),
+                  '\n'.join(f'  {k.path}: {_describe(k)}' for k in kept),
+                  ' '.join(k.path for k in kept))
 
 
 def _fingerprint(tree: Any) -> str:
@@ -841,6 +946,7 @@ def evaluate(cfg: Any, pre: Pretrained, workdir: str) -> dict[str, Any]:
   record = write_record(workdir, 'linear_eval', pre.step, record)
   for trained in progress:
     trained.done()
+  say_kept_progress(workdir)
   head = ('of the head refit on train + validation' if record['refit']
           else "of the sweep's head")
   if 'test_map' in record:

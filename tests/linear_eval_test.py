@@ -566,6 +566,46 @@ def test_an_evaluation_interrupted_in_its_refit_does_not_train_the_sweep_again(
   assert not os.path.exists(os.path.join(run, 'linear_eval_progress'))
 
 
+def test_heads_of_a_changed_setting_are_named_and_kept_not_resumed(workdir, png_folder,
+                                                                   tmp_path, monkeypatch,
+                                                                   caplog):
+  """A stopped evaluation's heads stay under linear_eval_progress/ for its command to resume.
+  Run again with a setting changed (here the epochs), the evaluation says before training
+  afresh which file it does not resume and what differs, and after its record names the
+  file again with the command that removes it; the file stays, as its command still resumes
+  it. Breaks if another setting's heads are resumed or removed, or left there without a
+  word (they stayed for ever, unseen: 49 MB a file for ImageNet)."""
+  import shutil
+  run = str(shutil.copytree(workdir, tmp_path / 'run'))
+  base = dict(mode='augmented', dataset=png_folder, image_size=16, max_examples=0,
+              input_mode='stream', val_split='valid', batch_size=4, refit=False)
+
+  class Stop(Exception):
+    pass
+
+  save = linear_eval._HeadProgress.save
+
+  def save_then_stop(self, carry):
+    save(self, carry)
+    raise Stop
+
+  with monkeypatch.context() as m:
+    m.setattr(linear_eval._HeadProgress, 'save', save_then_stop)
+    with pytest.raises(Stop):
+      linear_eval.evaluate(eval_config(epochs=3, **base), _pretrained(run), run)
+  folder = os.path.join(run, 'linear_eval_progress')
+  (stopped,) = os.listdir(folder)
+  path = os.path.join(folder, stopped)
+  with caplog.at_level('WARNING'):
+    record = linear_eval.evaluate(eval_config(epochs=2, **base), _pretrained(run), run)
+  assert record['epochs'] == 2 and os.listdir(folder) == [stopped]
+  assert (f'not resuming {path}, heads of another setting (differs in epochs 3 there, 2 here)'
+          in caplog.text), caplog.text
+  assert f"{path}: checkpoint_step 4, weights 'checkpoint', network 'online', split 'train', "\
+         "epochs 3, learning_rates [0.01, 0.1, 1.0]: 2 steps trained in " in caplog.text
+  assert f'rm {path}' in caplog.text
+
+
 def test_a_streamed_evaluation_of_another_encoder_does_not_resume_these_heads(
     workdir, png_folder, tmp_path, monkeypatch):
   """Progress is keyed by what shapes the heads. The encoder is one of those things, and
