@@ -147,11 +147,7 @@ class Worker:
     record = dict(checkpoint_step=step, dataset=self.dataset, split='test', network=network,
                   protocol='knn+online_probe' if with_probe else 'knn', weights=weights,
                   bn_statistics=bn_note, **self.knn.score(train_feats, test_feats),
-                  probe_top1=None,  # k as used: at most the reference set's size
-                  knn_k=min(self.cfg.knn.k, len(self.knn.train_labels)),
-                  knn_temperature=self.cfg.knn.temperature,
-                  train_examples=len(self.knn.train_labels),
-                  test_examples=len(self.knn.test_labels))
+                  probe_top1=None, **self.knn.settings())
     if with_probe:
       record['probe_top1'] = probe_top1(params, test_feats, self.knn.test_labels)
     if self.writer is None:
@@ -176,6 +172,8 @@ class Worker:
       raise train.ConfigError(no_knn_message(self.knn))
     logging.info('eval worker: %s encoder on %s/test; the run ends at step %d',
                  self.cfg.eval_network, cfg.dataset, self.final_step)
+    if not self.cfg.eval_dataset:
+      _say_knn_differences(saved_cfg.knn, self.cfg.knn)
 
   def finished(self) -> bool:
     if self.final_step is None and self.done:  # a rerun that has nothing left to evaluate
@@ -197,6 +195,29 @@ class Worker:
   def close(self) -> None:
     if self.writer is not None:
       self.writer.close()
+
+
+KNN_SCORE_FIELDS = ('k', 'temperature', 'train_examples')  # what changes a kNN figure
+
+
+def _say_knn_differences(run_knn: Any, worker_knn: Any) -> None:
+  """Warns when this worker's kNN settings (its own --config) differ from those the trainer
+  evaluated with (the run's saved config), naming the flags that measure as it did.
+
+  Why: both evaluate the same checkpoints with one protocol (`knn.KnnEval`), and agree to
+  the last digit when the settings match; a worker started with the preset beside a
+  trainer given `--config.knn.train_examples=200 --config.knn.k=10` (as the experiment
+  scripts do) scores the final checkpoint higher, and without a word the two figures look
+  like a bug in one of them. The worker keeps its own settings: they may be meant.
+  """
+  differ = [f for f in KNN_SCORE_FIELDS if run_knn.get(f) != worker_knn.get(f)]
+  if not differ:
+    return
+  here = ', '.join(f'knn.{f}={worker_knn.get(f)!r}' for f in differ)
+  there = ' '.join(f'--config.knn.{f}={run_knn.get(f)!r}' for f in differ)
+  logging.warning('eval worker: kNN settings differ from those the trainer used (%s here), '
+                  "so its figures will not match the trainer's metrics/eval.jsonl; %s "
+                  'measures as the trainer does', here, there)
 
 
 def _final_step(saved_cfg: Any, meta: dict[str, Any]) -> int:

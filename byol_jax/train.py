@@ -744,7 +744,7 @@ def _evaluate(state: train_step.TrainState, knn: knn_lib.KnnEval, init_knn: dict
     return {}
   result = {**scores, **init_knn, **extra}
   logging.info('eval at step %d: %s', step, _fmt_metrics(result))
-  return writer.write(step, result)
+  return writer.write(step, {**result, **knn.settings()})
 
 
 def _loop(cfg, workdir, mesh, data, fns, state, faults, ckpt, preemption, num_steps, spe,

@@ -222,3 +222,30 @@ def test_a_worker_waiting_for_a_mistyped_workdir_says_so_and_creates_nothing(
   os.makedirs(missing)
   assert 'no checkpoint in' in eval_worker.waiting_message(missing, 0)
   assert 'never stopping' in eval_worker.waiting_message(missing, 0)
+
+
+def test_the_worker_scores_a_checkpoint_as_the_trainer_did_and_says_when_its_knn_differs(
+    tmp_path, caplog):
+  """The trainer's final kNN and the eval worker's on the same checkpoint are one protocol
+  (`knn.KnnEval`): with the run's kNN settings they are equal, and both records carry the
+  settings (k as used, temperature, set sizes). A worker whose own --config holds other kNN
+  settings (the preset's whole reference set, beside a trainer given 32 images and k=5)
+  records those, says so, and names the flags that measure as the trainer did. Breaks if
+  the trainer's record leaves the settings out, the two paths drift apart, or a worker's
+  different settings pass without a word (its figure looked like a bug in one of them)."""
+  workdir = str(tmp_path / 'run')
+  run_cfg = tiny_config(**{'knn.k': 5, 'knn.train_examples': 32, 'eval_at_init': False})
+  trainer = train.train_and_evaluate(run_cfg, workdir)['eval']
+  worker = eval_worker.Worker(run_cfg, workdir).evaluate(4)
+  keys = ('knn_top1', 'knn_top5', 'knn_k', 'knn_temperature', 'train_examples',
+          'test_examples')
+  assert {k: worker[k] for k in keys} == {k: trainer[k] for k in keys}
+  assert (trainer['knn_k'], trainer['train_examples'], trainer['test_examples']) == (5, 32, 32)
+  preset = tiny_config(eval_at_init=False, eval_network='target')  # knn.k=10, all 64 images
+  with caplog.at_level('WARNING'):
+    other = eval_worker.Worker(preset, workdir).evaluate(4)
+  assert (other['knn_k'], other['train_examples']) == (10, 64)
+  assert ('kNN settings differ from those the trainer used (knn.k=10, knn.train_examples=0 '
+          "here), so its figures will not match the trainer's metrics/eval.jsonl; "
+          '--config.knn.k=5 --config.knn.train_examples=32 measures as the trainer does'
+          in caplog.text), caplog.text

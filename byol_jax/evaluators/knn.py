@@ -224,6 +224,17 @@ class KnnEval:
                                   temperature=self.cfg.knn.temperature)
     return {'knn_top1': result['top1'], 'knn_top5': result['top5']}
 
+  def settings(self) -> dict[str, Any]:
+    """What a kNN figure depends on besides the encoder, for its record (the trainer's and
+    the eval worker's alike): k as used (at most the reference set's size), the temperature
+    and the two sets' sizes. Why: the eval worker takes its kNN settings from its own
+    --config, so its figure for the trainer's final checkpoint can differ from the
+    trainer's (a reference set of the first 200 images against all of them); records that
+    carry the settings show why. Known once `features` has run (a streamed run's sizes)."""
+    return dict(knn_k=min(self.cfg.knn.k, len(self.train_labels)),
+                knn_temperature=self.cfg.knn.temperature,
+                train_examples=len(self.train_labels), test_examples=len(self.test_labels))
+
   def __call__(self, params, state) -> dict[str, float]:
     return self.score(*self.features(params, state))
 
