@@ -14,7 +14,9 @@ checkpoint and saved config are read, and results are appended to
 Presets:
   demo      the built-in shapes data at the pretraining resolution; cached features, 30
             epochs: 9 s for linear_eval and 71 s for finetune on 2 CPU cores (2026-11-29,
-            after the demo pretraining preset, commit 2409525).
+            after the demo pretraining preset, commit 2409525; finetune's refit, added
+            since, is a third run after the two of its LR grid: about half as long again,
+            not measured).
   cifar10   CIFAR-10 at the pretraining resolution (32 px for the cifar10 pretraining preset).
   imagenet  the paper's linear protocol: 80 epochs, SGD with Nesterov momentum 0.9, no weight
             decay, cosine decay, batch 1024, LR chosen on the 10,009 held-out train images
@@ -59,7 +61,9 @@ Fields:
                      + validation and reported on test, as SimCLR's transfer evaluation and the
                      release's ImageNet head (TRAIN_AND_VALID) do; False reports the sweep's
                      head, trained without the validation images. Records carry `refit`, and
-                     `per_lr` keeps the sweep's test columns either way.
+                     `per_lr` keeps the sweep's test columns either way. Finetune refits
+                     likewise with all labels; a label subset (subset_fraction > 0) is never
+                     refit, as validation images would add labels to it.
   mode               'cached': heads train on the frozen encoder's centre-crop features,
                      computed once (fast). 'augmented': the paper's protocol, every step takes
                      a random resized crop + flip and runs the frozen encoder (inference mode).

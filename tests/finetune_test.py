@@ -59,6 +59,34 @@ def test_ten_percent_subset_end_to_end(workdir):
   assert meta['seed'] == 0 and meta['fraction'] == 0.1 and meta['split'] == 'train'
 
 
+def test_all_labels_refit_the_chosen_lr_on_train_and_validation_a_subset_does_not(
+    workdir, monkeypatch):
+  """With all labels validation only chooses the LR, as in SimCLR's transfer fine-tuning that
+  BYOL follows (and linear_eval's refit): one more run at that LR trains on train +
+  validation and its test scores are reported, the sweep's kept in per_lr. A label subset is
+  the semi-supervised protocol's labelled set, which validation images would enlarge
+  (ImageNet's 10,009 beside 1%'s 12,811): it reports the sweep's run. Breaks if finetune
+  reports the sweep's run where the protocol refits, refits at another LR or on other
+  images, or refits a subset."""
+  runs, tests = [], []
+  train, evaluate = finetune.Finetuner.train, finetune.Finetuner.evaluate
+  monkeypatch.setattr(finetune.Finetuner, 'train', lambda self, lr: runs.append(
+    (lr, len(self.labels))) or train(self, lr))
+  monkeypatch.setattr(finetune.Finetuner, 'evaluate', lambda self, p, s, split: tests.append(
+    evaluate(self, p, s, split)) or tests[-1])
+  cfg = ft_config(subset_fraction=0.0, max_examples=600)
+  rec = finetune.evaluate(cfg, linear_eval.load_pretrained(cfg, workdir), workdir)
+  assert {k: v['size'] for k, v in rec['splits'].items()} == dict(train=540, val=60, test=600)
+  assert runs == [(0.01, 540), (0.1, 540), (rec['best_lr'], 600)]
+  assert rec['refit'] and rec['test_top1'] == tests[-1]['top1']
+  assert [r['test_top1'] for r in rec['per_lr']] == [t['top1'] for t in tests[1:4:2]]
+  runs.clear()
+  subset = finetune.evaluate(ft_config(max_examples=600), linear_eval.load_pretrained(
+    cfg, workdir), workdir)
+  assert [n for _, n in runs] == [54, 54] and not subset['refit']
+  assert subset['test_top1'] == subset['per_lr'][subset['best_index']]['test_top1']
+
+
 def test_lr_is_chosen_on_validation_only():
   """Breaks if fine-tuning picks its LR on test or reports another run's test accuracy."""
   table = {(0.01, 'val'): 0.3, (0.01, 'test'): 0.9, (0.1, 'val'): 0.5, (0.1, 'test'): 0.2,
