@@ -167,7 +167,8 @@ class Worker:
     cfg = eval_config(saved_cfg, self.cfg)
     self.run_cfg, self.dataset = cfg, cfg.dataset
     self.final_step = _final_step(saved_cfg, meta)
-    self.knn = knn_lib.KnnEval(cfg, train_step.make_mesh(), None)
+    self.knn = knn_lib.KnnEval(cfg, train_step.make_mesh(), None,
+                               streamed=_streamed_as_the_run(self.cfg, meta))
     if self.knn.unavailable:
       raise train.ConfigError(no_knn_message(self.knn))
     logging.info('eval worker: %s encoder on %s/test; the run ends at step %d',
@@ -195,6 +196,20 @@ class Worker:
   def close(self) -> None:
     if self.writer is not None:
       self.writer.close()
+
+
+def _streamed_as_the_run(cfg: Any, meta: dict[str, Any]) -> bool | None:
+  """Whether to stream the kNN sets: as the trainer read them (its checkpoint's input_mode),
+  else None (this machine's memory decides, `data.choose_mode`).
+
+  Why: the streamed path (tf.data's host crop, bicubic without antialiasing) and the
+  resident one (PIL's antialiased resize) give different pixels, so a worker on a machine
+  with less accelerator memory than the trainer's (it "can run on other hardware") scored
+  the same checkpoint on other pixels than the trainer did. Another dataset
+  (eval_dataset), or a checkpoint saved before input_mode was kept, is sized here.
+  """
+  mode = meta.get('input_mode')
+  return None if cfg.eval_dataset or mode is None else mode == 'stream'
 
 
 KNN_SCORE_FIELDS = ('k', 'temperature', 'train_examples')  # what changes a kNN figure

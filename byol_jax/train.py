@@ -610,7 +610,8 @@ def _input_fn(data: data_lib.TrainData, mesh) -> Callable[[int], tuple]:
 def _meta(cfg: Any, data: data_lib.TrainData, num_steps: int, spe: int,
           faults: dict[str, int], init_knn: dict[str, float], train_sec: float) -> dict[str, Any]:
   return dict(config=checkpointing.config_to_dict(cfg), num_classes=data.num_classes,
-              num_examples=data.num_examples, num_steps=num_steps, steps_per_epoch=spe,
+              num_examples=data.num_examples, input_mode=data.mode,
+              num_steps=num_steps, steps_per_epoch=spe,
               num_devices=jax.device_count(), process_count=jax.process_count(),
               faults=faults, saved_at=time.time(), jax_version=jax.__version__,
               knn_init={k: float(v) for k, v in init_knn.items()}, train_sec=train_sec)

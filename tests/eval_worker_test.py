@@ -249,3 +249,20 @@ def test_the_worker_scores_a_checkpoint_as_the_trainer_did_and_says_when_its_knn
           "here), so its figures will not match the trainer's metrics/eval.jsonl; "
           '--config.knn.k=5 --config.knn.train_examples=32 measures as the trainer does'
           in caplog.text), caplog.text
+
+
+def test_the_worker_reads_the_knn_sets_as_the_trainer_did_on_a_smaller_machine(
+    png_folder, tmp_path, monkeypatch):
+  """The eval worker "can run on other hardware": on one with less accelerator memory than
+  the trainer's it sized the kNN sets itself and streamed what the trainer held resident
+  (tf.data's unantialiased bicubic, not PIL's resize), so the same checkpoint was scored on
+  other pixels. It reads them as the run did (its checkpoint's input_mode) and gives the
+  trainer's figure. Breaks if the worker's own memory decides again."""
+  workdir = str(tmp_path / 'run')
+  cfg = tiny_config(dataset=png_folder, batch_size=4, eval_at_init=False)
+  trainer = train.train_and_evaluate(cfg, workdir)['eval']
+  monkeypatch.setattr(train.data_lib, 'device_memory_bytes', lambda: 1)  # everything streams
+  worker = eval_worker.Worker(cfg, workdir)
+  record = worker.evaluate(4)
+  assert not worker.knn.streamed
+  assert (record['knn_top1'], record['knn_top5']) == (trainer['knn_top1'], trainer['knn_top5'])
