@@ -33,7 +33,8 @@ _CONFIG = cli.define_config_flag(
 flags.declare_key_flag('config')  # defined inside ml_collections: list it in --help too
 _WORKDIR = flags.DEFINE_string(
   'workdir', None, 'The run\'s folder: metrics, checkpoints, evaluations. Default: '
-  'runs/<preset> for a pretraining config (runs/demo, runs/cifar10, ...); evaluation configs '
+  'runs/<preset> for a pretraining config (runs/demo, runs/cifar10, ...; with the preset\'s '
+  'arguments: r50,epochs=300 -> runs/r50_epochs300); evaluation configs '
   '(configs/linear_eval.py) name the pretraining run they read, runs/demo for their demo.')
 cli.validate_path_flag('workdir')
 _MODE = flags.DEFINE_enum('worker_mode', 'train', WORKER_MODES, 'What this process does.')
@@ -49,13 +50,17 @@ _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in the r
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process, 0..num_processes-1.')
 
 
-def default_workdir(cfg) -> str:
+def default_workdir(cfg, preset_arg: str = '') -> str:
   """runs/<preset> for a pretraining config, so that two presets run without --workdir do
-  not meet in one folder (the second was refused as another preset's run). An evaluation
-  config reads a pretraining run, which only its demo preset can guess."""
+  not meet in one folder (the second was refused as another preset's run). The preset's
+  arguments, `preset_arg` being what followed the config file's ':' (`r50,epochs=300`), are
+  part of its name: runs/r50_epochs300, where they once shared runs/r50 with `r50` and the
+  second was refused as a changed schedule. An evaluation config reads a pretraining run,
+  which only its demo preset can guess."""
   preset = str(cfg.get('preset') or 'demo')
   if 'learning_rates' not in cfg:
-    return os.path.join('runs', preset.replace(':', '_').replace(',', '_'))
+    args = [p.strip().replace('=', '') for p in preset_arg.split(',')[1:] if p.strip()]
+    return os.path.join('runs', '_'.join([preset.replace(':', '_'), *args]))
   if preset == 'demo':
     return os.path.join('runs', 'demo')
   from byol_jax import train
@@ -119,7 +124,8 @@ def run(argv: list[str]) -> int:
   try:
     workdir = _WORKDIR.value
     if workdir is None:
-      workdir = default_workdir(cfg)
+      preset_arg = flags.FLAGS['config'].config_filename.partition(':')[2]
+      workdir = default_workdir(cfg, preset_arg)
       logging.info('workdir %s (the default for this preset; --workdir sets another)', workdir)
     if os.path.exists(workdir) and not os.path.isdir(workdir):
       print(f'error: {cli.missing_dir_error(workdir)}', file=sys.stderr)

@@ -376,12 +376,31 @@ def test_the_default_workdir_is_named_after_the_preset():
   from configs import ablation, byol
   from configs import linear_eval as eval_configs
   assert main.default_workdir(byol.get_config('cifar10')) == os.path.join('runs', 'cifar10')
-  assert main.default_workdir(byol.get_config('r50,epochs=300')) == os.path.join('runs', 'r50')
+  # A preset's arguments name another schedule: `r50,epochs=300` shared runs/r50 with `r50`,
+  # and whichever came second was refused there as a changed schedule.
+  assert main.default_workdir(byol.get_config('r50')) == os.path.join('runs', 'r50')
+  assert (main.default_workdir(byol.get_config('r50,epochs=300'), 'r50,epochs=300')
+          == os.path.join('runs', 'r50_epochs300'))
+  assert (main.default_workdir(ablation.get_config('none,epochs=20'), 'none,epochs=20')
+          == os.path.join('runs', 'ablation_none_epochs20'))
   assert (main.default_workdir(ablation.get_config('bn_both'))
           == os.path.join('runs', 'ablation_bn_both'))
   assert main.default_workdir(eval_configs.get_config('demo')) == os.path.join('runs', 'demo')
   with pytest.raises(train.ConfigError, match='name the pretraining run that preset imagenet'):
     main.default_workdir(eval_configs.get_config('imagenet'))
+
+
+def test_the_default_workdir_holds_the_preset_arguments_as_typed(tmp_path):
+  """The trainer names the default workdir after the preset with its arguments (main
+  passes what followed the ':' of --config); a config error then stops it before anything
+  is written."""
+  proc = subprocess.run([sys.executable, '-m', 'byol_jax.main',
+                         '--config=configs/byol.py:demo,epochs=3', '--config.batch_size=-3'],
+                        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                        env=checkout_env())
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert f"workdir {os.path.join('runs', 'demo_epochs3')} (the default" in proc.stderr, (
+    proc.stderr[-2000:])
 
 
 def test_an_evaluation_preset_without_workdir_is_one_line(tmp_path):
