@@ -1,9 +1,22 @@
 """Command line: `python -m byol_jax.main --config=configs/byol.py:PRESET --workdir=DIR`.
 
-The training CLI's flags live here (plot, export and benchmark define their own inside
-their `main()`, so importing any module defines none). `--worker_mode` picks what this
-process does: `train` (pretraining with inline kNN evaluation), `eval` (follows the
-trainer's checkpoints), `linear_eval` or `finetune` (paper protocols on a checkpoint).
+    python -m byol_jax.main --config=configs/byol.py:demo --workdir=runs/demo
+    python -m byol_jax.main --config=configs/byol.py:demo --workdir=runs/demo --worker_mode=eval
+    python -m byol_jax.main --config=configs/linear_eval.py:demo --workdir=runs/demo \\
+        --worker_mode=linear_eval
+    python -m byol_jax.main --config=configs/byol.py:r50,epochs=300 --config.batch_size=512
+
+Presets (README "Presets"):
+  configs/byol.py         demo, cifar10, cifar10_lightly, r18, r50, r101, r152, r50x2,
+                          r50x4, r200x2; `,epochs=N` after one sets its schedule. The file
+                          alone (`--config=configs/byol.py`) is r50; without --config, demo.
+  configs/ablation.py     bn_both, bn_projector, bn_predictor, ln_both, none, contrastive
+  configs/linear_eval.py  demo, imagenet, cifar10, cifar100, food101, sun397, cars196, dtd,
+                          oxford_iiit_pet, caltech101, oxford_flowers102, voc2007
+Any field is overridden as --config.FIELD=VALUE (e.g. --config.model.depth=18).
+--worker_mode picks what this process does: train (pretraining with inline kNN
+evaluation), eval (follows the trainer's checkpoints), linear_eval or finetune (paper
+protocols on a run's checkpoint, with a configs/linear_eval.py preset).
 """
 
 from __future__ import annotations
@@ -26,6 +39,8 @@ WORKERS = {
 }
 WORKER_MODES = tuple(WORKERS)
 
+# The training CLI's flags are defined on import of this module, the entry point; plot,
+# export and benchmark define theirs inside their main(), so importing them defines none.
 _CONFIG = cli.define_config_flag(
   os.path.join(_REPO_CONFIGS, 'byol.py') + ':demo',
   'Config file and preset, e.g. configs/byol.py:r50 or configs/byol.py:r50,epochs=300; '

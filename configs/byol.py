@@ -12,6 +12,7 @@ Presets:
            ImageNet presets with the paper's defaults (batch 4096, LARS, base LR 0.2 for 1000
            epochs, tau 0.996). `,epochs=N` picks the release's table for 40/100/300/1000;
            another N trains N epochs with the nearest entry's settings (ties: the shorter).
+Without a preset (`--config=configs/byol.py`) the config is r50.
 Every field can be overridden on the command line, e.g. `--config.batch_size=512`.
 The learning rate is derived at run time as base_lr * batch_size / 256, so overriding the
 batch size rescales it.

@@ -150,6 +150,27 @@ def test_help_lists_the_config_flag(module):
   assert proc.returncode == 0  # absl's own exit code for help is 1, which reads as failure
 
 
+def test_help_names_the_presets_and_what_a_file_alone_means():
+  """--help listed no preset, and `--config=configs/byol.py` without one trains r50 on
+  ImageNet while no --config at all trains the demo: --help says both, and its lists are
+  the configs' own."""
+  from absl import flags
+
+  from byol_jax import main  # noqa: F401  (defines --config)
+  from configs import ablation, byol
+  from configs import linear_eval as eval_configs
+  proc = subprocess.run([sys.executable, '-m', 'byol_jax.main', '--help'], cwd=REPO,
+                        capture_output=True, text=True, timeout=120)
+  text = ' '.join((proc.stdout + proc.stderr).split())
+  for names in (byol.PRESETS, tuple(ablation.VARIANTS), eval_configs.PRESETS):
+    assert ', '.join(names) in text, (names, text[:3000])
+  alone = byol.get_config().preset
+  default = flags.FLAGS['config'].default_as_str.strip("'").rpartition(':')[2]
+  assert (f'The file alone (`--config=configs/byol.py`) is {alone}; without --config, '
+          f'{default}.') in text, text[:3000]
+  assert 'importing any module defines none' not in text  # a note for developers
+
+
 def test_flags_named_in_messages_and_docstrings_exist():
   """Breaks when an error message or docstring tells the user to pass a flag that no entry
   point defines (e.g. `--data_dir` for what is `--config.data_dir`): following the advice
