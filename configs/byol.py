@@ -239,8 +239,13 @@ def _parse_arg(arg: str) -> tuple[str, dict[str, int]]:
   kwargs = {}
   for pair in pairs:
     key, sep, value = pair.partition('=')
-    if not sep or key not in ARG_KEYS or not value.isdigit():
-      raise ValueError(f'bad preset argument {pair!r}; valid: {", ".join(ARG_KEYS)}=<int>')
+    # epochs=0 was taken for "not given" (r50,epochs=0 trained 1000 epochs), and of a key
+    # given twice the last won without a word.
+    if not sep or key not in ARG_KEYS or not value.isdigit() or not int(value):
+      raise ValueError(f'bad preset argument {pair!r}; valid: '
+                       f'{", ".join(ARG_KEYS)}=<positive int>')
+    if key in kwargs:
+      raise ValueError(f'preset argument {key} is given twice ({arg}): give it once')
     kwargs[key] = int(value)
   return preset, kwargs
 

@@ -28,6 +28,13 @@ def _run_main(argv: list[str], workdir) -> subprocess.CompletedProcess:
   (['--config.batch_size=abc'], "error: flag --config.batch_size=abc: invalid literal"),
   (['--config=configs/nofile.py:demo'],  # the path as typed, and where it was looked for
    f"error: config file 'configs/nofile.py' not found in {REPO}: check"),
+  # epochs=0 trained the preset's default schedule (1000 epochs for r50) without a word,
+  # and of a key given twice the last won.
+  (['--config=configs/byol.py:r50,epochs=0'],
+   "error: flag --config=configs/byol.py:r50,epochs=0: bad preset argument 'epochs=0'; "
+   'valid: epochs=<positive int>'),
+  (['--config=configs/byol.py:r50,epochs=300,epochs=40'],
+   'preset argument epochs is given twice (r50,epochs=300,epochs=40): give it once'),
   (['--bogus=1'], "error: Unknown command line flag 'bogus'"),
   # A second --config: with an override, absl said "The flag 'config.epochs' is defined
   # twice"; without one, the last preset won silently.
