@@ -177,6 +177,10 @@ def _config_file_error(e: BaseException) -> str | None:
   return f'{prefix}{type(root).__name__}: {text}{where}'
 
 
+# absl's message for a boolean flag given another word is the repr of a tuple.
+_NOT_BOOLEAN = re.compile(r"\('Non-boolean argument to boolean flag', '(.*)'\)$")
+
+
 def _exit_with(e: BaseException) -> None:
   message = _unknown_field(e) or _config_file_error(e)
   if message:
@@ -185,6 +189,7 @@ def _exit_with(e: BaseException) -> None:
   message = lines[-1] if lines else type(e).__name__
   if lines and lines[0] != message and not lines[0].startswith('flag --'):
     message = f'{lines[0]} {message}'
+  message = _NOT_BOOLEAN.sub(r"'\1' is not a boolean (true or false)", message)
   print(f'error: {message} (see --help)', file=sys.stderr)
   sys.exit(2)
 

@@ -35,6 +35,8 @@ def _run_main(argv: list[str], workdir) -> subprocess.CompletedProcess:
    'valid: epochs=<positive int>'),
   (['--config=configs/byol.py:r50,epochs=300,epochs=40'],
    'preset argument epochs is given twice (r50,epochs=300,epochs=40): give it once'),
+  (['--config.augment.blur=maybe'],  # absl's text was the repr of a tuple
+   "error: flag --config.augment.blur=maybe: 'maybe' is not a boolean (true or false)"),
   (['--bogus=1'], "error: Unknown command line flag 'bogus'"),
   # A second --config: with an override, absl said "The flag 'config.epochs' is defined
   # twice"; without one, the last preset won silently.
