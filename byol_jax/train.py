@@ -34,6 +34,7 @@ from byol_jax import (
   checkpointing,
   cli,
   config_compat,
+  datasets,
   losses,
   metric_writers,
   multihost,
@@ -654,9 +655,41 @@ def train_and_evaluate(cfg: Any, workdir: str) -> dict[str, Any]:
   checkpointing.quiet_orbax_logs()
   mesh = train_step.make_mesh()
   validate(cfg, mesh.size)
+  created = _missing_ancestors(workdir)
   prepare_workdir(workdir)
-  with _trainer_lock(workdir):
-    return _train(cfg, workdir, mesh)
+  try:
+    with _trainer_lock(workdir):
+      return _train(cfg, workdir, mesh)
+  except (ConfigError, datasets.DataError):
+    _remove_if_untouched(workdir, created)
+    raise
+
+
+def _missing_ancestors(workdir: str) -> list[str]:
+  """The folders from `workdir` up that do not exist yet, deepest first."""
+  missing, path = [], os.path.abspath(workdir)
+  while not os.path.exists(path) and os.path.dirname(path) != path:
+    missing.append(path)
+    path = os.path.dirname(path)
+  return missing
+
+
+def _remove_if_untouched(workdir: str, created: list[str]) -> None:
+  """Removes the folders this start created when it stopped on a mistake (data not
+  prepared, a bad init_from) before writing anything but its lock: a mistyped
+  `--config=configs/byol.py` left an empty runs/r50 behind, which the eval worker then
+  took for a trainer's workdir. Other processes' locks, or anything else, keep them."""
+  if not created:
+    return
+  try:
+    os.remove(os.path.join(workdir, f'.trainer.lock.{jax.process_index()}'))
+  except OSError:
+    pass
+  for path in created:
+    try:
+      os.rmdir(path)  # only an empty folder
+    except OSError:
+      return
 
 
 def _train(cfg: Any, workdir: str, mesh) -> dict[str, Any]:

@@ -397,6 +397,17 @@ def test_ctrl_c_during_compilation_exits_130_without_a_segfault(tmp_path):
   assert text.strip().splitlines()[-1].startswith('interrupted: the train worker stopped')
 
 
+def test_a_start_stopped_by_its_data_leaves_no_workdir(tmp_path):
+  """A dataset that is not prepared is found after the workdir is made: the folders that
+  start created (here runs/ and runs/x) are removed again, as nothing was written there."""
+  proc = _run_main(['--config=configs/byol.py:demo', '--config.dataset=cifar10',
+                    f'--config.data_dir={tmp_path / "no_data"}'], tmp_path / 'runs' / 'x')
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert proc.stderr.strip().splitlines()[-1].startswith(
+    "error: TFDS dataset 'cifar10' is not prepared"), proc.stderr[-2000:]
+  assert not os.path.exists(tmp_path / 'runs'), os.listdir(tmp_path / 'runs')
+
+
 def test_the_default_workdir_is_named_after_the_preset():
   """Without --workdir every preset trained in runs/demo, so the second preset tried there
   was refused as another preset's run. Pretraining presets now default to runs/<preset>;
