@@ -78,6 +78,10 @@ def validate(cfg: Any, num_devices: int) -> None:
     raise ConfigError(f'epochs={cfg.epochs} must be positive (or set steps)')
   if cfg.image_size < 8:
     raise ConfigError(f'image_size={cfg.image_size} must be at least 8 pixels')
+  # A negative seed ended in numpy's traceback; from 2**32 up JAX's PRNGKey (32-bit without
+  # jax_enable_x64) gives the key of seed mod 2**32 (2**32: seed 0's).
+  if not 0 <= cfg.seed < 2**32:
+    raise ConfigError(f'seed={cfg.seed} must be in [0, 2**32)')
   if not 0 < cfg.eval_crop_fraction <= 1:  # 0 divided by zero; above 1 cropped past the image
     raise ConfigError(f'eval_crop_fraction={cfg.eval_crop_fraction} must be in (0, 1]')
   if (target_init := config_compat.setting(cfg, 'target_init')) not in train_step.TARGET_INITS:

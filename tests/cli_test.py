@@ -75,6 +75,8 @@ def test_a_bug_in_a_config_file_is_one_line_saying_where(body, expected, tmp_pat
   (['--config.batch_size=-3'], 'error: batch_size=-3 must be a positive multiple'),
   (['--config.dataset=folder:/nonexistent/byol'],
    'error: dataset folder /nonexistent/byol does not exist'),
+  (['--config.seed=-1'],  # was numpy's traceback from the demo data's generator
+   'error: seed=-1 must be in [0, 2**32)'),
   (['--config.augment.mean=(0.5,0.5)'],  # was a broadcasting traceback from the traced step
    'error: augment.mean=(0.5, 0.5) must hold 3 numbers'),
 ])
