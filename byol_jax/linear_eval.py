@@ -204,6 +204,8 @@ def _validate(cfg: Any) -> None:
     raise ConfigError(f'network={cfg.network!r}; valid: {", ".join(NETWORKS)}')
   if cfg.epochs < 1 or cfg.batch_size < 1 or not cfg.learning_rates:
     raise ConfigError('need epochs >= 1, batch_size >= 1 and at least one learning rate')
+  if not 0 <= cfg.seed < 2**32:  # a negative one ended finetune in numpy's traceback
+    raise ConfigError(f'seed={cfg.seed} must be in [0, 2**32)')
   if not 0.0 < cfg.crop_fraction <= 1.0:
     raise ConfigError(f'crop_fraction={cfg.crop_fraction} must be in (0, 1]')
   if cfg.image_size < 8:

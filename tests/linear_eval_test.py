@@ -217,7 +217,8 @@ def test_presets_and_bad_fields():
   assert (resolved.image_size, resolved.crop_fraction) == (pre.image_size,
                                                            pre.eval_crop_fraction)
   for bad in (dict(mode='online'), dict(network='predictor'), dict(crop_fraction=1.5),
-              dict(val_split='', val_size=0), dict(normalize_features=True, mode='augmented')):
+              dict(val_split='', val_size=0), dict(normalize_features=True, mode='augmented'),
+              dict(seed=-1)):
     with pytest.raises(train.ConfigError):
       linear_eval.resolve_config(eval_config(**bad), pre)
 
