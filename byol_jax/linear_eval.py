@@ -204,6 +204,12 @@ def _validate(cfg: Any) -> None:
     raise ConfigError(f'network={cfg.network!r}; valid: {", ".join(NETWORKS)}')
   if cfg.epochs < 1 or cfg.batch_size < 1 or not cfg.learning_rates:
     raise ConfigError('need epochs >= 1, batch_size >= 1 and at least one learning rate')
+  # As the pretraining config's base_lr: a non-positive LR trained a head uphill, or not at
+  # all, without a word (the sweep then passed it over).
+  for name, rates in (('learning_rates', cfg.learning_rates),
+                      ('finetune.learning_rates', cfg.finetune.learning_rates)):
+    if any(not lr > 0 for lr in rates):
+      raise ConfigError(f'{name}={tuple(rates)} must all be positive')
   if not 0 <= cfg.seed < 2**32:  # a negative one ended finetune in numpy's traceback
     raise ConfigError(f'seed={cfg.seed} must be in [0, 2**32)')
   if not 0.0 < cfg.crop_fraction <= 1.0:

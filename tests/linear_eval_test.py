@@ -218,7 +218,8 @@ def test_presets_and_bad_fields():
                                                            pre.eval_crop_fraction)
   for bad in (dict(mode='online'), dict(network='predictor'), dict(crop_fraction=1.5),
               dict(val_split='', val_size=0), dict(normalize_features=True, mode='augmented'),
-              dict(seed=-1)):
+              dict(seed=-1), dict(learning_rates=(0.1, -1.0)), dict(learning_rates=(0.0,)),
+              dict(finetune=dict(learning_rates=(0.1, -0.1)))):
     with pytest.raises(train.ConfigError):
       linear_eval.resolve_config(eval_config(**bad), pre)
 
