@@ -253,4 +253,11 @@ def parse_flags(argv: list[str]) -> list[str]:
     raise
   except Exception as e:  # absl and ml_collections raise several types for user mistakes
     _exit_with(e)
+  if len(rest) > 1:
+    # No entry point takes positional arguments, and they were dropped without a word:
+    # `python -m byol_jax.main configs/byol.py:cifar10` trained the default demo.
+    hint = (f' (did you mean --config={rest[1]}?)' if re.match(r'[^=\s]+\.py(:|$)', rest[1])
+            and 'config' in flags.FLAGS else '')
+    _exit_with(ValueError(f'unexpected argument {rest[1]!r}: every argument is a flag, '
+                          f'--NAME=VALUE{hint}'))
   return rest

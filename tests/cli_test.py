@@ -37,6 +37,10 @@ def _run_main(argv: list[str], workdir) -> subprocess.CompletedProcess:
    'preset argument epochs is given twice (r50,epochs=300,epochs=40): give it once'),
   (['--config.augment.blur=maybe'],  # absl's text was the repr of a tuple
    "error: flag --config.augment.blur=maybe: 'maybe' is not a boolean (true or false)"),
+  # A positional argument was dropped without a word: this trained the default demo.
+  (['configs/byol.py:cifar10'],
+   "error: unexpected argument 'configs/byol.py:cifar10': every argument is a flag, "
+   '--NAME=VALUE (did you mean --config=configs/byol.py:cifar10?)'),
   (['--bogus=1'], "error: Unknown command line flag 'bogus'"),
   # A second --config: with an override, absl said "The flag 'config.epochs' is defined
   # twice"; without one, the last preset won silently.
