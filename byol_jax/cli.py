@@ -111,9 +111,16 @@ def remote_path_error(path: str, what: str = 'workdir') -> str | None:
           'a local path, or one on a shared file system that every host mounts (NFS, Filestore)')
 
 
+# Path flags, whose leading ~ parse_flags expands (validate_path_flag registers them).
+_PATH_FLAGS = set()
+
+
 def validate_path_flag(name: str, what: str = 'workdir') -> None:
   """Refuses a URL in flag --NAME while flags are parsed (one line, exit 2), and an empty
-  --workdir= (it was taken for the current directory, then called not writable)."""
+  --workdir= (it was taken for the current directory, then called not writable). A leading
+  ~ is expanded once flags are parsed (parse_flags)."""
+  _PATH_FLAGS.add(name)
+
   def check(path: str | None) -> bool:
     if what == 'workdir' and path == '':
       raise flags.ValidationError(f'empty: name the run\'s folder, e.g. --{name}=runs/demo')
@@ -253,6 +260,12 @@ def parse_flags(argv: list[str]) -> list[str]:
     raise
   except Exception as e:  # absl and ml_collections raise several types for user mistakes
     _exit_with(e)
+  # The shell leaves the ~ of --workdir=~/runs/demo alone (it follows '='), and a folder
+  # named '~' was made in the working directory.
+  for name in _PATH_FLAGS & set(flags.FLAGS):
+    value = flags.FLAGS[name].value
+    if isinstance(value, str) and value.startswith('~'):
+      flags.FLAGS[name].value = os.path.expanduser(value)
   if len(rest) > 1:
     # No entry point takes positional arguments, and they were dropped without a word:
     # `python -m byol_jax.main configs/byol.py:cifar10` trained the default demo.

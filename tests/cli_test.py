@@ -321,6 +321,22 @@ def test_a_workdir_that_is_a_file_is_one_line(module, argv, tmp_path):
   assert errors == ["error: workdir 'afile' is a file, not a directory"], proc.stderr[-2000:]
 
 
+def test_a_workdir_under_tilde_is_the_home_folder(tmp_path):
+  """The shell does not expand the ~ of `--workdir=~/run` (it follows '='): the path flags
+  expand it, as a folder dataset's path already was, where a folder named '~' was made in
+  (or, for plot, looked for under) the working directory."""
+  run = tmp_path / 'home' / 'run'
+  (run / 'metrics').mkdir(parents=True)
+  (run / 'metrics' / 'train.jsonl').write_text(
+    '{"step": 1, "loss": 3.0}\n{"step": 2, "loss": 2.0}\n')
+  proc = subprocess.run([sys.executable, '-m', 'byol_jax.plot', '--workdir=~/run',
+                         '--figures=loss'], cwd=tmp_path, capture_output=True, text=True,
+                        timeout=120, env=checkout_env(HOME=str(tmp_path / 'home')))
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert (run / 'plots' / 'loss.png').exists(), proc.stdout + proc.stderr
+  assert not (tmp_path / '~').exists()
+
+
 def test_plots_that_cannot_be_written_are_one_line(tmp_path):
   """An --output that cannot be written (here under a file; a read-only disk alike) ended in
   an OSError traceback from matplotlib."""
