@@ -127,6 +127,21 @@ def share_accelerator_memory(mode: str, environ: dict | None = None) -> None:
     environ['XLA_PYTHON_CLIENT_PREALLOCATE'] = 'false'
 
 
+# Config fields that hold a local path. A folder dataset's path is expanded where it is
+# parsed (datasets.parse_dataset).
+PATH_FIELDS = ('init_from', 'data_dir')
+
+
+def expand_user_paths(cfg) -> None:
+  """A leading ~ of a path field is the home folder, as for the path flags (cli): the
+  shell leaves the ~ of --config.init_from=~/runs/demo alone, and it was looked for under a
+  folder named '~' in the working directory."""
+  for name in PATH_FIELDS:
+    value = cfg.get(name)
+    if isinstance(value, str) and value.startswith('~'):
+      cfg[name] = os.path.expanduser(value)
+
+
 INTERRUPTED = 130  # the shell's code for a process ended by SIGINT
 
 
@@ -135,6 +150,7 @@ def run(argv: list[str]) -> int:
   from byol_jax import checkpointing, datasets, multihost, train  # after parsing: fast --help
   checkpointing.quiet_orbax_logs()
   cfg = _CONFIG.value
+  expand_user_paths(cfg)
   share_accelerator_memory(_MODE.value)
   try:
     workdir = _WORKDIR.value

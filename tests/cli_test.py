@@ -337,6 +337,21 @@ def test_a_workdir_under_tilde_is_the_home_folder(tmp_path):
   assert not (tmp_path / '~').exists()
 
 
+def test_a_path_field_under_tilde_is_the_home_folder(tmp_path):
+  """--config.init_from=~/old was looked for under a folder named '~' in the working
+  directory; it is the home folder's, as for the path flags."""
+  home = tmp_path / 'home'
+  home.mkdir()
+  proc = subprocess.run([sys.executable, '-m', 'byol_jax.main', '--config=configs/byol.py:demo',
+                         f'--workdir={tmp_path / "run"}', '--config.init_from=~/old'],
+                        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                        env=checkout_env(HOME=str(home)))
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert proc.stderr.strip().splitlines()[-1].startswith(
+    f'error: init_from={home}/old: no finalised checkpoint in {home}/old/checkpoints'), (
+    proc.stderr[-2000:])
+
+
 def test_plots_that_cannot_be_written_are_one_line(tmp_path):
   """An --output that cannot be written (here under a file; a read-only disk alike) ended in
   an OSError traceback from matplotlib."""
