@@ -10,9 +10,11 @@ Presets (README "Presets"):
   configs/byol.py         demo, cifar10, cifar10_lightly, r18, r50, r101, r152, r50x2,
                           r50x4, r200x2; `,epochs=N` after one sets its schedule. The file
                           alone (`--config=configs/byol.py`) is r50; without --config, demo.
-  configs/ablation.py     bn_both, bn_projector, bn_predictor, ln_both, none, contrastive
+  configs/ablation.py     bn_both, bn_projector, bn_predictor, ln_both, none, contrastive;
+                          the file alone is bn_both.
   configs/linear_eval.py  demo, imagenet, cifar10, cifar100, food101, sun397, cars196, dtd,
-                          oxford_iiit_pet, caltech101, oxford_flowers102, voc2007
+                          oxford_iiit_pet, caltech101, oxford_flowers102, voc2007; the file
+                          alone is demo.
 Any field is overridden as --config.FIELD=VALUE (e.g. --config.model.depth=18).
 --worker_mode picks what this process does: train (pretraining with inline kNN
 evaluation), eval (follows the trainer's checkpoints), linear_eval or finetune (paper

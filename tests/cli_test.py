@@ -183,6 +183,10 @@ def test_help_names_the_presets_and_what_a_file_alone_means():
   default = flags.FLAGS['config'].default_as_str.strip("'").rpartition(':')[2]
   assert (f'The file alone (`--config=configs/byol.py`) is {alone}; without --config, '
           f'{default}.') in text, text[:3000]
+  for module in (ablation, eval_configs):  # what get_config() without a preset builds
+    names = ', '.join(getattr(module, 'VARIANTS', None) or module.PRESETS)
+    alone = module.get_config().preset.rpartition(':')[2]
+    assert f'{names}; the file alone is {alone}.' in text, (module.__name__, text[:3000])
   assert 'importing any module defines none' not in text  # a note for developers
 
 
