@@ -664,6 +664,11 @@ def train_and_evaluate(cfg: Any, workdir: str) -> dict[str, Any]:
   try:
     with _trainer_lock(workdir):
       return _train(cfg, workdir, mesh)
+  except WorkdirBusy:
+    # Not this start's mistake: the lock file and the folder are the holder's (two trainers
+    # started at once on a new workdir both found it missing), and it may not have written
+    # anything else yet.
+    raise
   except (ConfigError, datasets.DataError):
     _remove_if_untouched(workdir, created)
     raise

@@ -1,6 +1,7 @@
 """Tests of the host training loop's own judgements (train.py); resume, checkpoints and
 faults are in checkpointing_test.py."""
 
+import contextlib
 import json
 import logging
 import os
@@ -418,3 +419,21 @@ def test_a_resumed_folder_with_another_number_of_classes_is_one_line(png_folder,
     shutil.copytree(root / split / 'c0', root / split / 'c3')
   with pytest.raises(train.ConfigError, match='now has 4 classes.*trained on 3'):
     train.train_and_evaluate(cfg, str(tmp_path / 'run'))
+
+
+def test_a_start_refused_as_busy_leaves_the_holders_new_workdir(tmp_path, monkeypatch):
+  """Two trainers started at once on a new workdir both find it missing; the second is
+  refused by the first's lock. That refusal is no mistake of its own start: it must not
+  remove the holder's lock file (a third trainer then got in) nor the folder the holder
+  trains in (rmdir took it while the holder was still loading its data)."""
+  monkeypatch.setattr(data, 'make_train_data', lambda *a, **k: pytest.fail('data was loaded'))
+  workdir = tmp_path / 'runs' / 'new'
+  prepare, holder = train.prepare_workdir, contextlib.ExitStack()
+
+  def the_other_trainer_gets_in_first(path: str) -> None:
+    prepare(path)
+    holder.enter_context(train._trainer_lock(path))
+  monkeypatch.setattr(train, 'prepare_workdir', the_other_trainer_gets_in_first)
+  with holder, pytest.raises(train.WorkdirBusy):
+    train.train_and_evaluate(tiny_config(), str(workdir))
+  assert (workdir / '.trainer.lock.0').exists(), 'the holder lost its workdir or its lock'
