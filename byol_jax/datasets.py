@@ -440,13 +440,20 @@ def _check_readable(path: str) -> bool:
     return False
 
 
-def _report_skipped(where: str, skipped: list[str], total: int, strict: bool) -> None:
+def _report_skipped(where: str, skipped: list[str], total: int, strict: bool,
+                    whole_split: bool = True) -> None:
   """Logs unreadable files once, or raises DataError for them in strict mode, or when no
   file is readable: an empty split surfaced later as a misleading error (kNN: 'label -1
-  throughout') or a traceback (linear evaluation: 'cannot evaluate on an empty set')."""
+  throughout') or a traceback (linear evaluation: 'cannot evaluate on an empty set').
+
+  whole_split=False: the files are one process's shard of a multi-process run. A shard
+  without a readable file is no empty split (the others may hold the readable ones), and
+  one process stopping alone would leave the others waiting in their collectives; it is
+  logged, and the process goes on empty (its evaluation batches all masked).
+  """
   if not skipped:
     return
-  if len(skipped) == total:
+  if len(skipped) == total and whole_split:
     raise DataError(f'none of the {total} files under {where} is a readable image '
                     f'({_UNREADABLE}; first: {skipped[0]})')
   if strict:
@@ -503,16 +510,19 @@ def _parallel_map(fn: Callable[[Any], Any], items: Sequence[Any], what: str = ''
 
 
 def readable_subset(paths: Sequence[str], labels: np.ndarray, where: str,
-                    strict: bool = False) -> tuple[list[str], np.ndarray, int]:
+                    strict: bool = False,
+                    whole_split: bool = True) -> tuple[list[str], np.ndarray, int]:
   """Drops files that are not complete images (`_check_readable`), counting them.
 
-  Unreadable files are logged once; strict=True raises DataError instead. Streaming
-  pipelines call this on their own shard only, so the cost is shared between processes.
+  Unreadable files are logged once; strict=True raises DataError instead, and so does a
+  split without one readable file. Streaming pipelines call this on their own shard only,
+  so the cost is shared between processes (whole_split=False for a shard of several
+  processes: see `_report_skipped`).
   """
   ok = np.asarray(_parallel_map(_check_readable, paths, f'checking {where}'),
                   bool).reshape(-1)
   _report_skipped(where, [p for p, good in zip(paths, ok, strict=True) if not good],
-                  len(paths), strict)
+                  len(paths), strict, whole_split)
   kept = [p for p, good in zip(paths, ok, strict=True) if good]
   return kept, np.asarray(labels)[ok], int((~ok).sum())
 
@@ -615,16 +625,17 @@ def centre_square_warning(info: dict[str, Any], where: str, remedy: str) -> str:
 
 
 def _decode_all(sources: Sequence[Any], names: Sequence[str], image_size: int | None,
-                where: str, strict: bool) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+                where: str, strict: bool,
+                whole_split: bool = True) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
   """Decodes sources in parallel; returns stacked images, kept indices and info's counts:
   skipped (unreadable) and centre_square_area (the mean share of an image that its centre
-  square holds, see `centre_square_warning`)."""
+  square holds, see `centre_square_warning`). whole_split: see `_report_skipped`."""
   results = _parallel_map(lambda s: _decode_and_area(s, image_size), sources,
                           f'decoding {where}')
   decoded = [img for img, _ in results]
   keep = [i for i, img in enumerate(decoded) if img is not None]
   _report_skipped(where, [names[i] for i, img in enumerate(decoded) if img is None],
-                  len(sources), strict)
+                  len(sources), strict, whole_split)
   shapes = {decoded[i].shape for i in keep}
   if len(shapes) > 1:
     raise DataError(f'images under {where} have different sizes (e.g. '
@@ -664,7 +675,8 @@ def _load_demo(split: str, image_size: int | None, seed: int) -> tuple[Any, Any,
 
 
 def _load_folder(spec: DatasetSpec, split: str, image_size: int | None, strict: bool,
-                 shard: Callable[[int], np.ndarray]) -> tuple[Any, Any, dict]:
+                 shard: Callable[[int], np.ndarray],
+                 whole_split: bool = True) -> tuple[Any, Any, dict]:
   """Decodes this process's part of an image-folder split with Pillow, in a shuffled order.
 
   A folder lists its files class by class; TFDS shuffles records once when it prepares a
@@ -676,7 +688,8 @@ def _load_folder(spec: DatasetSpec, split: str, image_size: int | None, strict: 
   idx = shard(len(found.paths))
   idx = idx[folder_order(len(idx))]  # before decoding: no second copy of the images
   paths = [found.paths[i] for i in idx]
-  images, kept, counts = _decode_all(paths, paths, image_size, f'{spec.root} ({split})', strict)
+  images, kept, counts = _decode_all(paths, paths, image_size, f'{spec.root} ({split})', strict,
+                                     whole_split)
   return images, found.labels[idx][kept], dict(num_classes=len(found.class_names),
                                                class_names=found.class_names, **counts)
 
@@ -745,7 +758,7 @@ def _load_tfds(spec: DatasetSpec, split: str, data_dir: str | None, image_size: 
     labels.append(target(example))
   names = [f'{spec.name}[{expr}] #{i}' for i in range(len(encoded))]
   images, kept, counts = _decode_all(encoded, names, image_size, f'{spec.name} ({expr})',
-                                     strict)
+                                     strict, process_count == 1)
   empty = np.zeros((0, len(class_names)) if multilabel else 0, np.int64)
   labels = np.asarray(labels, np.int64)[kept] if labels else empty
   return images, labels, dict(num_classes=len(class_names), class_names=class_names, **counts)
@@ -775,7 +788,8 @@ def load_arrays(spec: DatasetSpec, split: str, *, data_dir: str | None = None,
     images, labels = images[idx], labels[idx]
   elif spec.kind == 'folder':
     shard = lambda n: _shard(n, process_index, process_count)
-    images, labels, info = _load_folder(spec, split, image_size, strict, shard)
+    images, labels, info = _load_folder(spec, split, image_size, strict, shard,
+                                        process_count == 1)
   elif spec.kind == 'tfds':
     _shard(0, process_index, process_count)  # Validates the process arguments.
     images, labels, info = _load_tfds(spec, split, data_dir, image_size, strict,

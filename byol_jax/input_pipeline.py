@@ -191,7 +191,7 @@ def _folder_shard(spec: datasets.DatasetSpec, split: str, process_index: int,
     idx = idx[datasets.folder_order(len(idx))]
   paths, labels, skipped = datasets.readable_subset(
     [found.paths[i] for i in idx], found.labels[idx],
-    f'{spec.root} ({split}, process {process_index})', strict)
+    f'{spec.root} ({split}, process {process_index})', strict, process_count == 1)
   return paths, labels, skipped, len(found.paths)
 
 

@@ -242,6 +242,29 @@ def test_a_split_without_one_readable_image_is_a_data_error(tmp_path):
   assert labels.tolist() == [0] and info['skipped'] == 1
 
 
+def test_a_process_whose_shard_has_no_readable_image_goes_on_empty(tmp_path):
+  """In a run of several processes each reads its own shard of a split. A shard whose every
+  file is unreadable, while the others' shards hold readable ones, is no empty split: one
+  process stopping there alone left the others waiting in their collectives. It loads empty
+  (its files counted as skipped); the whole split, or a single process, still raises."""
+  from byol_jax import input_pipeline
+  root = make_folder(tmp_path, splits=('train', 'test'), per_class=2)
+  for name in ('cat', 'dog'):  # files 1 and 3 of test/: process 1's shard of two
+    (tmp_path / 'test' / name / '001.png').write_bytes(b'RIFF\x00\x00\x00\x00WEBPVP8 ')
+  spec = datasets.parse_dataset(f'folder:{root}')
+  images, labels, info = datasets.load_arrays(spec, 'test', image_size=8, process_index=1,
+                                              process_count=2)
+  assert len(images) == len(labels) == 0 and info['skipped'] == 2
+  paths, _, skipped, total = input_pipeline._folder_shard(spec, 'test', 1, 2, strict=False)
+  assert (paths, skipped, total) == ([], 2, 4)
+  _, labels, info = datasets.load_arrays(spec, 'test', image_size=8, process_index=0,
+                                         process_count=2)
+  assert sorted(labels.tolist()) == [0, 1] and info['skipped'] == 0
+  with pytest.raises(datasets.DataError, match='^none of the 2 files under'):
+    datasets.readable_subset([str(tmp_path / 'test' / n / '001.png') for n in ('cat', 'dog')],
+                             np.zeros(2), 'test')
+
+
 def test_resize_short_side_then_centre_crop(tmp_path):
   """Images of other sizes must be resized and centre-cropped, not squashed or padded."""
   stripes = np.zeros((20, 40, 3), np.uint8)
