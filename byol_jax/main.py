@@ -129,6 +129,32 @@ def share_accelerator_memory(mode: str, environ: dict | None = None) -> None:
     environ['XLA_PYTHON_CLIENT_PREALLOCATE'] = 'false'
 
 
+def resolve_default_workdir(cfg, preset_arg: str = '') -> str:
+  """The workdir of a run started without --workdir: `default_workdir`, or runs/<preset>
+  where this preset with arguments (`r50,epochs=300`) trained before the default held them
+  and the run there is this one (a checkpoint of the same trajectory).
+
+  Why: the command that started such a run is the one that resumes it; with the new
+  default it started the run afresh in runs/r50_epochs300 (days of ImageNet training lost)
+  and said so in one INFO line. A folder that holds another run (plain `r50`) is left to it.
+  """
+  workdir = default_workdir(cfg, preset_arg)
+  earlier = default_workdir(cfg)
+  if earlier != workdir and not os.path.exists(workdir) and os.path.isdir(earlier):
+    from byol_jax import checkpointing
+    try:
+      saved = checkpointing.load_config(earlier)
+    except checkpointing.CheckpointError:  # none there, or unreadable: not this run's
+      saved = None
+    if saved is not None and not checkpointing.config_differences(saved, cfg)[0]:
+      logging.warning('workdir %s: this run started there, before the default workdir held '
+                      "the preset's arguments (%s now); it resumes there (--workdir sets "
+                      'another)', earlier, workdir)
+      return earlier
+  logging.info('workdir %s (the default for this preset; --workdir sets another)', workdir)
+  return workdir
+
+
 # Config fields that hold a local path. A folder dataset's path is expanded where it is
 # parsed (datasets.parse_dataset).
 PATH_FIELDS = ('init_from', 'data_dir')
@@ -158,8 +184,7 @@ def run(argv: list[str]) -> int:
     workdir = _WORKDIR.value
     if workdir is None:
       preset_arg = flags.FLAGS['config'].config_filename.partition(':')[2]
-      workdir = default_workdir(cfg, preset_arg)
-      logging.info('workdir %s (the default for this preset; --workdir sets another)', workdir)
+      workdir = resolve_default_workdir(cfg, preset_arg)
     if os.path.exists(workdir) and not os.path.isdir(workdir):
       print(f'error: {cli.missing_dir_error(workdir)}', file=sys.stderr)
       return 2

@@ -495,3 +495,23 @@ def test_an_evaluation_preset_without_workdir_is_one_line(tmp_path):
     'error: --workdir: name the pretraining run that preset cifar10 evaluates, e.g. '
     '--workdir=runs/r50'), proc.stderr[-2000:]
   assert not os.listdir(tmp_path)  # nothing written
+
+
+def test_a_run_started_in_the_earlier_default_workdir_resumes_there(tmp_path, monkeypatch):
+  """configs/byol.py:r50,epochs=300 trained in runs/r50 before the default workdir held the
+  preset's arguments (runs/r50_epochs300 now). The same command must resume that run, not
+  start it afresh in the new folder; runs/r50 holding another run (plain r50's 1000
+  epochs), or none, keeps the new default."""
+  from byol_jax import checkpointing, main
+  from configs import byol
+  monkeypatch.chdir(tmp_path)
+  cfg = byol.get_config('r50,epochs=300')
+  new, earlier = os.path.join('runs', 'r50_epochs300'), os.path.join('runs', 'r50')
+  assert main.resolve_default_workdir(cfg, 'r50,epochs=300') == new  # nothing there
+  os.makedirs(earlier)
+  saved = {earlier: cfg}
+  monkeypatch.setattr(checkpointing, 'load_config', lambda w: saved[w])
+  assert main.resolve_default_workdir(cfg, 'r50,epochs=300') == earlier
+  saved[earlier] = byol.get_config('r50')  # plain r50's run: another schedule
+  assert main.resolve_default_workdir(cfg, 'r50,epochs=300') == new
+  assert main.resolve_default_workdir(saved[earlier], 'r50') == earlier  # its own default
