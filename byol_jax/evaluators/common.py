@@ -108,6 +108,11 @@ def stream_features(apply: Callable[[np.ndarray], Any], stream: Iterable[dict[st
   `labelled_only` rows labelled -1 are dropped after embedding (the stream's batch count is
   fixed for multi-host padding, so it cannot be filtered) and do not count towards `limit`:
   STL-10's 'unlabelled+train' puts 100,000 unlabelled images before the labelled ones.
+
+  Multi-process: `apply` is a collective (a jit over the global mesh), so every process must
+  make the same calls. They do because every process streams the whole split (evaluation
+  streams are not sharded by process), so masks, labels and the early stop agree; a sharded
+  stream would need the skip and the stop decided across processes.
   """
   outputs, labels, count = [], [], 0
   total = len(stream) if hasattr(stream, '__len__') else 0
