@@ -85,6 +85,52 @@ def default_workdir(cfg, preset_arg: str = '') -> str:
                           'evaluates, e.g. --workdir=runs/r50')
 
 
+def _load_config_module(path: str):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location('_byol_jax_resume_config', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def resuming_config(config_file: str, saved) -> str | None:
+  """The --config (with any --config.FIELD flags) that resumes a run saved with config
+  `saved`, built from that run's own preset: a refusal listed the differing fields but not
+  that plain `r50`, the preset recorded in the run's config.json, resumes it (the user had
+  typed `r50,epochs=300`). Only a preset of `config_file` whose config (with those flags)
+  matches the saved trajectory is named; None when there is none or it cannot be loaded."""
+  from byol_jax import checkpointing
+  saved_preset = saved.get('preset') if hasattr(saved, 'get') else None
+  if not saved_preset or not os.path.isfile(config_file):
+    return None
+  arg = str(saved_preset).rpartition(':')[2]  # ablation presets are saved as ablation:NAME
+  candidates = [arg]
+  if saved.get('epochs'):
+    candidates.append(f'{arg},epochs={saved["epochs"]}')
+  try:
+    get_config = _load_config_module(config_file).get_config
+  except Exception:  # a config file that no longer loads: say nothing rather than guess
+    return None
+  best = None
+  for candidate in candidates:
+    try:
+      cfg = get_config(candidate)
+      trajectory, _ = checkpointing.config_differences(saved, cfg)
+      fixes = checkpointing.saved_value_flags(saved, cfg)
+    except Exception:  # not a preset of this file
+      continue
+    if len(fixes) != len(trajectory):
+      continue  # a field the flags cannot set back: this preset does not resume it
+    if best is None or len(fixes) < len(best[1]):
+      best = candidate, fixes
+  if best is None:
+    return None
+  shown = config_file
+  if config_file.startswith(cli.REPO + os.sep):  # the repository's file, as the README says
+    shown = os.path.relpath(config_file, cli.REPO)
+  return ' '.join([f'--config={shown}:{best[0]}', *best[1]])
+
+
 def _join(cfg, workdir: str) -> float:
   """Joins a multi-process run when asked to and checks that all processes agree; returns
   the silence after which a process counts as lost (0: single process, nothing to watch)."""
@@ -193,7 +239,12 @@ def run(argv: list[str]) -> int:
       watch.exit_code = importlib.import_module(WORKERS[_MODE.value]).run(cfg, workdir)
     return watch.exit_code
   except (train.ConfigError, datasets.DataError, multihost.LaunchError) as e:
-    print(f'error: {e}', file=sys.stderr)  # one line, no log prefix: a user's mistake
+    message = str(e)
+    if isinstance(e, train.SetupMismatch):
+      resume = resuming_config(flags.FLAGS['config'].config_filename.partition(':')[0], e.saved)
+      if resume:
+        message += f' The run\'s own preset resumes it: {resume}'
+    print(f'error: {message}', file=sys.stderr)  # one line, no log prefix: a user's mistake
     return 2
   except KeyboardInterrupt:  # outside the trainer's step loop (set-up, waiting, evaluating)
     print(f'interrupted: the {_MODE.value} worker stopped; what it had saved (checkpoints, '

@@ -55,6 +55,15 @@ class ConfigError(ValueError):
   """A config value that cannot work; the CLI prints it as one line."""
 
 
+class SetupMismatch(ConfigError):
+  """The workdir holds a run of another setup. `saved` is that run's config, so that the
+  command line, which knows the config file, can name the preset argument that resumes it."""
+
+  def __init__(self, message: str, saved: Any):
+    super().__init__(message)
+    self.saved = saved
+
+
 class TrainingDiverged(RuntimeError):
   """Too many non-finite steps in a row: the run stopped without saving."""
 
@@ -492,12 +501,12 @@ def _restore(cfg: Any, workdir: str) -> checkpointing.Restored | None:
     if trajectory:
       longer = any(c.split(' ')[0] in ('epochs', 'steps', 'dataset') for c in trajectory)
       saved = ' '.join(checkpointing.saved_value_flags(meta['config'], cfg))
-      raise ConfigError(
+      raise SetupMismatch(
         f'{workdir} holds a run with another setup, resuming would not continue it: '
         f'{", ".join(trajectory)}. Use a new --workdir or the saved values'
         + (f' ({saved})' if saved else '')
         + (f' (a new --workdir with --config.init_from={workdir} starts a new schedule from '
-           'its networks)' if longer else '') + '.')
+           'its networks)' if longer else '') + '.', meta['config'])
     if other:
       logging.info('resuming with changed settings: %s', ', '.join(other))
 

@@ -515,3 +515,29 @@ def test_a_run_started_in_the_earlier_default_workdir_resumes_there(tmp_path, mo
   saved[earlier] = byol.get_config('r50')  # plain r50's run: another schedule
   assert main.resolve_default_workdir(cfg, 'r50,epochs=300') == new
   assert main.resolve_default_workdir(saved[earlier], 'r50') == earlier  # its own default
+
+
+def test_a_refused_resume_names_the_runs_own_preset(monkeypatch):
+  """`--config=configs/byol.py:r50,epochs=300` on a run of plain `r50` listed the differing
+  fields and the flags of their saved values, but not that the run's own preset (`r50`, in
+  its config.json) resumes it. The refusal carries the saved config, and the command line
+  names the preset of the config file whose config matches it, with flags for the rest."""
+  from byol_jax import checkpointing, main, train
+  from configs import byol
+  saved = checkpointing.config_to_dict(byol.get_config('r50'))
+  monkeypatch.setattr(checkpointing, 'restore_latest',
+                      lambda workdir, template_fn, check: check({'config': saved}))
+  with pytest.raises(train.SetupMismatch) as e:
+    train._restore(byol.get_config('r50,epochs=300'), 'runs/r50')
+  assert e.value.saved == saved
+  config_file = os.path.join(REPO, 'configs', 'byol.py')
+  assert main.resuming_config(config_file, saved) == '--config=configs/byol.py:r50'
+  longer = checkpointing.config_to_dict(byol.get_config('r50,epochs=300'))
+  assert main.resuming_config(config_file, longer) == '--config=configs/byol.py:r50,epochs=300'
+  smaller = byol.get_config('cifar10')
+  smaller.batch_size = 128
+  assert main.resuming_config(config_file, checkpointing.config_to_dict(smaller)) == (
+    '--config=configs/byol.py:cifar10 --config.batch_size=128')
+  # A preset that another file holds (or none) is not guessed.
+  assert main.resuming_config(os.path.join(REPO, 'configs', 'ablation.py'), saved) is None
+  assert main.resuming_config(config_file, {**saved, 'preset': None}) is None
