@@ -419,6 +419,13 @@ class _Preemption:
                   f'log interval), then saving ({self.signal_name} again: stop at once, '
                   'without saving)\n'.encode())
 
+  @property
+  def reason(self) -> str:
+    """Why the run stops, as its checkpoint line says: a Ctrl-C (SIGINT) is the user's own
+    interruption, which the log called a preemption; SIGTERM, or another process's signal
+    that JAX's sync point passes on, is the scheduler's."""
+    return 'interrupted' if self.signal_name == 'SIGINT' else 'preemption'
+
   def _restore(self) -> None:
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
@@ -445,7 +452,7 @@ def fetch(tree: Any, poll_secs: float = 0.001) -> Any:
 
 
 class _SaveClock:
-  """When to save: every N steps, every T seconds, at the end and on preemption.
+  """When to save: every N steps, every T seconds, at the end and when stopped by a signal.
 
   The time rule is decided on process 0 and shared at log steps when there are several
   processes (a broadcast per step would be a sync per step); alone, it is checked per step.
@@ -456,9 +463,10 @@ class _SaveClock:
     self.num_steps, self.log_every = num_steps, log_every
     self.last = time.time()
 
-  def reason(self, step: int, preempted: bool) -> str | None:
-    if preempted:
-      return 'preemption'
+  def reason(self, step: int, stopped: str | None) -> str | None:
+    """Why step `step` is saved, if it is; `stopped` is why the run stops there, if it does."""
+    if stopped:
+      return stopped
     if step == self.num_steps:
       return 'end of training'
     if self.every_steps and step % self.every_steps == 0:
@@ -859,7 +867,7 @@ def _loop(cfg, workdir, mesh, data, fns, state, faults, ckpt, preemption, num_st
     if stop:
       logging.warning('%s received: saving step %d, then stopping',
                       preemption.signal_name or 'preemption', step)
-    reason = clock.reason(step, stop)
+    reason = clock.reason(step, preemption.reason if stop else None)
     if reason:
       host_faults = _check_faults(faults, cfg.max_bad_steps, workdir, ckpt)
       ckpt.save(state, _meta(cfg, data, num_steps, spe, host_faults, init_knn,

@@ -311,6 +311,24 @@ def test_a_stop_signal_is_acknowledged_at_once(capfd):
                         'interval), then saving'), err
 
 
+@pytest.mark.parametrize('signum, reason', [('SIGINT', 'interrupted'),
+                                             ('SIGTERM', 'preemption')])
+def test_the_checkpoint_line_says_why_the_run_stopped(signum, reason, capfd):
+  """After Ctrl-C the log said 'checkpoint of step N started (preemption)': a user's own
+  interruption is said as such, and SIGTERM (a scheduler's) stays a preemption."""
+  import signal
+
+  from ml_collections import ConfigDict
+  with train._Preemption() as preemption:
+    assert preemption.reason == 'preemption'  # no signal: another process's, via JAX
+    os.kill(os.getpid(), getattr(signal, signum))
+    assert preemption.reason == reason
+  capfd.readouterr()
+  clock = train._SaveClock(ConfigDict(dict(every_steps=0, every_secs=0)), 10, 5)
+  assert clock.reason(3, preemption.reason) == reason
+  assert clock.reason(3, None) is None and clock.reason(10, None) == 'end of training'
+
+
 def test_the_metrics_are_awaited_where_a_signal_is_handled(monkeypatch):
   """The trainer waits for a logged step's metrics, up to a log interval of queued steps. In
   jax.device_get's wait Python ran no signal handler: Ctrl-C right after the demo's step-10
