@@ -812,7 +812,8 @@ def _loop(cfg, workdir, mesh, data, fns, state, faults, ckpt, preemption, num_st
   """The step loop proper; see `train_and_evaluate`."""
   if start >= num_steps:
     logging.info('nothing to train: checkpoint step %d is the final step', start)
-    return dict(train={}, eval={}, state=state, preempted=None, start_step=start, signal=None)
+    return dict(train={}, eval={}, state=state, preempted=None, start_step=start, signal=None,
+                step=start)
   train_writer = metric_writers.MetricWriter(workdir, 'train', is_main)
   eval_writer = metric_writers.MetricWriter(workdir, 'eval', is_main)
   knn = knn_lib.KnnEval(cfg, mesh, data.train, streamed=data.mode == 'stream')
@@ -880,7 +881,7 @@ def _loop(cfg, workdir, mesh, data, fns, state, faults, ckpt, preemption, num_st
   train_writer.close()
   eval_writer.close()
   return dict(train=last_train, eval=last_eval, state=state, preempted=preempted,
-              start_step=start, signal=preemption.signal_name)
+              start_step=start, signal=preemption.signal_name, step=preempted or num_steps)
 
 
 def run(cfg: Any, workdir: str) -> int:
@@ -896,7 +897,32 @@ def run(cfg: Any, workdir: str) -> int:
     message = (f'{result["signal"] or "preemption"}: saved checkpoint step {result["preempted"]} '
                f'in {checkpointing.checkpoint_dir(workdir)}; rerun the same command to resume')
     print(message, file=sys.stderr)  # once, without a log prefix, as main's errors are
+  elif jax.process_index() == 0:  # once for the run, not once per host
+    logging.info('%s', closing_line(cfg, workdir, result['step'], result['eval']))
   return 0
+
+
+def _linear_eval_preset(cfg: Any) -> str:
+  """The configs/linear_eval.py preset that evaluates a run of `cfg`'s dataset."""
+  dataset = str(cfg.get('dataset', ''))
+  if cfg.get('preset') == 'demo' or dataset == 'demo':
+    return 'demo'
+  if dataset.startswith('imagenet'):
+    return 'imagenet'
+  return dataset if dataset.isidentifier() else 'PRESET'
+
+
+def closing_line(cfg: Any, workdir: str, step: int, last_eval: dict[str, Any]) -> str:
+  """The line that ends a finished run: the demo's last line was 'checkpoint of step 300
+  started (end of training)', which left a new user to find where the run is, how it did
+  and what comes next in the README. Logged once the final checkpoint is closed, so the
+  commands it names find it."""
+  knn = last_eval.get('knn_top1')
+  knn = f', final kNN top-1 {knn:.3f}' if isinstance(knn, (int, float)) else ''
+  return (f'done: {workdir} holds the final checkpoint (step {step}){knn}. Next: this command '
+          f'with --worker_mode=eval, or --config=configs/linear_eval.py:'
+          f'{_linear_eval_preset(cfg)} --worker_mode=linear_eval; plots: '
+          f'python -m byol_jax.plot --workdir={workdir}')
 
 
 def _fail(e: BaseException, code: int) -> int:

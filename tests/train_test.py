@@ -455,3 +455,30 @@ def test_a_start_refused_as_busy_leaves_the_holders_new_workdir(tmp_path, monkey
   with holder, pytest.raises(train.WorkdirBusy):
     train.train_and_evaluate(tiny_config(), str(workdir))
   assert (workdir / '.trainer.lock.0').exists(), 'the holder lost its workdir or its lock'
+
+
+def test_a_finished_run_ends_with_where_it_is_and_what_comes_next(monkeypatch, caplog,
+                                                                    capfd):
+  """The demo's last line was 'checkpoint of step 300 started (end of training)'. A run
+  that finishes ends with one line: its folder, its final kNN and the next commands (eval
+  worker, linear_eval, plot). A stopped run ends with its resume line instead."""
+  from configs import byol
+  cfg = byol.get_config('demo')
+  result = dict(train={}, eval={'knn_top1': 0.4123}, state=None, preempted=None,
+                start_step=0, signal=None, step=300)
+  monkeypatch.setattr(train, 'train_and_evaluate', lambda cfg, workdir: result)
+  with caplog.at_level(logging.INFO):
+    assert train.run(cfg, 'runs/demo') == 0
+  assert caplog.records[-1].getMessage() == (
+    'done: runs/demo holds the final checkpoint (step 300), final kNN top-1 0.412. Next: this '
+    'command with --worker_mode=eval, or --config=configs/linear_eval.py:demo '
+    '--worker_mode=linear_eval; plots: python -m byol_jax.plot --workdir=runs/demo')
+  assert train.closing_line(byol.get_config('r50'), 'runs/r50', 5, {}).startswith(
+    'done: runs/r50 holds the final checkpoint (step 5). Next: this command with '
+    '--worker_mode=eval, or --config=configs/linear_eval.py:imagenet ')
+  caplog.clear()
+  result.update(preempted=120, signal='SIGINT', step=120)
+  with caplog.at_level(logging.INFO):
+    assert train.run(cfg, 'runs/demo') == 0
+  assert not [r for r in caplog.records if r.getMessage().startswith('done:')]
+  assert capfd.readouterr().err.startswith('SIGINT: saved checkpoint step 120')
