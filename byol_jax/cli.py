@@ -245,9 +245,23 @@ def define_config_flag(default: str, help_text: str):
 _HELP_FLAG = re.compile(r'^--?(help|helpshort|helpfull|helpxml|\?)(=(true|1))?$', re.IGNORECASE)
 
 
+def help_short_option(argv: list[str]) -> list[str]:
+  """argv with `-h` as `--help`: absl knows --help, -help and -?, and answered the `-h` that
+  most command-line tools take with "Unknown command line flag 'h'". Left alone after `--`
+  and where a program defines a flag named h."""
+  if 'h' in flags.FLAGS:
+    return list(argv)
+  out, flags_end = list(argv[:1]), False
+  for arg in argv[1:]:
+    flags_end = flags_end or arg == '--'
+    out.append('--help' if arg == '-h' and not flags_end else arg)
+  return out
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, with a mistyped flag, config field, preset or config file ending
-  the program with one line (exit 2) instead of a traceback, and help exiting 0."""
+  the program with one line (exit 2) instead of a traceback, and help (-h too) exiting 0."""
+  argv = help_short_option(argv)
   try:
     rest = flags.FLAGS(argv)
     if 'config' in flags.FLAGS:  # a config file that failed to load fails on first use

@@ -165,6 +165,17 @@ def test_help_lists_the_config_flag(module):
   assert proc.returncode == 0  # absl's own exit code for help is 1, which reads as failure
 
 
+@pytest.mark.parametrize('module', ['byol_jax.main', 'byol_jax.plot'])
+def test_dash_h_is_help(module):
+  """`-h` said "Unknown command line flag 'h'" (absl knows --help, -help and -?); every
+  entry point parses flags with cli.parse_flags, which takes it as --help."""
+  proc = subprocess.run([sys.executable, '-m', module, '-h'], cwd=REPO, capture_output=True,
+                        text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert '--workdir' in proc.stdout + proc.stderr and 'Unknown' not in proc.stderr
+  assert cli.help_short_option(['prog', '-h', '--', '-h']) == ['prog', '--help', '--', '-h']
+
+
 def test_help_names_the_presets_and_what_a_file_alone_means():
   """--help listed no preset, and `--config=configs/byol.py` without one trains r50 on
   ImageNet while no --config at all trains the demo: --help says both, and its lists are
