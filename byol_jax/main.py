@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import sys
 
 from absl import app, flags, logging
@@ -51,7 +52,8 @@ flags.declare_key_flag('config')  # defined inside ml_collections: list it in --
 _WORKDIR = flags.DEFINE_string(
   'workdir', None, 'The run\'s folder: metrics, checkpoints, evaluations. Default: '
   'runs/<preset> for a pretraining config (runs/demo, runs/cifar10, ...; with the preset\'s '
-  'arguments: r50,epochs=300 -> runs/r50_epochs300); evaluation configs '
+  'arguments: r50,epochs=300 -> runs/r50_epochs300; a config file without a preset field: '
+  'runs/<file name>); evaluation configs '
   '(configs/linear_eval.py) name the pretraining run they read, runs/demo for their demo.')
 cli.validate_path_flag('workdir')
 _MODE = flags.DEFINE_enum('worker_mode', 'train', WORKER_MODES, 'What this process does.')
@@ -67,21 +69,34 @@ _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in the r
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process, 0..num_processes-1.')
 
 
-def default_workdir(cfg, preset_arg: str = '') -> str:
+def _folder_name(text: str) -> str:
+  """`text` as one folder name: a path character in a preset argument (`/`, `\\`, `:`, a
+  space, `..`) made nested folders, or one outside runs/."""
+  return re.sub(r'(\.{2,}|[^\w.,+-]|_)+', '_', text).strip('._') or 'run'
+
+
+def default_workdir(cfg, preset_arg: str = '', config_file: str = '') -> str:
   """runs/<preset> for a pretraining config, so that two presets run without --workdir do
   not meet in one folder (the second was refused as another preset's run). The preset's
   arguments, `preset_arg` being what followed the config file's ':' (`r50,epochs=300`), are
   part of its name: runs/r50_epochs300, where they once shared runs/r50 with `r50` and the
-  second was refused as a changed schedule. An evaluation config reads a pretraining run,
-  which only its demo preset can guess."""
-  preset = str(cfg.get('preset') or 'demo')
+  second was refused as a changed schedule. A config without a `preset` field (a user's own
+  file) is named after `config_file`'s stem, where it took the demo's runs/demo. An
+  evaluation config reads a pretraining run, which only its demo preset can guess."""
+  stem = os.path.splitext(os.path.basename(config_file))[0]
+  preset = str(cfg.get('preset') or '')
   if 'learning_rates' not in cfg:
-    args = [p.strip().replace('=', '') for p in preset_arg.split(',')[1:] if p.strip()]
-    return os.path.join('runs', '_'.join([preset.replace(':', '_'), *args]))
+    parts = [p.strip().replace('=', '') for p in preset_arg.split(',') if p.strip()]
+    if preset:
+      parts = [preset, *parts[1:]]
+    else:
+      parts = [stem or 'run', *parts]
+    return os.path.join('runs', _folder_name('_'.join(parts)))
   if preset == 'demo':
     return os.path.join('runs', 'demo')
   from byol_jax import train
-  raise train.ConfigError(f'--workdir: name the pretraining run that preset {preset} '
+  raise train.ConfigError(f'--workdir: name the pretraining run that '
+                          f'{"preset " + preset if preset else "config " + (stem or "file")} '
                           'evaluates, e.g. --workdir=runs/r50')
 
 
@@ -175,7 +190,7 @@ def share_accelerator_memory(mode: str, environ: dict | None = None) -> None:
     environ['XLA_PYTHON_CLIENT_PREALLOCATE'] = 'false'
 
 
-def resolve_default_workdir(cfg, preset_arg: str = '') -> str:
+def resolve_default_workdir(cfg, preset_arg: str = '', config_file: str = '') -> str:
   """The workdir of a run started without --workdir: `default_workdir`, or runs/<preset>
   where this preset with arguments (`r50,epochs=300`) trained before the default held them
   and the run there is this one (a checkpoint of the same trajectory).
@@ -184,8 +199,8 @@ def resolve_default_workdir(cfg, preset_arg: str = '') -> str:
   default it started the run afresh in runs/r50_epochs300 (days of ImageNet training lost)
   and said so in one INFO line. A folder that holds another run (plain `r50`) is left to it.
   """
-  workdir = default_workdir(cfg, preset_arg)
-  earlier = default_workdir(cfg)
+  workdir = default_workdir(cfg, preset_arg, config_file)
+  earlier = default_workdir(cfg, '', config_file)
   if earlier != workdir and not os.path.exists(workdir) and os.path.isdir(earlier):
     from byol_jax import checkpointing
     try:
@@ -229,8 +244,8 @@ def run(argv: list[str]) -> int:
   try:
     workdir = _WORKDIR.value
     if workdir is None:
-      preset_arg = flags.FLAGS['config'].config_filename.partition(':')[2]
-      workdir = resolve_default_workdir(cfg, preset_arg)
+      config_file, _, preset_arg = flags.FLAGS['config'].config_filename.partition(':')
+      workdir = resolve_default_workdir(cfg, preset_arg, config_file)
     if os.path.exists(workdir) and not os.path.isdir(workdir):
       print(f'error: {cli.missing_dir_error(workdir)}', file=sys.stderr)
       return 2

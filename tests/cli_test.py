@@ -483,6 +483,43 @@ def test_the_default_workdir_is_named_after_the_preset():
     main.default_workdir(eval_configs.get_config('imagenet'))
 
 
+def test_the_default_workdir_of_a_users_config_is_its_file_name_in_one_folder():
+  """A user's config without a `preset` field trained in runs/demo, the demo's folder; it
+  is named after the config file. A path character in a preset argument made nested
+  folders (or one outside runs/); each is one folder name now."""
+  from byol_jax import main, train
+  from configs import byol
+  from configs import linear_eval as eval_configs
+  mine = byol.get_config('demo')
+  mine.preset = ''
+  assert main.default_workdir(mine, '', 'my/configs/small.py') == os.path.join('runs', 'small')
+  assert main.default_workdir(mine, 'fast,data=/tmp/x', 'small.py') == os.path.join(
+    'runs', 'small_fast_data_tmp_x')
+  for arg in ('../../etc', 'a/b', 'c:\\d e'):
+    name = main.default_workdir(mine, arg, 'small.py')
+    assert os.path.dirname(name) == 'runs' and '..' not in name, name
+  assert main.default_workdir(byol.get_config('demo'), 'demo,epochs=3', 'configs/byol.py') == (
+    os.path.join('runs', 'demo_epochs3'))
+  evaluation = eval_configs.get_config('demo')
+  evaluation.preset = ''
+  with pytest.raises(train.ConfigError, match='name the pretraining run that config probe '):
+    main.default_workdir(evaluation, '', 'configs/probe.py')
+
+
+def test_a_users_config_without_a_preset_does_not_default_to_the_demos_folder(tmp_path):
+  """The command line passes the config file to default_workdir (a config error then stops
+  the run before anything is written)."""
+  (tmp_path / 'small.py').write_text(
+    'from configs import byol\n\n\ndef get_config():\n'
+    "  cfg = byol.get_config('demo')\n  cfg.preset = ''\n  return cfg\n")
+  proc = subprocess.run([sys.executable, '-m', 'byol_jax.main', '--config=small.py',
+                         '--config.batch_size=-3'], cwd=tmp_path, capture_output=True,
+                        text=True, timeout=120, env=checkout_env())
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert f"workdir {os.path.join('runs', 'small')} (the default" in proc.stderr, (
+    proc.stderr[-2000:])
+
+
 def test_the_default_workdir_holds_the_preset_arguments_as_typed(tmp_path):
   """The trainer names the default workdir after the preset with its arguments (main
   passes what followed the ':' of --config); a config error then stops it before anything
