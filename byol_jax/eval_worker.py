@@ -260,6 +260,14 @@ def _mtime(workdir: str, step: int) -> float:
     return -1.0
 
 
+def _sleep_secs(poll_secs: float, idle_timeout_secs: float, idle: float) -> float:
+  """The wait before the next poll: the poll interval, or less when the idle timeout ends
+  sooner (just past it, as the worker stops once idle exceeds it)."""
+  if not idle_timeout_secs:
+    return poll_secs
+  return max(0.0, min(poll_secs, idle_timeout_secs - idle + 0.01))
+
+
 def run(cfg: Any, workdir: str) -> int:
   """Evaluates checkpoints until the final step is done (0) or none came for a while."""
   train.require_pretraining_config(cfg)
@@ -286,6 +294,8 @@ def run(cfg: Any, workdir: str) -> int:
         logging.warning('eval worker: no new checkpoint for %.0f s; stopping (last evaluated: '
                         '%s)', idle, max(worker.done) if worker.done else 'none')
         return IDLE_EXIT
-      time.sleep(cfg.eval_poll_secs)
+      # Not past the timeout by more than a moment: eval_idle_timeout_secs=2 with the 10 s
+      # poll stopped after 10 s.
+      time.sleep(_sleep_secs(cfg.eval_poll_secs, cfg.eval_idle_timeout_secs, idle))
   finally:
     worker.close()

@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 
 import orbax.checkpoint as ocp
 import pytest
@@ -222,6 +223,17 @@ def test_a_worker_waiting_for_a_mistyped_workdir_says_so_and_creates_nothing(
   os.makedirs(missing)
   assert 'no checkpoint in' in eval_worker.waiting_message(missing, 0)
   assert 'never stopping' in eval_worker.waiting_message(missing, 0)
+
+
+def test_the_idle_timeout_is_kept_when_the_poll_interval_is_longer(tmp_path):
+  """`--config.eval_idle_timeout_secs=2` stopped after about 10 s, the poll interval: the
+  worker slept a whole interval past the timeout. It now sleeps no longer than the time
+  left."""
+  start = time.time()
+  assert eval_worker.run(_worker_cfg(eval_poll_secs=10.0, eval_idle_timeout_secs=0.5),
+                         str(tmp_path / 'missing')) == eval_worker.IDLE_EXIT
+  assert time.time() - start < 3.0
+  assert eval_worker._sleep_secs(10.0, 0, 5.0) == 10.0  # no timeout: the whole interval
 
 
 def test_the_worker_scores_a_checkpoint_as_the_trainer_did_and_says_when_its_knn_differs(
