@@ -8,6 +8,8 @@ import sys
 import tempfile
 import time
 import types
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -444,6 +446,29 @@ def test_streamed_augmented_mode_refuses_what_a_stream_cannot_do(workdir, png_fo
       linear_eval.evaluate(eval_config(**{**base, **overrides}), _pretrained(workdir), workdir)
 
 
+class _Stop(Exception):
+  """An evaluation stopped right after a progress save, as a Ctrl-C or a preemption."""
+
+
+def _stop_after_save(monkeypatch, evaluate: Callable[[], Any],
+                     stop_when: Callable[[Any, Any], bool] = lambda progress, carry: True,
+                     on_save: Callable[[], None] = lambda: None) -> None:
+  """Runs `evaluate` and stops it after the first progress save for which
+  stop_when(progress, carry) holds; that save is kept, as an interrupted run's is."""
+  save = linear_eval._HeadProgress.save
+
+  def save_then_stop(self, carry):
+    on_save()
+    save(self, carry)
+    if stop_when(self, carry):
+      raise _Stop
+
+  with monkeypatch.context() as m:
+    m.setattr(linear_eval._HeadProgress, 'save', save_then_stop)
+    with pytest.raises(_Stop):
+      evaluate()
+
+
 def test_an_interrupted_streamed_evaluation_resumes_from_its_last_epoch(workdir, png_folder,
                                                                         tmp_path, monkeypatch):
   """ImageNet's streamed protocol is 80 epochs of forward passes, and the refit's 80: hours.
@@ -457,21 +482,9 @@ def test_an_interrupted_streamed_evaluation_resumes_from_its_last_epoch(workdir,
                     refit=False)
   runs = {name: str(shutil.copytree(workdir, tmp_path / name)) for name in ('whole', 'stopped')}
   whole = linear_eval.evaluate(cfg, _pretrained(runs['whole']), runs['whole'])
-
-  class Stop(Exception):
-    pass
-
-  save = linear_eval._HeadProgress.save
-
-  def save_then_stop(self, carry):
-    save(self, carry)
-    if int(carry[2]) == 4:  # after epoch 2 of 3 (2 steps per epoch)
-      raise Stop
-
-  with monkeypatch.context() as m:
-    m.setattr(linear_eval._HeadProgress, 'save', save_then_stop)
-    with pytest.raises(Stop):
-      linear_eval.evaluate(cfg, _pretrained(runs['stopped']), runs['stopped'])
+  _stop_after_save(  # after epoch 2 of 3 (2 steps per epoch)
+    monkeypatch, lambda: linear_eval.evaluate(cfg, _pretrained(runs['stopped']), runs['stopped']),
+    stop_when=lambda progress, carry: int(carry[2]) == 4)
   folder = os.path.join(runs['stopped'], 'linear_eval_progress')
   progress = os.listdir(folder)
   assert len(progress) == 1, progress
@@ -511,23 +524,11 @@ def test_a_resumed_evaluation_records_the_time_of_every_invocation(workdir, png_
   jump = [0.0]
   monkeypatch.setattr(linear_eval, 'time',
                       types.SimpleNamespace(time=lambda: time.time() + jump[0]))
-
-  class Stop(Exception):
-    pass
-
-  save = linear_eval._HeadProgress.save
-
-  def slow_epoch_then_stop(self, carry):
-    jump[0] += 1000.0
-    save(self, carry)
-    if int(carry[2]) == 4:  # after epoch 2 of 3 (2 steps per epoch)
-      raise Stop
-
   start = time.time()
-  with monkeypatch.context() as m:
-    m.setattr(linear_eval._HeadProgress, 'save', slow_epoch_then_stop)
-    with pytest.raises(Stop):
-      linear_eval.evaluate(cfg, _pretrained(run), run)
+  _stop_after_save(  # after epoch 2 of 3 (2 steps per epoch), each 1000 s slower
+    monkeypatch, lambda: linear_eval.evaluate(cfg, _pretrained(run), run),
+    stop_when=lambda progress, carry: int(carry[2]) == 4,
+    on_save=lambda: jump.__setitem__(0, jump[0] + 1000.0))
   record = linear_eval.evaluate(cfg, _pretrained(run), run)
   assert 2000.0 <= record['elapsed_sec'] <= 2000.0 + time.time() - start
 
@@ -544,21 +545,9 @@ def test_an_evaluation_interrupted_in_its_refit_does_not_train_the_sweep_again(
   cfg = eval_config(mode='augmented', dataset=png_folder, image_size=16, max_examples=0,
                     input_mode='stream', val_split='valid', epochs=3, batch_size=4)
   run = str(shutil.copytree(workdir, tmp_path / 'run'))
-
-  class Stop(Exception):
-    pass
-
-  save = linear_eval._HeadProgress.save
-
-  def save_then_stop_in_refit(self, carry):
-    save(self, carry)
-    if '_trainval_' in os.path.basename(self.path):
-      raise Stop
-
-  with monkeypatch.context() as m:
-    m.setattr(linear_eval._HeadProgress, 'save', save_then_stop_in_refit)
-    with pytest.raises(Stop):
-      linear_eval.evaluate(cfg, _pretrained(run), run)
+  _stop_after_save(  # in the refit
+    monkeypatch, lambda: linear_eval.evaluate(cfg, _pretrained(run), run),
+    stop_when=lambda progress, carry: '_trainval_' in os.path.basename(progress.path))
   starts = []
   train_stream = input_pipeline.train_stream
   monkeypatch.setattr(input_pipeline, 'train_stream', lambda spec, **kw: starts.append(
@@ -581,20 +570,8 @@ def test_heads_of_a_changed_setting_are_named_and_kept_not_resumed(workdir, png_
   run = str(shutil.copytree(workdir, tmp_path / 'run'))
   base = dict(mode='augmented', dataset=png_folder, image_size=16, max_examples=0,
               input_mode='stream', val_split='valid', batch_size=4, refit=False)
-
-  class Stop(Exception):
-    pass
-
-  save = linear_eval._HeadProgress.save
-
-  def save_then_stop(self, carry):
-    save(self, carry)
-    raise Stop
-
-  with monkeypatch.context() as m:
-    m.setattr(linear_eval._HeadProgress, 'save', save_then_stop)
-    with pytest.raises(Stop):
-      linear_eval.evaluate(eval_config(epochs=3, **base), _pretrained(run), run)
+  _stop_after_save(monkeypatch, lambda: linear_eval.evaluate(eval_config(epochs=3, **base),
+                                                             _pretrained(run), run))
   folder = os.path.join(run, 'linear_eval_progress')
   (stopped,) = os.listdir(folder)
   path = os.path.join(folder, stopped)
@@ -623,21 +600,9 @@ def test_a_streamed_evaluation_of_another_encoder_does_not_resume_these_heads(
   base = dict(mode='augmented', dataset=png_folder, image_size=16, max_examples=0,
               input_mode='stream', val_split='valid', epochs=3, batch_size=4, refit=False,
               random_init=True, bn_calibration_examples=8)
-
-  class Stop(Exception):
-    pass
-
-  save = linear_eval._HeadProgress.save
-
-  def save_then_stop(self, carry):
-    save(self, carry)
-    raise Stop
-
-  with monkeypatch.context() as m:
-    m.setattr(linear_eval._HeadProgress, 'save', save_then_stop)
-    cfg = eval_config(crop_fraction=1.0, **base)
-    with pytest.raises(Stop):
-      linear_eval.evaluate(cfg, linear_eval.load_pretrained(cfg, run), run)
+  cfg = eval_config(crop_fraction=1.0, **base)
+  _stop_after_save(monkeypatch,
+                   lambda: linear_eval.evaluate(cfg, linear_eval.load_pretrained(cfg, run), run))
   starts = []
   train_stream = input_pipeline.train_stream
   monkeypatch.setattr(input_pipeline, 'train_stream', lambda spec, **kw: starts.append(
