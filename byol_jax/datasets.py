@@ -352,11 +352,14 @@ def missing_split(spec: DatasetSpec, split: str) -> str:
 
 
 def _valid_dir(root: str) -> str | None:
-  """The validation folder (valid/, val/ or validation/), if the dataset has one."""
-  for name in _VALID_DIRS:
-    if os.path.isdir(os.path.join(root, name)):
-      return os.path.join(root, name)
-  return None
+  """The validation folder (valid/, val/ or validation/), if the dataset has one. Two of
+  them are refused: the first name was used without a word, and the other's images were in
+  no split."""
+  found = [name for name in _VALID_DIRS if os.path.isdir(os.path.join(root, name))]
+  if len(found) > 1:
+    raise DataError(f'{root} holds both {" and ".join(n + "/" for n in found)}: keep one '
+                    'validation folder (valid/, val/ or validation/)')
+  return os.path.join(root, found[0]) if found else None
 
 
 def _class_files(split_dir: str, class_names: list[str]) -> list[list[str]]:

@@ -331,6 +331,16 @@ def test_valid_is_held_out_of_train(tmp_path):
   assert datasets.dataset_size(spec, 'valid') == 4
 
 
+def test_two_validation_folders_are_refused(tmp_path):
+  """With both val/ and valid/ under the root, the first name looked for (valid/) was used
+  without a word, and the other folder's images were in no split: hyperparameters were
+  chosen on a folder the user may not have meant. It is a one-line DataError naming both."""
+  root = make_folder(tmp_path, per_class=3, splits=('train', 'val', 'valid'))
+  spec = datasets.parse_dataset(f'folder:{root}')
+  with pytest.raises(datasets.DataError, match=r'both valid/ and val/.*keep one'):
+    datasets.dataset_size(spec, 'valid')
+
+
 def test_the_valid_hold_out_never_takes_a_class_out_of_train(tmp_path):
   """A class folder with one image went wholly to 'valid' (file 0 of every class is held
   out), so 'train' lost the class: a linear head fitted on it never saw that class. It stays
