@@ -118,12 +118,17 @@ def flag_error(args: argparse.Namespace) -> str:
 
 def source_error(data: Any) -> str:
   """Why an opened --src is not the CIFAR-10 JPEG copy `write_split` reads ('' when it is):
-  keys missing, or rows not sorted by class (a row's rank within its class would be wrong)."""
+  keys missing, labels that are not indices of class_names (np.bincount's traceback), or
+  rows not sorted by class (a row's rank within its class would be wrong)."""
   missing = [k for k in _KEYS if k not in data.files]
   if missing:
     return f'has no {", ".join(missing)}: it is not the CIFAR-10 JPEG copy (cifar10_jpeg_bytes.npz)'
+  classes = len(data['class_names'])
   for split in ('train', 'test'):
-    if np.any(np.diff(data[f'{split}_labels']) < 0):
+    labels = data[f'{split}_labels']
+    if labels.size and (labels.min() < 0 or labels.max() >= classes):
+      return f'has {split}_labels outside 0..{classes - 1}, the indices of its class_names'
+    if np.any(np.diff(labels) < 0):
       return f'has {split}_labels not sorted by class, as this script needs'
   return ''
 

@@ -729,3 +729,19 @@ def test_cifar10_to_folder_refuses_counts_a_class_cannot_fill(tmp_path, flags, m
   assert result.stderr.startswith('error: ')
   assert len(result.stderr.strip().splitlines()) == 1, result.stderr
   assert {k: len(v) for k, v in _written(out, 'train').items()} == {'a': 1, 'b': 1}
+
+
+def test_cifar10_to_folder_refuses_labels_outside_its_classes(tmp_path):
+  """A foreign npz whose labels fall outside its class_names (a -1 for unlabelled rows, say)
+  ended in numpy's traceback from np.bincount, or wrote a folder for a class that has no
+  name. It is one line on stderr (exit 2), before anything is written."""
+  src, out = tmp_path / 'fake.npz', tmp_path / 'cifar'
+  _fake_cifar_npz(src)
+  with np.load(src) as data:
+    arrays = dict(data)
+  arrays['train_labels'] = np.concatenate([[-1], arrays['train_labels'][1:]])
+  np.savez(src, **arrays)
+  result = _convert(src, out)
+  assert result.returncode == 2 and 'labels outside' in result.stderr, result.stderr
+  assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+  assert not out.exists()
