@@ -130,9 +130,15 @@ def wait_for_step(workdir, step, procs):
   deadline = time.time() + 400
   while not (os.path.exists(train_log) and train._read_records(train_log)[-1:]
              and train._read_records(train_log)[-1]['step'] >= step):
-    if time.time() > deadline or any(p.poll() is not None for p in procs):
-      logs = [finish(p, 1)[1][-2000:] for p in procs]
-      pytest.fail(f'no step {step}: ' + '\n-----\n'.join(logs))
+    exited = [i for i, p in enumerate(procs) if p.poll() is not None]
+    if time.time() > deadline or exited:
+      # Stopped first: finish(p, 1) on a live process raised TimeoutExpired, which hid why.
+      why = f'process(es) {exited} exited' if exited else 'none came within 400 s'
+      for p in procs:
+        if p.poll() is None:
+          p.kill()
+      logs = [finish(p, 30)[1][-2000:] for p in procs]
+      pytest.fail(f'no step {step} ({why}): ' + '\n-----\n'.join(logs))
     time.sleep(0.2)
 
 
