@@ -14,9 +14,9 @@ checkpoint and saved config are read, and results are appended to
 Presets:
   demo      the built-in shapes data at the pretraining resolution; cached features, 30
             epochs: 9 s for linear_eval and 71 s for finetune on 2 CPU cores (2026-11-29,
-            after the demo pretraining preset, commit 2409525; finetune's refit, added
-            since, is a third run after the two of its LR grid: about half as long again,
-            not measured).
+            after the demo pretraining preset, commit 2409525). Finetune's refit, added
+            since, is a third run after the two of its LR grid, as long as each: 408 s in
+            all on 2 cores shared with the slow tests (2026-11-29, commit b366970).
   cifar10   CIFAR-10 at the pretraining resolution (32 px for the cifar10 pretraining preset).
   imagenet  the paper's linear protocol: 80 epochs, SGD with Nesterov momentum 0.9, no weight
             decay, cosine decay, batch 1024, LR chosen on the 10,009 held-out train images
