@@ -9,7 +9,8 @@ imported only inside the functions that read TFDS datasets, never at import time
 Dataset names (`parse_dataset`):
 - 'demo': the generated dataset of `demo_data` (no files, no download);
 - 'folder:/path/to/root': an image folder, root/<split>/<class_name>/<image>.{jpg,jpeg,png}
-  with split folders 'train', 'test' and optionally 'valid' (or 'val', 'validation');
+  with split folders 'train', 'test' and optionally 'valid' (or 'val', 'validation'), in any
+  case (Val/ too, as a macOS filesystem finds it; one folder per split);
 - anything else: a TFDS name such as 'cifar10', 'imagenet2012' or 'oxford_flowers102',
   optionally with a config and version ('name/config:1.2.3'). It must already be prepared
   under data_dir: nothing here downloads.
@@ -85,7 +86,8 @@ TFDS_SPLITS: dict[str, dict[str, str]] = {
 _TFDS_NAME = re.compile(r'^[a-z][a-z0-9_]*(/[A-Za-z0-9_.\-]+)?(:\d+\.\d+\.\d+)?$')
 _VALID_FORMS = ("valid forms: 'demo', 'folder:/path/to/root' (root/train/<class>/*.jpg), or a "
                 "TFDS name such as 'cifar10' or 'imagenet2012'")
-_VALID_DIRS = ('valid', 'val', 'validation')
+# Folder names of the splits of an image folder, matched in any case (see `_split_dir`).
+_SPLIT_DIRS = dict(train=('train',), test=('test',), valid=('valid', 'val', 'validation'))
 _READABLE_FORMATS = ('JPEG', 'MPO', 'PNG', 'GIF', 'BMP')  # What tf.io.decode_image reads.
 _UNREADABLE = 'damaged, or not JPEG, PNG, GIF or BMP inside whatever the extension says'
 
@@ -322,8 +324,8 @@ def _image_files(path: str) -> list[str]:
                 if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS))
 
 
-def _folder_root(spec: DatasetSpec) -> str:
-  """The root of a folder dataset, which must contain a train/ folder."""
+def _train_dir(spec: DatasetSpec) -> str:
+  """The train/ folder of a folder dataset, which every folder dataset must have."""
   root = spec.root or ''
   if os.path.isfile(root):
     raise DataError(f'dataset folder {root} is a file: folder: takes the folder that holds '
@@ -331,10 +333,11 @@ def _folder_root(spec: DatasetSpec) -> str:
   if not os.path.isdir(root):
     raise DataError(f'dataset folder {root} does not exist: create {root}/train/<class_name>/'
                     '<image>.jpg (and test/) or fix the path after folder:')
-  if not os.path.isdir(os.path.join(root, 'train')):
+  train_dir = _split_dir(root, 'train')
+  if train_dir is None:
     raise DataError(f'{root}/train is missing: a folder dataset needs '
                     f'{root}/train/<class_name>/<image>.jpg (class names come from train/)')
-  return root
+  return train_dir
 
 
 def _no_test_split(root: str) -> str:
@@ -347,19 +350,31 @@ def missing_split(spec: DatasetSpec, split: str) -> str:
   folder of training images alone, without kNN, instead of stopping at its first evaluation."""
   if spec.kind != 'folder' or split != 'test':
     return ''
-  root = _folder_root(spec)
-  return '' if os.path.isdir(os.path.join(root, 'test')) else _no_test_split(root)
+  root = os.path.dirname(_train_dir(spec))
+  return '' if _split_dir(root, 'test') else _no_test_split(root)
 
 
-def _valid_dir(root: str) -> str | None:
-  """The validation folder (valid/, val/ or validation/), if the dataset has one. Two of
-  them are refused: the first name was used without a word, and the other's images were in
-  no split."""
-  found = [name for name in _VALID_DIRS if os.path.isdir(os.path.join(root, name))]
+def _split_dir(root: str, split: str) -> str | None:
+  """The folder of 'train', 'test' or 'valid' under root (a name of _SPLIT_DIRS in any case),
+  or None. Any case, because a macOS or Windows filesystem finds Val/ when asked for val/:
+  on Linux the same copied dataset lost its validation folder (held out of train instead,
+  without a word). Two matching folders (val/ and Val/, or valid/ and val/) are refused:
+  one would be used and the other's images would be in no split."""
+  names = _SPLIT_DIRS[split]
+  found = sorted((e.name for e in _entries(root) if e.is_dir() and e.name.lower() in names),
+                 key=lambda n: (names.index(n.lower()), n))
   if len(found) > 1:
+    kind = 'validation' if split == 'valid' else split
     raise DataError(f'{root} holds both {" and ".join(n + "/" for n in found)}: keep one '
-                    'validation folder (valid/, val/ or validation/)')
+                    f'{kind} folder ({_split_names(split)})')
   return os.path.join(root, found[0]) if found else None
+
+
+def _split_names(split: str) -> str:
+  """'valid/, val/ or validation/, in any case', say: the folder names a split is found by."""
+  names = [n + '/' for n in _SPLIT_DIRS[split]]
+  listed = names[0] if len(names) == 1 else f'{", ".join(names[:-1])} or {names[-1]}'
+  return f'{listed}, in any case'
 
 
 def _class_files(split_dir: str, class_names: list[str]) -> list[list[str]]:
@@ -395,19 +410,20 @@ def _held_out(files: list[list[str]], valid: bool) -> list[list[str]]:
           for fs in files]
 
 
-def _split_files(root: str, split: str, class_names: list[str]) -> list[list[str]]:
+def _split_files(train_dir: str, split: str, class_names: list[str]) -> list[list[str]]:
   """Per-class file lists of a logical split of an image folder."""
-  train_dir, valid_dir = os.path.join(root, 'train'), _valid_dir(root)
+  root = os.path.dirname(train_dir)
   if split == 'test':
-    if not os.path.isdir(os.path.join(root, 'test')):
+    if (test_dir := _split_dir(root, 'test')) is None:
       raise DataError(f'{_no_test_split(root)}, or evaluate on split valid (linear_eval: '
                       '--config.test_split=valid)')
-    return _class_files(os.path.join(root, 'test'), class_names)
+    return _class_files(test_dir, class_names)
+  valid_dir = _split_dir(root, 'valid')
   train = _class_files(train_dir, class_names)
   if valid_dir is None:
     files = train if split == 'trainval' else _held_out(train, split == 'valid')
     if not any(files):  # only 'valid', when every class has a single image
-      raise DataError(f'{root} has no valid/ folder, and no class folder of {root}/train has '
+      raise DataError(f'{root} has no valid/ folder, and no class folder of {train_dir} has '
                       'a second image to hold out for validation: add '
                       f'{root}/valid/<class_name>/ folders, or more images')
     return files
@@ -538,12 +554,12 @@ def scan_folder(root: str, split: str, *, validate: bool = False,
   validate=True, which drops unreadable files (see `readable_subset`).
   """
   _check_split(split)
-  root = _folder_root(DatasetSpec('folder', root, root))
-  class_names = _subdirs(os.path.join(root, 'train'))
+  train_dir = _train_dir(DatasetSpec('folder', root, root))
+  class_names = _subdirs(train_dir)
   if not class_names:
-    raise DataError(f'{root}/train has no class folders: expected '
-                    f'{root}/train/<class_name>/<image>.jpg')
-  files = _split_files(root, split, class_names)
+    raise DataError(f'{train_dir} has no class folders: expected '
+                    f'{train_dir}/<class_name>/<image>.jpg')
+  files = _split_files(train_dir, split, class_names)
   paths = [p for fs in files for p in fs]
   labels = np.concatenate([np.full(len(fs), i, np.int32) for i, fs in enumerate(files)])
   if not validate:
@@ -819,7 +835,7 @@ def class_names(spec: DatasetSpec, data_dir: str | None = None) -> list[str]:
     from byol_jax import demo_data
     return [str(n) for n in getattr(demo_data, 'CLASS_NAMES', range(demo_data.NUM_CLASSES))]
   if spec.kind == 'folder':
-    return _subdirs(os.path.join(_folder_root(spec), 'train'))
+    return _subdirs(_train_dir(spec))
   return _tfds_label_names(tfds_builder(spec, data_dir))
 
 

@@ -341,6 +341,25 @@ def test_two_validation_folders_are_refused(tmp_path):
     datasets.dataset_size(spec, 'valid')
 
 
+def test_split_folders_are_found_in_any_case(tmp_path):
+  """A Val/ folder (or VALID/, Validation/) was not a validation split on Linux: every 10th
+  training image was held out instead, without a word, while a case-insensitive filesystem
+  (macOS) used Val/. Train/ and Test/ were 'missing'. Split folders match in any case now;
+  val/ next to Val/ (a case-sensitive filesystem holds both) is refused like valid/ and val/."""
+  make_folder(tmp_path, per_class=20, splits=('Train', 'TEST'))
+  make_folder(tmp_path, per_class=2, splits=('Val',))
+  spec = datasets.parse_dataset(f'folder:{tmp_path}')
+  assert datasets.dataset_size(spec, 'valid') == 4
+  assert datasets.dataset_size(spec, 'train') == 40
+  assert datasets.dataset_size(spec, 'test') == 40
+  assert datasets.missing_split(spec, 'test') == ''
+  assert datasets.class_names(spec) == ['cat', 'dog']
+  make_folder(tmp_path, per_class=2, splits=('val',))
+  with pytest.raises(datasets.DataError, match=r'holds both Val/ and val/: keep one validation '
+                     r'folder \(valid/, val/ or validation/, in any case\)$'):
+    datasets.dataset_size(spec, 'valid')
+
+
 def test_the_valid_hold_out_never_takes_a_class_out_of_train(tmp_path):
   """A class folder with one image went wholly to 'valid' (file 0 of every class is held
   out), so 'train' lost the class: a linear head fitted on it never saw that class. It stays
