@@ -377,8 +377,28 @@ def _split_names(split: str) -> str:
   return f'{listed}, in any case'
 
 
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+  """Logs a warning the first time this process says it: a folder is scanned again for each
+  split's size, load and evaluation, and one problem said many times reads as many."""
+  if message not in _WARNED:
+    _WARNED.add(message)
+    logging.warning('%s', message)
+
+
+def _warn_loose_images(split_dir: str) -> None:
+  """Warns of image files directly in a split folder: they have no class, so no split
+  holds them, and a user who put them there meant them to be used."""
+  if loose := _image_files(split_dir):
+    _warn_once(f'ignored {len(loose)} image files directly in {split_dir} (first: '
+               f'{loose[0]}): only images in its class folders <class_name>/ are used')
+
+
 def _class_files(split_dir: str, class_names: list[str]) -> list[list[str]]:
   """Image paths per class; the split's classes must equal train's and none may be empty."""
+  _warn_loose_images(split_dir)
   found = _subdirs(split_dir)
   if found != class_names:
     missing = sorted(set(class_names) - set(found))[:3]
@@ -550,14 +570,17 @@ def scan_folder(root: str, split: str, *, validate: bool = False,
                 strict: bool = False) -> FolderSplit:
   """Lists the images of a logical split of root/<split>/<class>/ with their labels.
 
-  Class names are the sorted folder names of train/. Only the extension is checked unless
+  Class names are the sorted folder names of train/; image files beside the class folders
+  have no label and are left out with a warning. Only the extension is checked unless
   validate=True, which drops unreadable files (see `readable_subset`).
   """
   _check_split(split)
   train_dir = _train_dir(DatasetSpec('folder', root, root))
   class_names = _subdirs(train_dir)
   if not class_names:
-    raise DataError(f'{train_dir} has no class folders: expected '
+    loose = len(_image_files(train_dir))
+    raise DataError(f'{train_dir} has no class folders' + (
+      f' (it holds {loose} image files directly)' if loose else '') + ': expected '
                     f'{train_dir}/<class_name>/<image>.jpg')
   files = _split_files(train_dir, split, class_names)
   paths = [p for fs in files for p in fs]

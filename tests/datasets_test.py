@@ -360,6 +360,26 @@ def test_split_folders_are_found_in_any_case(tmp_path):
     datasets.dataset_size(spec, 'valid')
 
 
+def test_images_outside_class_folders_are_a_warning(tmp_path, caplog):
+  """Images put directly in train/ (or test/) next to its class folders were in no split,
+  without a word. Each folder says so once, in one line; with no class folder at all the
+  error says the images are there."""
+  root = make_folder(tmp_path / 'flat', classes=('.',), per_class=3, splits=('train',))
+  with pytest.raises(datasets.DataError, match=r'train has no class folders \(it holds 3 '
+                     r'image files directly\): expected'):
+    datasets.scan_folder(root, 'train')
+  root = make_folder(tmp_path / 'mixed')
+  make_folder(tmp_path / 'mixed', classes=('.',), per_class=2, splits=('train', 'test'))
+  spec = datasets.parse_dataset(f'folder:{root}')
+  with caplog.at_level('WARNING'):
+    for split in ('train', 'valid', 'test', 'train'):
+      datasets.dataset_size(spec, split)
+  said = [r.getMessage() for r in caplog.records if 'directly in' in r.getMessage()]
+  assert said == [f'ignored 2 image files directly in {root}/{split} (first: 000.jpg): only '
+                  'images in its class folders <class_name>/ are used'
+                  for split in ('train', 'test')]
+
+
 def test_the_valid_hold_out_never_takes_a_class_out_of_train(tmp_path):
   """A class folder with one image went wholly to 'valid' (file 0 of every class is held
   out), so 'train' lost the class: a linear head fitted on it never saw that class. It stays
