@@ -320,8 +320,18 @@ def _subdirs(path: str) -> list[str]:
 
 def _image_files(path: str) -> list[str]:
   """Sorted names of visible files with an image extension (case-insensitive)."""
-  return sorted(e.name for e in _entries(path)
-                if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS))
+  return _sorted_entries(path)[0]
+
+
+def _sorted_entries(path: str) -> tuple[list[str], list[str]]:
+  """Sorted names of a folder's visible image files, and of its other visible entries
+  (files of other formats, subfolders, broken links), from one listing: a class folder of
+  ImageNet holds about 1,300 files."""
+  images, others = [], []
+  for e in _entries(path):
+    is_image = e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)
+    (images if is_image else others).append(e.name)
+  return sorted(images), sorted(others)
 
 
 def _train_dir(spec: DatasetSpec) -> str:
@@ -405,10 +415,11 @@ def _class_files(split_dir: str, class_names: list[str]) -> list[list[str]]:
     extra = sorted(set(found) - set(class_names))[:3]
     raise DataError(f'class folders of {split_dir} differ from train/: missing {missing}, '
                     f'extra {extra}; every split needs the same <class_name> folders')
-  files = []
+  files, ignored = [], []
   for name in class_names:
     class_dir = os.path.join(split_dir, name)
-    names = _image_files(class_dir)
+    names, others = _sorted_entries(class_dir)
+    ignored += [os.path.join(name, o) for o in others]
     if not names:
       nested = _subdirs(class_dir)[:2]  # Tiny-ImageNet's <class>/images/, say
       where = (f' (its images must lie in it, not in subfolders such as {nested[0]}/)'
@@ -416,7 +427,16 @@ def _class_files(split_dir: str, class_names: list[str]) -> list[list[str]]:
       raise DataError(f'class folder {class_dir} has no .jpg/.jpeg/.png files{where}: add '
                       'images or remove the folder from every split')
     files.append([os.path.join(class_dir, n) for n in names])
+  _warn_ignored(split_dir, ignored)
   return files
+
+
+def _warn_ignored(split_dir: str, ignored: list[str]) -> None:
+  """Warns of entries of class folders that are not .jpg/.jpeg/.png files (a .webp, .gif or
+  .tif, a subfolder): no split holds them, and some are images the user meant to use."""
+  if ignored:
+    _warn_once(f'ignored {len(ignored)} entries of the class folders of {split_dir} (first: '
+               f'{ignored[0]}): only .jpg/.jpeg/.png files directly in <class_name>/ are used')
 
 
 def _held_out(files: list[list[str]], valid: bool) -> list[list[str]]:
@@ -571,7 +591,9 @@ def scan_folder(root: str, split: str, *, validate: bool = False,
   """Lists the images of a logical split of root/<split>/<class>/ with their labels.
 
   Class names are the sorted folder names of train/; image files beside the class folders
-  have no label and are left out with a warning. Only the extension is checked unless
+  have no label and are left out with a warning, as are entries of class folders that are
+  not .jpg/.jpeg/.png files (hidden files, such as .DS_Store, silently). Only the extension
+  (in any case) is checked unless
   validate=True, which drops unreadable files (see `readable_subset`).
   """
   _check_split(split)

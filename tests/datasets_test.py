@@ -380,6 +380,25 @@ def test_images_outside_class_folders_are_a_warning(tmp_path, caplog):
                   for split in ('train', 'test')]
 
 
+def test_other_entries_of_class_folders_are_a_warning(tmp_path, caplog):
+  """A .webp, .gif or .tif image, or a subfolder, in a class folder that also holds JPEGs was
+  in no split, without a word. Each split folder says how many, once, in one line; hidden
+  files (.DS_Store, macOS's ._a.jpg) are no images and stay unmentioned."""
+  root = make_folder(tmp_path)
+  cat = tmp_path / 'train' / 'cat'
+  Image.new('RGB', SIZE).save(cat / 'x.webp')
+  Image.new('RGB', SIZE).save(cat / 'y.gif')
+  make_folder(cat, classes=('more',), per_class=1, splits=('.',))
+  for hidden in ('.DS_Store', '._000.jpg'):
+    (cat / hidden).write_bytes(b'\0')
+  spec = datasets.parse_dataset(f'folder:{root}')
+  with caplog.at_level('WARNING'):
+    assert [datasets.dataset_size(spec, s) for s in ('trainval', 'train', 'test')] == [6, 4, 6]
+  said = [r.getMessage() for r in caplog.records if 'ignored' in r.getMessage()]
+  assert said == [f'ignored 3 entries of the class folders of {root}/train (first: cat/more): '
+                  'only .jpg/.jpeg/.png files directly in <class_name>/ are used'], said
+
+
 def test_the_valid_hold_out_never_takes_a_class_out_of_train(tmp_path):
   """A class folder with one image went wholly to 'valid' (file 0 of every class is held
   out), so 'train' lost the class: a linear head fitted on it never saw that class. It stays
