@@ -398,18 +398,28 @@ def _warn_once(message: str) -> None:
     logging.warning('%s', message)
 
 
-def _warn_loose_images(split_dir: str) -> None:
-  """Warns of image files directly in a split folder: they have no class, so no split
-  holds them, and a user who put them there meant them to be used."""
-  if loose := _image_files(split_dir):
+def _class_dirs(split_dir: str) -> list[str]:
+  """Sorted class folder names of a split folder. Image files beside them have no class, so
+  no split holds them: a one-line warning (the no-class-folder error says so itself). A
+  broken link is refused: the class it names vanished without a word, and every later
+  class's label moved down by one."""
+  entries = _entries(split_dir)
+  if broken := sorted(e.path for e in entries if e.is_symlink() and not os.path.exists(e.path)):
+    more = f' (and {len(broken) - 1} more broken links there)' if len(broken) > 1 else ''
+    raise DataError(f'{broken[0]} is a link to {os.readlink(broken[0])}, which does not '
+                    f'exist: fix or remove it{more}')
+  dirs = sorted(e.name for e in entries if e.is_dir())
+  loose = sorted(e.name for e in entries
+                 if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS))
+  if loose and dirs:
     _warn_once(f'ignored {len(loose)} image files directly in {split_dir} (first: '
                f'{loose[0]}): only images in its class folders <class_name>/ are used')
+  return dirs
 
 
 def _class_files(split_dir: str, class_names: list[str]) -> list[list[str]]:
   """Image paths per class; the split's classes must equal train's and none may be empty."""
-  _warn_loose_images(split_dir)
-  found = _subdirs(split_dir)
+  found = _class_dirs(split_dir)
   if found != class_names:
     missing = sorted(set(class_names) - set(found))[:3]
     extra = sorted(set(found) - set(class_names))[:3]
@@ -590,15 +600,15 @@ def scan_folder(root: str, split: str, *, validate: bool = False,
                 strict: bool = False) -> FolderSplit:
   """Lists the images of a logical split of root/<split>/<class>/ with their labels.
 
-  Class names are the sorted folder names of train/; image files beside the class folders
-  have no label and are left out with a warning, as are entries of class folders that are
-  not .jpg/.jpeg/.png files (hidden files, such as .DS_Store, silently). Only the extension
-  (in any case) is checked unless
+  Class names are the sorted folder names of train/ (links to folders too; a broken link is
+  a DataError); image files beside the class folders have no label and are left out with a
+  warning, as are entries of class folders that are not .jpg/.jpeg/.png files (hidden
+  files, such as .DS_Store, silently). Only the extension (in any case) is checked unless
   validate=True, which drops unreadable files (see `readable_subset`).
   """
   _check_split(split)
   train_dir = _train_dir(DatasetSpec('folder', root, root))
-  class_names = _subdirs(train_dir)
+  class_names = _class_dirs(train_dir)
   if not class_names:
     loose = len(_image_files(train_dir))
     raise DataError(f'{train_dir} has no class folders' + (
@@ -880,7 +890,7 @@ def class_names(spec: DatasetSpec, data_dir: str | None = None) -> list[str]:
     from byol_jax import demo_data
     return [str(n) for n in getattr(demo_data, 'CLASS_NAMES', range(demo_data.NUM_CLASSES))]
   if spec.kind == 'folder':
-    return _subdirs(_train_dir(spec))
+    return _class_dirs(_train_dir(spec))
   return _tfds_label_names(tfds_builder(spec, data_dir))
 
 

@@ -399,6 +399,22 @@ def test_other_entries_of_class_folders_are_a_warning(tmp_path, caplog):
                   'only .jpg/.jpeg/.png files directly in <class_name>/ are used'], said
 
 
+def test_a_broken_link_to_a_class_folder_is_a_data_error(tmp_path):
+  """A class folder linked from elsewhere counts as any other; a link whose target is gone
+  (an unmounted disk) was left out without a word: the class vanished and every later
+  class's label moved down by one. It is a one-line DataError naming the link."""
+  root = make_folder(tmp_path / 'd')
+  make_folder(tmp_path / 'elsewhere', classes=('fox',))
+  os.symlink(tmp_path / 'elsewhere' / 'train' / 'fox', tmp_path / 'd' / 'train' / 'fox')
+  os.symlink(tmp_path / 'elsewhere' / 'test' / 'fox', tmp_path / 'd' / 'test' / 'fox')
+  assert datasets.scan_folder(root, 'trainval').class_names == ['cat', 'dog', 'fox']
+  link = tmp_path / 'd' / 'train' / 'bee'
+  os.symlink(tmp_path / 'unmounted' / 'bee', link)
+  with pytest.raises(datasets.DataError, match=f'^{link} is a link to {tmp_path}/unmounted/bee, '
+                     'which does not exist: fix or remove it$'):
+    datasets.class_names(datasets.parse_dataset(f'folder:{root}'))
+
+
 def test_the_valid_hold_out_never_takes_a_class_out_of_train(tmp_path):
   """A class folder with one image went wholly to 'valid' (file 0 of every class is held
   out), so 'train' lost the class: a linear head fitted on it never saw that class. It stays
