@@ -87,19 +87,29 @@ NORMALIZE = {  # per-channel (mean, std) of the inputs
 # ------------------------------------------------------------------------------------------
 
 
+def _visible(folder: str) -> list[str]:
+  """Sorted names in a folder less hidden ones (.DS_Store, macOS's ._a.jpg), as byol_jax
+  reads folders: a hidden file in a class folder stopped the run with PIL's traceback."""
+  return sorted(n for n in os.listdir(folder) if not n.startswith('.'))
+
+
 def load_split(root: str, split: str, classes: list[str] | None = None
                ) -> tuple[np.ndarray, np.ndarray, list[str]]:
-  """uint8 images [N, H, W, 3] and int64 labels of one split; classes sorted by name."""
+  """uint8 images [N, H, W, 3] and int64 labels of one split; classes sorted by name.
+
+  The images byol_jax reads from the same folder: its .jpg/.jpeg/.png files (any case),
+  hidden names left out, so the cross-check compares the two on the same images."""
   from PIL import Image
   split_dir = os.path.join(root, split)
   if not os.path.isdir(split_dir):
     raise SystemExit(f'error: no folder {split_dir} (expected <root>/{split}/<class>/<image>)')
-  classes = classes or sorted(d for d in os.listdir(split_dir)
-                              if os.path.isdir(os.path.join(split_dir, d)))
+  classes = classes or [d for d in _visible(split_dir)
+                        if os.path.isdir(os.path.join(split_dir, d))]
   images, labels = [], []
   for label, name in enumerate(classes):
     folder = os.path.join(split_dir, name)
-    for file in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+    for file in [f for f in (_visible(folder) if os.path.isdir(folder) else [])
+                 if f.lower().endswith(('.jpg', '.jpeg', '.png'))]:
       with Image.open(os.path.join(folder, file)) as img:
         images.append(np.asarray(img.convert('RGB'), np.uint8))
       labels.append(label)

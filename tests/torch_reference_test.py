@@ -268,6 +268,23 @@ def test_missing_folder_is_a_one_line_error(tmp_path):
     ref.train(['--data', str(tmp_path / 'nothing'), '--workdir', str(tmp_path / 'run')])
 
 
+def test_folder_reader_reads_the_images_byol_jax_reads(tmp_path):
+  """A folder copied from a Mac (.DS_Store, ._0.png, .ipynb_checkpoints/) or holding a note
+  stopped the reference with PIL's traceback; it reads the files byol_jax reads now."""
+  from byol_jax import datasets
+  for name in ('a', 'b'):
+    os.makedirs(tmp_path / 'train' / name)
+    for i in range(2):
+      Image.new('RGB', (4, 4), (i, 0, 0)).save(tmp_path / 'train' / name / f'{i}.PNG')
+  for junk in ('a/.DS_Store', 'a/._0.png', 'b/notes.txt', '.DS_Store'):
+    (tmp_path / 'train' / junk).write_bytes(b'\0')
+  os.makedirs(tmp_path / 'train' / '.ipynb_checkpoints')
+  images, labels, classes = ref.load_split(str(tmp_path), 'train')
+  found = datasets.scan_folder(str(tmp_path), 'trainval')
+  assert classes == found.class_names == ['a', 'b']
+  assert images.shape == (4, 4, 4, 3) and labels.tolist() == found.labels.tolist()
+
+
 def test_failed_compiled_views_fall_back_to_eager(capsys):
   """A torch.compile failure on the GPU host must cost a message, not the run."""
   def broken(*args, **kwargs):
