@@ -187,3 +187,76 @@ def test_imagenet_finetune_commands_name_a_label_subset():
   assert commands  # the README shows how to fine-tune on ImageNet
   wrong = [c for c in commands if not re.search(r'--config\.subset_fraction=0\.0?1\b', c)]
   assert not wrong, wrong
+
+
+def _quoted(pattern: str, text: str) -> tuple[str, ...]:
+  """The groups of the one place `pattern` matches in `text` (whitespace normalised)."""
+  found = re.findall(pattern, text)
+  assert len(found) == 1, (pattern, found)
+  return found[0] if isinstance(found[0], tuple) else (found[0],)
+
+
+def _number(text: str) -> float:
+  words = {'a tenth': 0.1, 'two': 2, 'a quarter': 0.25}
+  return words[text] if text in words else float(text.replace(',', ''))
+
+
+def test_quoted_defaults_match_the_code():
+  """The defaults and constants the README quotes in prose (outside the presets and
+  multi-host tables) are the code's: changing either side without the other fails here."""
+  import inspect
+  import math
+
+  from byol_jax import datasets, eval_worker, losses, main, networks, train
+  from byol_jax.evaluators import common
+  from configs import linear_eval as eval_configs
+  text = ' '.join(_readme().split())
+  r50, demo, cifar10 = (byol.get_config(p) for p in ('r50', 'demo', 'cifar10'))
+  imagenet = [byol.get_config(p) for p in byol.IMAGENET_PRESETS]
+  checks = {
+    r'LARS \(trust coefficient ([\d.e-]+), momentum ([\d.]+),':
+      (r50.optimizer.trust_coefficient, r50.optimizer.momentum),
+    r'\(([\d,]+) images for ImageNet;': (datasets.IMAGENET_VALID_EXAMPLES,),
+    r'`valid/`; (\d+)% elsewhere': (datasets.VALID_PERCENT,),
+    r'`--config.pretrain_split` \(default `(\w+)`\)': (r50.pretrain_split,),
+    r'\(([\d,]+) in the ImageNet presets, whose feature bank then takes ([\d.]+) GB\)':
+      (imagenet[0].knn.train_examples,
+       round(imagenet[1].knn.train_examples * networks.resnet_output_dim(True, 1) * 4 / 1e9,
+             1)),
+    r'it says every (\d+) minutes what it waits for':
+      (eval_worker.WAITING_NOTICE_SECS / 60,),
+    r'it stops \(exit (\d+)\) after `--config.eval_idle_timeout_secs` \((\d+)\)':
+      (eval_worker.IDLE_EXIT, r50.eval_idle_timeout_secs),
+    r'without that save, exit (\d+)\)': (main.INTERRUPTED,),
+    r"so each of its (\d+) epochs, and the refit's (\d+),":
+      (eval_configs.get_config('imagenet').epochs,) * 2,
+    r'refuses one larger than (a quarter) of an accelerator':
+      (inspect.signature(datasets.choose_input_mode).parameters['max_fraction'].default,),
+    r'streamed batches are copied to the devices (two) steps ahead \(`train.STREAM_PREFETCH`\)':
+      (train.STREAM_PREFETCH,),
+    r'`std` has stayed under (a tenth) of its healthy value': (losses.COLLAPSE_STD_FRACTION,),
+    r"when healthy \(([\d.]+) for the demo's (\d+), ([\d.]+) for (\d+);":
+      (round(demo.model.projection_dim ** -0.5, 3), demo.model.projection_dim,
+       r50.model.projection_dim ** -0.5, r50.model.projection_dim),
+    r'kNN top-1 after (\d+) steps \((\d+) epochs\)':
+      (demo.epochs * demo.demo.train_examples // demo.batch_size, demo.epochs),
+    r're-estimated on ([\d,]+) training images \(`knn_top1_init`':
+      (min(demo.demo.train_examples, common.BN_CALIBRATION_EXAMPLES),),
+    r'\(D = (\d+) for the demo\)':
+      (networks.resnet_output_dim(demo.model.depth >= 50, demo.model.width),),
+    r'kNN: k=(\d+), temperature ([\d.]+), features of the': (cifar10.knn.k,
+                                                              cifar10.knn.temperature),
+  }
+  wrong = []
+  for pattern, expected in checks.items():
+    quoted = _quoted(pattern, text)
+    if not all(q == e if isinstance(e, str) else math.isclose(_number(q), e)
+               for q, e in zip(quoted, expected, strict=True)):
+      wrong.append(f'{pattern}: README {quoted}, code {expected}')
+  assert not wrong, wrong
+  assert all(c.knn.train_examples == imagenet[0].knn.train_examples for c in imagenet)
+  assert all(byol.get_config(p).pretrain_split == r50.pretrain_split for p in byol.PRESETS)
+  # "(on in the demo and cifar10 presets)": the presets that evaluate at initialisation.
+  assert '`--config.eval_at_init` (on in the demo and cifar10 presets)' in text
+  assert {p for p in byol.PRESETS if byol.get_config(p).eval_at_init} == {
+    'demo', 'cifar10', 'cifar10_lightly'}
