@@ -49,7 +49,14 @@ def bn_input_sizes(model_cfg: Any, image_size: int, dtype: Any = jnp.bfloat16) -
   jaxpr = jax.make_jaxpr(lambda p, s, x: net.apply(p, s, None, x, True)[0])(
     params, state, images)
   return [int(np.prod(eqn.invars[0].aval.shape)) for eqn in _eqns(jaxpr.jaxpr)
-          if eqn.primitive.name.startswith('custom_vjp_call')]
+          if _is_batch_norm(eqn)]
+
+
+def _is_batch_norm(eqn: Any) -> bool:
+  """A call of networks.batch_norm_train, the one custom-gradient op with three outputs
+  (y, mean, var). The other, networks.stem_max_pool (one output), is what the ImageNet stem
+  pools with when traced on a CPU; on a GPU the stem pools with hk.max_pool."""
+  return eqn.primitive.name.startswith('custom_vjp_call') and len(eqn.outvars) == 3
 
 
 def _eqns(jaxpr: Any):

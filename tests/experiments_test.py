@@ -61,6 +61,19 @@ def test_bn_traffic_counts_resnet18_cifar_by_hand():
   assert abs(f['floor_ms'] - f['step_bytes'] / 1e9) < 1e-9
 
 
+def test_bn_traffic_counts_the_imagenet_stem_by_hand():
+  """ResNet-18 with the ImageNet stem at 64 px, traced on a CPU, where the stem's max-pool is
+  networks.stem_max_pool, also a custom-gradient op: only the BatchNorm layers count. The
+  stem normalises 32x32x64 once, the pool halves it, then stage 1 normalises 4 maps of
+  16x16x64 and stages 2-4 five each at 8x8x128, 4x4x256 and 2x2x512; the heads one 4096
+  vector each. Counting the pool too (as before) made r50's floor 134.3 GB, not 125.3."""
+  from configs import byol
+  cfg = byol.get_config('r18')
+  sizes = bn_traffic.bn_input_sizes(cfg.model, 64)
+  want = [32 * 32 * 64] + [16 * 16 * 64] * 4 + [8 * 8 * 128] * 5 + [4 * 4 * 256] * 5
+  assert sizes == want + [2 * 2 * 512] * 5 + [4096, 4096]
+
+
 # What the GPU host (../shared/bench/README.md) lacks and the scripts must run without.
 GPU_HOST_LACKS = ('tensorflow', 'tensorflow_datasets', 'tensorboardX')
 
