@@ -260,3 +260,26 @@ def test_quoted_defaults_match_the_code():
   assert '`--config.eval_at_init` (on in the demo and cifar10 presets)' in text
   assert {p for p in byol.PRESETS if byol.get_config(p).eval_at_init} == {
     'demo', 'cifar10', 'cifar10_lightly'}
+
+
+def test_quoted_preset_settings_match_the_configs():
+  """Settings the README names per preset outside the presets table: the linear-evaluation
+  mode of each configs/linear_eval.py preset, and the PyTorch-recipe switches that
+  `cifar10_lightly` sets (and the stem ReLU it does not)."""
+  from configs import linear_eval as eval_configs
+  text = ' '.join(_readme().split())
+  assert ("The `imagenet` preset is the paper's protocol: heads train on random crops + flips "
+          "(`mode='augmented'`)") in text
+  assert "as the transfer and `demo` presets do (the paper's transfer protocol)" in text
+  modes = {p: eval_configs.get_config(p).mode for p in eval_configs.PRESETS}
+  assert modes.pop('imagenet') == 'augmented'
+  assert set(modes.values()) == {'cached'}, modes
+  switches = ('--config.optimizer.name=sgd', '--config.tau_schedule=constant',
+              '--config.augment.jitter_style=torchvision', '--config.model.weight_init=pytorch')
+  said = text[text.index(switches[0]):text.index('`cifar10_lightly` sets all of these')]
+  assert all(s in said for s in switches), switches
+  lightly = byol.get_config('cifar10_lightly')
+  assert (lightly.optimizer.name, lightly.tau_schedule, lightly.augment.jitter_style,
+          lightly.model.weight_init) == tuple(s.split('=')[1] for s in switches)
+  assert '`--config.model.stem_relu=False` drops the ReLU' in text
+  assert 'not in the preset)' in text and lightly.model.stem_relu
