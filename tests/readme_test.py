@@ -246,6 +246,8 @@ def test_quoted_defaults_match_the_code():
       (networks.resnet_output_dim(demo.model.depth >= 50, demo.model.width),),
     r'kNN: k=(\d+), temperature ([\d.]+), features of the': (cifar10.knn.k,
                                                               cifar10.knn.temperature),
+    r"picks the release's hyperparameters for ([\d/]+) epochs":
+      ('/'.join(map(str, byol.EPOCH_TABLE)),),
   }
   wrong = []
   for pattern, expected in checks.items():
