@@ -288,3 +288,16 @@ def parse_flags(argv: list[str]) -> list[str]:
     _exit_with(ValueError(f'unexpected argument {rest[1]!r}: every argument is a flag, '
                           f'--NAME=VALUE{hint}'))
   return rest
+
+
+def worker_module_main(module: str) -> None:
+  """What `python -m byol_jax.linear_eval` (a worker module, not an entry point) does: it
+  printed nothing and exited 0, which reads as an evaluation that ran. The one command that
+  runs a worker is byol_jax.main's --worker_mode; this names it and exits 2."""
+  from byol_jax import main
+  mode = next(m for m, name in main.WORKERS.items() if name == module)
+  preset = 'configs/linear_eval.py:demo' if mode in ('linear_eval', 'finetune') else (
+    'configs/byol.py:demo')
+  print(f'{module} is run through byol_jax.main: python -m byol_jax.main '
+        f'--worker_mode={mode} --config={preset} (--help lists its flags)', file=sys.stderr)
+  sys.exit(2)

@@ -299,3 +299,8 @@ def run(cfg: Any, workdir: str) -> int:
       time.sleep(_sleep_secs(cfg.eval_poll_secs, cfg.eval_idle_timeout_secs, idle))
   finally:
     worker.close()
+
+
+if __name__ == '__main__':
+  from byol_jax import cli
+  cli.worker_module_main(__spec__.name)

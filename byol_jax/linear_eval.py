@@ -980,3 +980,8 @@ def run(cfg: Any, workdir: str) -> int:
   """The worker entry point: evaluates the checkpoint that cfg names in workdir."""
   evaluate(cfg, load_pretrained(cfg, workdir), workdir)
   return 0
+
+
+if __name__ == '__main__':
+  from byol_jax import cli
+  cli.worker_module_main(__spec__.name)

@@ -957,3 +957,8 @@ def _write_preview(cfg, state, workdir, writer, data, is_main) -> None:
   writer.write_image(int(state.step), 'augmentation_preview', np.asarray(
     preview.view_grid_array(view1, view2, cfg.augment.mean, cfg.augment.std)))
   logging.info('augmentation preview: %s', path)
+
+
+if __name__ == '__main__':
+  from byol_jax import cli
+  cli.worker_module_main(__spec__.name)

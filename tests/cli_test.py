@@ -589,3 +589,17 @@ def test_a_refused_resume_names_the_runs_own_preset(monkeypatch):
   # A preset that another file holds (or none) is not guessed.
   assert main.resuming_config(os.path.join(REPO, 'configs', 'ablation.py'), saved) is None
   assert main.resuming_config(config_file, {**saved, 'preset': None}) is None
+
+
+@pytest.mark.parametrize('module,mode', [('byol_jax.linear_eval', 'linear_eval'),
+                                         ('byol_jax.finetune', 'finetune'),
+                                         ('byol_jax.eval_worker', 'eval'),
+                                         ('byol_jax.train', 'train')])
+def test_a_worker_module_run_alone_names_the_command_that_runs_it(module, mode):
+  """`python -m byol_jax.linear_eval --help` printed nothing and exited 0, as if it had run:
+  a worker module run alone exits 2 with the byol_jax.main command that runs it."""
+  proc = subprocess.run([sys.executable, '-m', module, '--help'], cwd=REPO, capture_output=True,
+                        text=True, timeout=120)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert f'python -m byol_jax.main --worker_mode={mode} --config=configs/' in proc.stderr
+  assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-2000:]
