@@ -132,7 +132,89 @@ def validate_path_flag(name: str, what: str = 'workdir') -> None:
   flags.register_validator(name, check)
 
 
-def _unknown_field(e: BaseException) -> str | None:
+def _leaf_fields(cfg, prefix: str = '') -> list[str]:
+  """The dotted names of a config's fields (`optimizer.base_lr`), the ones a
+  --config.FIELD=VALUE flag sets."""
+  names = []
+  for key, value in cfg.items():
+    if hasattr(value, 'items'):
+      names += _leaf_fields(value, f'{prefix}{key}.')
+    else:
+      names.append(prefix + key)
+  return names
+
+
+def _config_fields_of(config_file: str) -> list[str] | None:
+  """The fields of `config_file` ('FILE[:PRESET]'), or None if it does not load. Every
+  preset of one file has the same fields, so the file's default preset stands for all."""
+  import importlib.util
+  path = config_file.partition(':')[0]
+  try:
+    spec = importlib.util.spec_from_file_location('_byol_jax_fields_config', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return _leaf_fields(module.get_config())
+  except Exception:  # a file that does not load has no fields to suggest
+    return None
+
+
+def nearest_field(typed: str, fields: list[str]) -> str | None:
+  """The field a mistyped dotted name most likely meant: close as a whole name
+  (`optimizer.lr` -> `optimizer.base_lr`), else by its last part, wherever that lives
+  (`train.epocs` -> `epochs`), else the closest field whose last part contains it (`lr` ->
+  `optimizer.base_lr`).
+
+  Why: ml_collections names only the first unknown part ('train') and suggests a name
+  only among that group's siblings, so the overrides of `train.epocs` and `optimizer.lr`
+  failed without a hint of the field the user meant."""
+  import difflib
+  close = difflib.get_close_matches(typed, fields, n=1, cutoff=0.75)
+  if close:
+    return close[0]
+  leaf = typed.rpartition('.')[2]
+  by_leaf = {}
+  for field in fields:
+    by_leaf.setdefault(field.rpartition('.')[2], field)
+  close = difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.75)
+  if close:
+    return by_leaf[close[0]]
+  containing = [name for name in by_leaf if leaf and leaf in name]
+  if not containing:
+    return None
+  return by_leaf[max(containing, key=lambda n: difflib.SequenceMatcher(None, leaf, n).ratio())]
+
+
+def _unknown_field_hint(typed: str, config_file: str) -> str:
+  """What to say after 'unknown config field': the nearest field of this config, or the
+  config file that has the field (`--config.refit` belongs to configs/linear_eval.py, which
+  the linear_eval and finetune workers take, not to configs/byol.py)."""
+  fields = _config_fields_of(config_file)
+  if not config_file or fields is None:
+    return ''
+  path = os.path.abspath(config_file.partition(':')[0])
+  configs_dir = os.path.join(REPO, 'configs')
+  for name in sorted(os.listdir(configs_dir)) if os.path.isdir(configs_dir) else []:
+    other = os.path.join(configs_dir, name)
+    if name.endswith('.py') and os.path.abspath(other) != path:
+      if typed in (_config_fields_of(other) or ()):
+        shown = os.path.relpath(other, REPO)
+        return (f': it is a field of {shown} (--config={shown}:PRESET), not of '
+                f'{os.path.relpath(path, REPO) if path.startswith(REPO) else path}')
+  nearest = nearest_field(typed, fields)
+  return f'; did you mean --config.{nearest}?' if nearest else ''
+
+
+def _typed_override(field: str, argv: list[str]) -> str | None:
+  """The dotted name of the --config.NAME=VALUE flag in `argv` with unknown part `field`."""
+  for arg in argv:
+    if arg.startswith('--config.'):
+      name = arg[len('--config.'):].partition('=')[0]
+      if field in name.split('.'):
+        return name
+  return None
+
+
+def _unknown_field(e: BaseException, config_file: str) -> str | None:
   """ml_collections' error for an unknown --config.FIELD: a KeyError (possibly inside an
   AttributeError) whose text is the quoted field, then a 'Did you mean' line if any."""
   while isinstance(e, (AttributeError, KeyError)) and e.args:
@@ -144,10 +226,10 @@ def _unknown_field(e: BaseException) -> str | None:
     frames = traceback.extract_tb(e.__traceback__)
     if frames and 'ml_collections' not in frames[-1].filename:
       return None  # a KeyError of a config file's own code, not a mistyped field
-    field, _, hint = e.args[0].partition('\n')
-    hint = f'. {hint.strip()}' if hint.strip() else ''
-    field = field.strip('"\'')
-    return f'unknown config field {field!r} in a --config.FIELD=VALUE flag{hint}'
+    field = e.args[0].partition('\n')[0].strip('"\'')
+    typed = _typed_override(field, sys.argv) or field
+    return (f'unknown config field {typed!r} in a --config.FIELD=VALUE flag'
+            + _unknown_field_hint(typed, config_file))
   return None
 
 
@@ -188,8 +270,10 @@ def _config_file_error(e: BaseException) -> str | None:
 _NOT_BOOLEAN = re.compile(r"\('Non-boolean argument to boolean flag', '(.*)'\)$")
 
 
-def _exit_with(e: BaseException) -> None:
-  message = _unknown_field(e) or _config_file_error(e)
+def _exit_with(e: BaseException, config_file: str = '') -> None:
+  """Ends the program with `e` as one `error:` line (exit 2); `config_file` is the --config
+  in use, whose fields an unknown field's message searches for the nearest."""
+  message = _unknown_field(e, config_file) or _config_file_error(e)
   if message:
     e = ValueError(message)
   lines = [line.strip() for line in str(e).splitlines() if line.strip()]
@@ -221,6 +305,18 @@ def config_path_fallback(argv: list[str], repo: str = REPO) -> list[str]:
   return out
 
 
+def _config_in_use(argv: list[str]) -> str:
+  """The --config that `argv` gives, else the flag's default ('' without a config flag)."""
+  if 'config' not in flags.FLAGS:
+    return ''
+  for i, arg in enumerate(argv):
+    if arg.startswith('--config='):
+      return arg[len('--config='):]
+    if i and argv[i - 1] == '--config':
+      return arg
+  return str(flags.FLAGS['config'].default or '')
+
+
 def define_config_flag(default: str, help_text: str):
   """`--config=FILE:PRESET` with `--config.FIELD=VALUE` overrides (ml_collections).
 
@@ -239,7 +335,8 @@ def define_config_flag(default: str, help_text: str):
   try:
     return config_flags.DEFINE_config_file('config', default, help_text, lock_config=True)
   except (AttributeError, KeyError) as e:
-    _exit_with(e)
+    _exit_with(e, config_path_fallback([f'--config={given[0]}'])[0][len('--config='):]
+               if given else default)
 
 
 _HELP_FLAG = re.compile(r'^--?(help|helpshort|helpfull|helpxml|\?)(=(true|1))?$', re.IGNORECASE)
@@ -273,7 +370,7 @@ def parse_flags(argv: list[str]) -> list[str]:
       sys.exit(0)
     raise
   except Exception as e:  # absl and ml_collections raise several types for user mistakes
-    _exit_with(e)
+    _exit_with(e, _config_in_use(argv))
   # The shell leaves the ~ of --workdir=~/runs/demo alone (it follows '='), and a folder
   # named '~' was made in the working directory.
   for name in _PATH_FLAGS & set(flags.FLAGS):

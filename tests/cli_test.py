@@ -20,11 +20,21 @@ def _run_main(argv: list[str], workdir) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize('argv, expected', [
   (['--config.nosuch=1'], "error: unknown config field 'nosuch'"),
-  (['--config.batch_sise=1'],  # ml_collections' suggestion, unescaped, on the same line
-   "error: unknown config field 'batch_sise' in a --config.FIELD=VALUE flag. "
-   'Did you mean "batch_size"'),
+  (['--config.batch_sise=1'],
+   "error: unknown config field 'batch_sise' in a --config.FIELD=VALUE flag; did you mean "
+   '--config.batch_size?'),
   (['--config=configs/byol.py:nope'],  # the preset's own message, no exception type
    "error: flag --config=configs/byol.py:nope: unknown preset 'nope'; valid: demo,"),
+  # ml_collections named only the first unknown part ('train', 'lr') and no field to use.
+  (['--config.train.epocs=5'],
+   "error: unknown config field 'train.epocs' in a --config.FIELD=VALUE flag; did you mean "
+   '--config.epochs?'),
+  (['--config.optimizer.lr=0.1'], "field 'optimizer.lr' in a --config.FIELD=VALUE flag; did "
+   'you mean --config.optimizer.base_lr?'),
+  # A field of the evaluation configs given to a pretraining one.
+  (['--config=configs/byol.py:demo', '--config.refit=False'],
+   "field 'refit' in a --config.FIELD=VALUE flag: it is a field of configs/linear_eval.py "
+   '(--config=configs/linear_eval.py:PRESET), not of configs/byol.py'),
   (['--config.batch_size=abc'], "error: flag --config.batch_size=abc: invalid literal"),
   (['--config=configs/nofile.py:demo'],  # the path as typed, and where it was looked for
    f"error: config file 'configs/nofile.py' not found in {REPO}: check"),
@@ -603,3 +613,18 @@ def test_a_worker_module_run_alone_names_the_command_that_runs_it(module, mode):
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert f'python -m byol_jax.main --worker_mode={mode} --config=configs/' in proc.stderr
   assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize('typed, nearest', [
+  ('train.epocs', 'epochs'),  # a group that does not exist, the leaf misspelt
+  ('optimizer.lr', 'optimizer.base_lr'),  # a short name inside the real one
+  ('lr', 'optimizer.base_lr'),
+  ('model.dept', 'model.depth'),
+  ('weight_decay', 'optimizer.weight_decay'),  # the right name in the wrong group
+  ('nosuch', None),
+])
+def test_nearest_field_of_a_mistyped_override(typed, nearest):
+  """The field an unknown --config.FIELD most likely meant, searched over the whole config:
+  ml_collections suggested only among the siblings of the first unknown part."""
+  fields = cli._config_fields_of(os.path.join(REPO, 'configs', 'byol.py') + ':demo')
+  assert cli.nearest_field(typed, fields) == nearest
