@@ -398,3 +398,84 @@ def worker_module_main(module: str) -> None:
   print(f'{module} is run through byol_jax.main: python -m byol_jax.main '
         f'--worker_mode={mode} --config={preset} (--help lists its flags)', file=sys.stderr)
   sys.exit(2)
+
+
+# `name=value` as a ConfigDict's fields are written in a config file (a keyword argument):
+# not `x = ...`, a variable of the file's code.
+_ASSIGNED = re.compile(r'(?:^|[\s,(])(\w+)=(?!=)')
+
+
+def field_comments(paths: list[str]) -> dict[str, str]:
+  """Field name -> the comment beside (or the comment lines just above) the one place a
+  config file sets it as `name=value`: the config files document their fields in comments,
+  not in the config object, so this is where --show_config finds each field's doc. A name
+  set in two places (`train_examples` of knn and of demo) gets none: it may be the other's."""
+  found: dict[str, list[str]] = {}
+  for path in paths:
+    try:
+      with open(path) as f:
+        lines = f.read().splitlines()
+    except OSError:
+      continue
+    block: list[str] = []
+    for line in lines:
+      code, _, comment = line.partition('  # ')
+      if line.strip().startswith('#'):
+        block.append(line.strip().lstrip('#').strip())
+        continue
+      names = _ASSIGNED.findall(code)
+      text = comment.strip() or (' '.join(block) if len(names) == 1 else '')
+      for name in names:
+        found.setdefault(name, []).append(text)
+      block = []
+  return {name: texts[0] for name, texts in found.items() if len(texts) == 1 and texts[0]}
+
+
+def _flag_value(value) -> str:
+  """A field's value as a --config.FIELD=VALUE flag takes it."""
+  if isinstance(value, tuple):
+    return '(' + ','.join(_flag_value(v) for v in value) + ')'
+  return str(value)
+
+
+def _config_sources(config_file: str) -> list[str]:
+  """The config file and the checkout's modules it imports (configs/ablation.py builds on
+  configs/byol.py, which takes its augmentation fields from byol_jax/augment.py)."""
+  path = config_file.partition(':')[0]
+  paths = [path]
+  try:
+    with open(path) as f:
+      source = f.read()
+  except OSError:
+    return paths
+  for module in re.findall(r'^\s*from (?:configs|byol_jax) import (\w+)', source, re.M):
+    for folder in ('configs', 'byol_jax'):
+      candidate = os.path.join(REPO, folder, f'{module}.py')
+      if os.path.isfile(candidate) and candidate not in paths:
+        paths.append(candidate)
+  return paths
+
+
+def describe_config(cfg, config_file: str) -> str:
+  """Every field of `cfg` as the --config.FIELD=VALUE flag that sets it to its value (the
+  preset's, with the overrides given), and the config file's comment on it.
+
+  Why: neither --help nor absl's full help listed a config field (ml_collections defines a flag per
+  field only for the overrides given), so finding a field's name and default meant
+  reading configs/byol.py and byol_jax/augment.py."""
+  docs = field_comments(_config_sources(config_file))
+  rows = [(f'--config.{name}={_flag_value(cfg_value(cfg, name))}', docs.get(
+    name.rpartition('.')[2], '')) for name in _leaf_fields(cfg)]
+  width = min(48, max(len(flag) for flag, _ in rows))
+  shown = os.path.relpath(config_file, REPO) if config_file.startswith(REPO + os.sep) else (
+    config_file)
+  lines = [f'# {shown}, with the --config.FIELD=VALUE overrides given; each line sets one']
+  lines += [f'{flag:<{width}}  # {doc}' if doc else flag for flag, doc in rows]
+  return '\n'.join(lines)
+
+
+def cfg_value(cfg, dotted: str):
+  """The value of the field `dotted` (`optimizer.base_lr`) of `cfg`."""
+  for part in dotted.split('.'):
+    cfg = cfg[part]
+  return cfg

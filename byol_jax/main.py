@@ -15,7 +15,9 @@ Presets (README "Presets"):
   configs/linear_eval.py  demo, imagenet, cifar10, cifar100, food101, sun397, cars196, dtd,
                           oxford_iiit_pet, caltech101, oxford_flowers102, voc2007; the file
                           alone is demo.
-Any field is overridden as --config.FIELD=VALUE (e.g. --config.model.depth=18).
+Any field is overridden as --config.FIELD=VALUE (e.g. --config.model.depth=18);
+--show_config lists them all with a preset's values and their comments, e.g.
+`python -m byol_jax.main --config=configs/byol.py:cifar10 --show_config`.
 --worker_mode picks what this process does: train (pretraining with inline kNN
 evaluation), eval (follows the trainer's checkpoints), linear_eval or finetune (paper
 protocols on a run's checkpoint, with a configs/linear_eval.py preset).
@@ -57,6 +59,10 @@ _WORKDIR = flags.DEFINE_string(
   '(configs/linear_eval.py) name the pretraining run they read, runs/demo for their demo.')
 cli.validate_path_flag('workdir')
 _MODE = flags.DEFINE_enum('worker_mode', 'train', WORKER_MODES, 'What this process does.')
+_SHOW_CONFIG = flags.DEFINE_bool(
+  'show_config', False, "Print every field of --config (the preset's values, with the "
+  '--config.FIELD=VALUE overrides given) as the flag that sets it, with its comment in the '
+  'config file, and exit.')
 # Several processes (hosts) in one run; see README "Multi-host".
 _MULTIHOST = flags.DEFINE_enum(
   'multihost', 'auto', ('auto', 'on', 'off'),
@@ -236,9 +242,12 @@ INTERRUPTED = 130  # the shell's code for a process ended by SIGINT
 
 def run(argv: list[str]) -> int:
   del argv
+  cfg = _CONFIG.value
+  if _SHOW_CONFIG.value:
+    print(cli.describe_config(cfg, flags.FLAGS['config'].config_filename))
+    return 0
   from byol_jax import checkpointing, datasets, multihost, train  # after parsing: fast --help
   checkpointing.quiet_orbax_logs()
-  cfg = _CONFIG.value
   expand_user_paths(cfg)
   share_accelerator_memory(_MODE.value)
   try:

@@ -175,6 +175,37 @@ def test_help_lists_the_config_flag(module):
   assert proc.returncode == 0  # absl's own exit code for help is 1, which reads as failure
 
 
+def test_show_config_lists_every_field_with_its_value_and_comment(tmp_path):
+  """--help and --helpfull listed no config field: a field's name, default and meaning were
+  in configs/byol.py's source only. --show_config prints each as the flag that sets it, the
+  preset's value with the overrides applied, and its comment, without training."""
+  proc = subprocess.run([sys.executable, '-m', 'byol_jax.main', '--config=configs/byol.py:cifar10',
+                         '--config.optimizer.base_lr=0.5', '--show_config',
+                         f'--workdir={tmp_path / "run"}'], cwd=REPO, capture_output=True,
+                        text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  lines = proc.stdout.splitlines()
+  assert lines[0].startswith('# configs/byol.py:cifar10')
+  flags_shown = [line.split('=')[0][len('--config.'):] for line in lines[1:]]
+  from configs import byol
+  assert sorted(flags_shown) == sorted(cli._leaf_fields(byol.get_config('cifar10')))
+  assert {'optimizer.base_lr', 'augment.view2.solarize_prob'} <= set(flags_shown)
+  assert '--config.optimizer.base_lr=0.5' in lines  # the override, not the preset's 1.0
+  assert '--config.batch_size=512' in lines
+  assert any(line.startswith('--config.eval_network=online ') and line.endswith(
+    "# or 'target'") for line in lines)
+  assert not os.path.exists(tmp_path / 'run')  # nothing trained, nothing written
+
+
+def test_field_comments_skip_a_name_set_in_two_places(tmp_path):
+  """A comment is a field's doc only where the name is set once: knn's and demo's
+  `train_examples` share a name, and the one comment would have documented both."""
+  source = tmp_path / 'c.py'
+  source.write_text('x = dict(\n  # the bank\n  train_examples=0,\n  k=200,  # neighbours\n'
+                    ')\ny = dict(train_examples=0)\nk = 3  # a variable, not a field\n')
+  assert cli.field_comments([str(source)]) == {'k': 'neighbours'}
+
+
 @pytest.mark.parametrize('module', ['byol_jax.main', 'byol_jax.plot'])
 def test_dash_h_is_help(module):
   """`-h` said "Unknown command line flag 'h'" (absl knows --help, -help and -?); every
