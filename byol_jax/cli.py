@@ -241,6 +241,25 @@ def _root_cause(e: BaseException) -> BaseException:
   return e
 
 
+# How the config files refuse a preset name: "unknown preset 'x'; valid: a, b, c".
+_UNKNOWN_PRESET = re.compile(r"unknown (?:preset|ablation variant) '([^']*)'; valid: (.*)$")
+
+
+def _nearest_preset_hint(message: str) -> str:
+  """'; did you mean PRESET?' for a config file's unknown-preset message, when one valid
+  preset is close to the name typed (`cifar` -> cifar10, `R50` -> r50, `imagnet` ->
+  imagenet): the list of ten or twelve valid names left the user to spot the one meant."""
+  import difflib
+  match = _UNKNOWN_PRESET.search(message)
+  if not match:
+    return ''
+  typed = match.group(1).strip().lower()
+  valid = [name.strip() for name in match.group(2).split(',')]
+  prefixed = [name for name in valid if typed and name.startswith(typed)]
+  close = prefixed[:1] or difflib.get_close_matches(typed, valid, n=1, cutoff=0.6)
+  return f'; did you mean {close[0]!r}?' if close and close[0] != match.group(1) else ''
+
+
 def _config_file_error(e: BaseException) -> str | None:
   """ml_collections reports a missing config file as 'an earlier failure to load ...
   config_config', and a get_config that raised as the whole traceback in one message; the
@@ -254,9 +273,10 @@ def _config_file_error(e: BaseException) -> str | None:
             "check the file's name (the presets are in configs/byol.py, "
             'configs/linear_eval.py and configs/ablation.py)')
   flag = re.match(r'(flag --config=\S+): Error whilst parsing config file', str(e))
-  prefix = f'{flag.group(1)}: ' if flag else ''
+  # The flag as typed: config_path_fallback made a relative file absolute in the checkout.
+  prefix = f'{flag.group(1).replace(REPO + os.sep, "")}: ' if flag else ''
   if flag and root is not e and isinstance(root, ValueError):
-    return prefix + text  # how a preset says the user asked for something wrong
+    return prefix + text + _nearest_preset_hint(text)  # a preset's own message
   frames = traceback.extract_tb(root.__traceback__)
   if isinstance(root, (ValueError, flags.Error)) or not frames:
     return None

@@ -36,6 +36,10 @@ def _run_main(argv: list[str], workdir) -> subprocess.CompletedProcess:
    "field 'refit' in a --config.FIELD=VALUE flag: it is a field of configs/linear_eval.py "
    '(--config=configs/linear_eval.py:PRESET), not of configs/byol.py'),
   (['--config.batch_size=abc'], "error: flag --config.batch_size=abc: invalid literal"),
+  # The valid presets were listed, but not the one that was meant.
+  (['--config=configs/byol.py:cifar'], "unknown preset 'cifar'; valid: demo, cifar10, "
+   "cifar10_lightly, r18, r50, r101, r152, r50x2, r50x4, r200x2; did you mean 'cifar10'?"),
+  (['--config=configs/ablation.py:bnboth'], "did you mean 'bn_both'?"),
   (['--config=configs/nofile.py:demo'],  # the path as typed, and where it was looked for
    f"error: config file 'configs/nofile.py' not found in {REPO}: check"),
   # epochs=0 trained the preset's default schedule (1000 epochs for r50) without a word,
@@ -659,3 +663,14 @@ def test_nearest_field_of_a_mistyped_override(typed, nearest):
   ml_collections suggested only among the siblings of the first unknown part."""
   fields = cli._config_fields_of(os.path.join(REPO, 'configs', 'byol.py') + ':demo')
   assert cli.nearest_field(typed, fields) == nearest
+
+
+def test_a_preset_error_from_another_directory_shows_the_file_as_typed(tmp_path):
+  """From outside the checkout, configs/byol.py is read from the checkout
+  (config_path_fallback), and the error quoted that absolute path, not what was typed."""
+  proc = subprocess.run([sys.executable, '-m', 'byol_jax.main', '--config=configs/byol.py:R50',
+                         '--show_config'], cwd=tmp_path, capture_output=True, text=True,
+                        timeout=120, env=checkout_env())
+  assert proc.returncode == 2
+  assert proc.stderr.startswith("error: flag --config=configs/byol.py:R50: unknown preset 'R50'")
+  assert "did you mean 'r50'?" in proc.stderr
