@@ -21,7 +21,8 @@ ignored, and a checkpoint that is damaged or deleted while being read (the train
 retention) is logged and skipped. The worker exits 0 after the run's final step, and
 `IDLE_EXIT` when no new checkpoint appeared for `eval_idle_timeout_secs`. Until the first
 checkpoint it says what it waits for every `WAITING_NOTICE_SECS` and writes nothing, so a
-mistyped --workdir is seen in the log and not created.
+mistyped --workdir is seen in the log and not created; between checkpoints it says as often
+which step it evaluated last and how long it has waited for the next.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from byol_jax.evaluators import common
 from byol_jax.evaluators import knn as knn_lib
 
 IDLE_EXIT = 75  # EX_TEMPFAIL: stopped waiting before the run's final checkpoint
-WAITING_NOTICE_SECS = 300.0  # how often a worker with no checkpoint yet says so
+WAITING_NOTICE_SECS = 300.0  # how often a worker with no new checkpoint says so
 NETWORKS = ('online', 'target')
 
 
@@ -240,16 +241,23 @@ def _final_step(saved_cfg: Any, meta: dict[str, Any]) -> int:
   return optim.total_steps(saved_cfg, int(meta['num_examples']))
 
 
-def waiting_message(workdir: str, idle_timeout_secs: float) -> str:
-  """What a worker that has no checkpoint yet is waiting for, and until when: a mistyped
-  --workdir otherwise looks like a trainer that has not saved yet."""
+def waiting_message(workdir: str, idle_timeout_secs: float, last_step: int | None = None,
+                    final_step: int | None = None, idle_secs: float = 0.0) -> str:
+  """What the worker is waiting for, and until when: before the first checkpoint, a
+  mistyped --workdir otherwise looks like a trainer that has not saved yet; after one, a
+  worker silent between two checkpoints (5000 steps apart in the ImageNet presets) could
+  not be told from a hung one."""
   folder = checkpointing.checkpoint_dir(workdir)
+  until = (f'stopping after {idle_timeout_secs:.0f} s without one (eval_idle_timeout_secs)'
+           if idle_timeout_secs else 'never stopping (eval_idle_timeout_secs=0)')
+  if last_step is not None:
+    of = f' of {final_step}' if final_step is not None else ''
+    return (f'eval worker: evaluated up to step {last_step}{of}; no new checkpoint for '
+            f'{idle_secs:.0f} s, waiting for the next one in {folder}, {until}')
   if not os.path.isdir(workdir):
     what = f'{workdir} does not exist yet (is --workdir the trainer\'s?)'
   else:
     what = f'no checkpoint in {folder} yet'
-  until = (f'stopping after {idle_timeout_secs:.0f} s without one (eval_idle_timeout_secs)'
-           if idle_timeout_secs else 'never stopping (eval_idle_timeout_secs=0)')
   return f'eval worker: {what}; waiting for the trainer to save one, {until}'
 
 
@@ -283,13 +291,16 @@ def run(cfg: Any, workdir: str) -> int:
       for step in pending:
         if worker.evaluate(step) is not None:
           idle_since = time.time()
-      if not pending and not worker.done and time.time() >= next_notice:
-        logging.info(waiting_message(workdir, cfg.eval_idle_timeout_secs))
-        next_notice = time.time() + WAITING_NOTICE_SECS
+          next_notice = idle_since + WAITING_NOTICE_SECS
       if worker.finished():
         logging.info('eval worker: evaluated the final step %d; done', worker.final_step)
         return 0
       idle = time.time() - idle_since
+      if not pending and time.time() >= next_notice:
+        logging.info(waiting_message(workdir, cfg.eval_idle_timeout_secs,
+                                     max(worker.done) if worker.done else None,
+                                     worker.final_step, idle))
+        next_notice = time.time() + WAITING_NOTICE_SECS
       if cfg.eval_idle_timeout_secs and idle > cfg.eval_idle_timeout_secs:
         logging.warning('eval worker: no new checkpoint for %.0f s; stopping (last evaluated: '
                         '%s)', idle, max(worker.done) if worker.done else 'none')

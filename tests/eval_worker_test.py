@@ -225,6 +225,29 @@ def test_a_worker_waiting_for_a_mistyped_workdir_says_so_and_creates_nothing(
   assert 'never stopping' in eval_worker.waiting_message(missing, 0)
 
 
+def test_a_worker_waiting_between_checkpoints_says_where_it_stands(followed_run, tmp_path,
+                                                                    monkeypatch, caplog):
+  """After its first evaluation the worker said nothing until the next checkpoint or its
+  idle timeout (an hour by default), so a worker between two checkpoints 5000 steps apart
+  looked hung. It now says, as often as before the first one, the last step it evaluated,
+  the run's last, and how long it has waited."""
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(followed_run[0], workdir)
+  os.remove(os.path.join(workdir, 'metrics', 'eval_worker.jsonl'))
+  shutil.rmtree(os.path.join(workdir, 'checkpoints', str(NUM_STEPS)))  # the run goes on
+  monkeypatch.setattr(eval_worker, 'WAITING_NOTICE_SECS', 0.3)
+  with caplog.at_level('INFO'):
+    assert eval_worker.run(_worker_cfg(eval_idle_timeout_secs=1.0), workdir) == \
+        eval_worker.IDLE_EXIT
+  notices = [r.getMessage() for r in caplog.records if 'waiting for the next' in r.getMessage()]
+  assert len(notices) >= 2, caplog.text
+  assert notices[0].startswith(f'eval worker: evaluated up to step 6 of {NUM_STEPS}; no new '
+                               'checkpoint for '), notices[0]
+  assert notices[0].endswith('stopping after 1 s without one (eval_idle_timeout_secs)')
+  assert not any('waiting for the trainer to save one' in r.getMessage()
+                 for r in caplog.records)  # that is the notice before the first checkpoint
+
+
 def test_the_idle_timeout_is_kept_when_the_poll_interval_is_longer(tmp_path):
   """`--config.eval_idle_timeout_secs=2` stopped after about 10 s, the poll interval: the
   worker slept a whole interval past the timeout. It now sleeps no longer than the time
