@@ -37,6 +37,7 @@ import hashlib
 import json
 import os
 import time
+import uuid
 import zipfile
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -599,11 +600,17 @@ class _HeadProgress:
   it is removed once the evaluation that needs it has its result (the sweep's is kept
   through the refit, so an interrupted refit does not train the sweep again). Every process
   reads it; process 0 alone writes and removes it (the heads are replicated), as it alone
-  writes metrics: processes renaming one shared <file>.tmp at once fail each other."""
+  writes metrics: processes renaming one shared <file>.tmp at once fail each other.
+  Each file keeps a `run_id`, drawn when its heads start and written into the record
+  (`heads_ids`): resumed heads already in a record are not recorded again
+  (`recorded_heads`)."""
 
   def __init__(self, workdir: str | None, identity: dict[str, Any],
                clock: _Stopwatch | None = None):
     self.identity, self.clock = identity, clock or _Stopwatch()
+    # Drawn when these heads start training and kept through resumes: the record carries
+    # it (`heads_ids`), so a rerun can tell heads already recorded from heads to report.
+    self.run_id = uuid.uuid4().hex[:16]
     digest = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
     name = f"step{identity['checkpoint_step']}_{identity['split']}_{digest}.npz"
     self.path = os.path.join(progress_folder(workdir), name) if workdir else None
@@ -618,11 +625,13 @@ class _HeadProgress:
     with np.load(self.path) as saved:
       loaded = [saved[f'leaf{i}'] for i in range(len(leaves))]
       kept_sec = float(saved['elapsed_sec']) if 'elapsed_sec' in saved.files else 0.0
+      run_id = str(saved['run_id']) if 'run_id' in saved.files else self.run_id
     if [x.shape for x in loaded] != [np.shape(x) for x in leaves]:
       logging.warning('%s does not fit these heads: starting afresh', self.path)
       return carry
     logging.info('resuming the linear heads at step %d from %s', int(loaded[-1]), self.path)
     self.clock.resume(kept_sec)
+    self.run_id = run_id
     return jax.tree.unflatten(treedef, [jnp.asarray(x) for x in loaded])
 
   def save(self, carry: linear_lib.HeadsCarry) -> None:
@@ -633,6 +642,7 @@ class _HeadProgress:
     with open(self.path + '.tmp', 'wb') as f:
       np.savez(f, elapsed_sec=np.float64(self.clock.elapsed()),
                identity=np.asarray(json.dumps(self.identity, sort_keys=True)),
+               run_id=np.asarray(self.run_id),
                **{f'leaf{i}': x for i, x in enumerate(leaves)})
     os.replace(self.path + '.tmp', self.path)
 
@@ -660,6 +670,42 @@ class _HeadProgress:
                                                                      self.identity))
 
 
+class AlreadyRecorded(Exception):
+  """Raised when resumed heads turn out to be in a record already; carries that record."""
+
+  def __init__(self, record: dict[str, Any]):
+    super().__init__(f"heads already recorded at step {record.get('step')}")
+    self.record = record
+
+
+def recorded_heads(workdir: str, run_id: str) -> dict[str, Any] | None:
+  """The linear_eval record that reported heads of this `run_id`, if one was written.
+
+  Why: an evaluation stopped after its record was written but before its progress files
+  were removed leaves heads trained to the end; the rerun resumes them and, without this
+  check, appended a second record of the same evaluation.
+  """
+  path = metric_writers.jsonl_path(workdir, 'linear_eval')
+  for record in reversed(metric_writers.read_jsonl(path)):
+    if run_id in record.get('heads_ids', ()):
+      return record
+  return None
+
+
+def _remove_recorded_progress(workdir: str, record: dict[str, Any]) -> None:
+  """Removes the progress files of a record's heads (sweep and refit), as the invocation
+  that wrote the record would have had it not been stopped (process 0 only)."""
+  if jax.process_index() != 0:
+    return
+  folder = progress_folder(workdir)
+  for kept in read_kept_progress(folder):
+    if kept.run_id and kept.run_id in record.get('heads_ids', ()):
+      with contextlib.suppress(OSError):
+        os.remove(kept.path)
+  with contextlib.suppress(OSError):
+    os.rmdir(folder)
+
+
 def progress_folder(workdir: str) -> str:
   """Where streamed heads' progress files are kept (`_HeadProgress`)."""
   return os.path.join(workdir, 'linear_eval_progress')
@@ -673,6 +719,7 @@ class KeptProgress:
   identity: dict[str, Any] | None
   steps: int
   elapsed_sec: float
+  run_id: str | None = None
 
 
 def read_kept_progress(folder: str) -> list[KeptProgress]:
@@ -693,7 +740,8 @@ def _read_kept(path: str) -> KeptProgress:
       leaves = sum(name.startswith('leaf') for name in saved.files)
       identity = (json.loads(str(saved['identity'])) if 'identity' in saved.files else None)
       elapsed = float(saved['elapsed_sec']) if 'elapsed_sec' in saved.files else 0.0
-      return KeptProgress(path, identity, int(saved[f'leaf{leaves - 1}']), elapsed)
+      run_id = str(saved['run_id']) if 'run_id' in saved.files else None
+      return KeptProgress(path, identity, int(saved[f'leaf{leaves - 1}']), elapsed, run_id)
   except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile):
     return KeptProgress(path, None, 0, 0.0)
 
@@ -789,6 +837,8 @@ def train_heads_on_stream(cfg: Any, pre: Pretrained, embedder: Embedder, split: 
     encoder=_fingerprint(weights), augment=checkpointing.config_to_dict(pre.config.augment),
     examples=datasets.dataset_size(spec, split, cfg.data_dir or None)), clock)
   carry = progress.load(linear_lib.init_heads(dim, num_classes, len(learning_rates)))
+  if workdir and (earlier := recorded_heads(workdir, progress.run_id)):
+    raise AlreadyRecorded(earlier)
   done = int(carry[2])
   stream = input_pipeline.train_stream(
     spec, batch_size_per_process=batch // jax.process_count(),
@@ -945,8 +995,15 @@ def evaluate(cfg: Any, pre: Pretrained, workdir: str) -> dict[str, Any]:
   if cfg.mode == 'cached':
     result, sizes = _cached(cfg, pre, embedder)
   else:
-    result, sizes = _augmented(cfg, pre, embedder, workdir, progress, clock)
+    try:
+      result, sizes = _augmented(cfg, pre, embedder, workdir, progress, clock)
+    except AlreadyRecorded as e:
+      for trained in progress:  # a sweep trained again before its refit was found recorded
+        trained.done()
+      return _already_recorded(workdir, e.record)
   result.setdefault('refit', False)
+  if progress:
+    result['heads_ids'] = [p.run_id for p in progress]
   record = dict(provenance(cfg, pre, f'linear_{cfg.mode}'),
                 splits=split_record(cfg, pre.config.seed, sizes), epochs=cfg.epochs,
                 batch_size=cfg.batch_size, learning_rates=list(cfg.learning_rates),
@@ -964,6 +1021,20 @@ def evaluate(cfg: Any, pre: Pretrained, workdir: str) -> dict[str, Any]:
     logging.info('linear_eval: best lr %g, val top-1 %.4f, test top-1 %.4f, top-5 %.4f %s',
                  record['best_lr'], record['val_top1'], record['test_top1'], record['test_top5'],
                  head)
+  return record
+
+
+def _already_recorded(workdir: str, record: dict[str, Any]) -> dict[str, Any]:
+  """Says that this evaluation's heads were recorded by an invocation stopped before it
+  removed their progress, removes it, and returns that record instead of a second one."""
+  _remove_recorded_progress(workdir, record)
+  logging.warning('linear_eval: these heads are already recorded in %s (step %s, test '
+                  'top-1 %s): an earlier invocation wrote the record and stopped before '
+                  'removing their progress, now removed; no second record is written. '
+                  'Rerun the command to evaluate afresh.',
+                  metric_writers.jsonl_path(workdir, 'linear_eval'), record.get('step'),
+                  record.get('test_top1', record.get('test_map')))
+  say_kept_progress(workdir)
   return record
 
 

@@ -557,6 +557,42 @@ def test_an_evaluation_interrupted_in_its_refit_does_not_train_the_sweep_again(
   assert not os.path.exists(os.path.join(run, 'linear_eval_progress'))
 
 
+def test_a_rerun_after_a_stop_between_record_and_cleanup_writes_no_second_record(
+    workdir, png_folder, tmp_path, monkeypatch, caplog):
+  """An evaluation stopped after its record was written but before its progress files were
+  removed left heads trained to the end; the same command then resumed them, trained
+  nothing, and appended a second record of the same evaluation. The rerun must find the
+  heads in the record (`heads_ids`), say so, remove their progress and write nothing; a
+  later run trains afresh and records again. Breaks if the record does not carry the
+  heads' ids, or the rerun does not check them."""
+  import shutil
+
+  from byol_jax import input_pipeline
+  cfg = eval_config(mode='augmented', dataset=png_folder, image_size=16, max_examples=0,
+                    input_mode='stream', val_split='valid', epochs=2, batch_size=4)
+  run = str(shutil.copytree(workdir, tmp_path / 'run'))
+  before = len(records(run))
+  with monkeypatch.context() as m:  # stopped right after the record is written
+    m.setattr(linear_eval._HeadProgress, 'done', lambda self: (_ for _ in ()).throw(_Stop()))
+    with pytest.raises(_Stop):
+      linear_eval.evaluate(cfg, _pretrained(run), run)
+  first = records(run)[before:]
+  assert len(first) == 1 and len(first[0]['heads_ids']) == 2  # the sweep's and the refit's
+  folder = os.path.join(run, 'linear_eval_progress')
+  assert len(os.listdir(folder)) == 2
+  starts = []
+  train_stream = input_pipeline.train_stream
+  monkeypatch.setattr(input_pipeline, 'train_stream', lambda spec, **kw: starts.append(
+    kw['split']) or train_stream(spec, **kw))
+  with caplog.at_level('WARNING'):
+    again = linear_eval.evaluate(cfg, _pretrained(run), run)
+  assert records(run)[before:] == first and again == first[0]
+  assert 'already recorded' in caplog.text and 'no second record' in caplog.text
+  assert not os.path.exists(folder) and starts == []
+  fresh = linear_eval.evaluate(cfg, _pretrained(run), run)  # nothing kept: a new evaluation
+  assert len(records(run)) == before + 2 and fresh['heads_ids'] != first[0]['heads_ids']
+
+
 def test_heads_of_a_changed_setting_are_named_and_kept_not_resumed(workdir, png_folder,
                                                                    tmp_path, monkeypatch,
                                                                    caplog):
