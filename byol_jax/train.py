@@ -902,14 +902,33 @@ def run(cfg: Any, workdir: str) -> int:
   return 0
 
 
+# Where no preset names the run's dataset: a transfer preset (cached features, 100 epochs)
+# whose dataset `--config.dataset=` (empty) replaces with the run's.
+GENERIC_LINEAR_EVAL = 'cifar10 --config.dataset='
+
+
 def _linear_eval_preset(cfg: Any) -> str:
-  """The configs/linear_eval.py preset that evaluates a run of `cfg`'s dataset."""
+  """The configs/linear_eval.py preset (and override) that evaluates a run of `cfg`'s data.
+
+  Why not the dataset's name: 'stl10' or 'folder:/data' name no preset, and the suggested
+  command ended in linear_eval's 'unknown preset'. A preset is named only where its dataset
+  is the run's (TFDS config and version aside); else `GENERIC_LINEAR_EVAL`.
+  """
   dataset = str(cfg.get('dataset', ''))
-  if cfg.get('preset') == 'demo' or dataset == 'demo':
+  if dataset == 'demo':
     return 'demo'
-  if dataset.startswith('imagenet'):
+  try:  # configs/ is beside byol_jax in a checkout, which the command names anyway
+    from configs import linear_eval as presets
+  except ImportError:
+    return GENERIC_LINEAR_EVAL
+  from byol_jax import datasets
+  base = datasets.tfds_base_name(dataset)
+  if base.startswith('imagenet2012'):  # its subsets too: evaluated on ImageNet
     return 'imagenet'
-  return dataset if dataset.isidentifier() else 'PRESET'
+  for name, (preset_dataset, *_) in presets.TRANSFER_PRESETS.items():
+    if preset_dataset == dataset or (preset_dataset == base and '/' not in preset_dataset):
+      return name
+  return GENERIC_LINEAR_EVAL
 
 
 def closing_line(cfg: Any, workdir: str, step: int, last_eval: dict[str, Any]) -> str:

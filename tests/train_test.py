@@ -457,6 +457,34 @@ def test_a_start_refused_as_busy_leaves_the_holders_new_workdir(tmp_path, monkey
   assert (workdir / '.trainer.lock.0').exists(), 'the holder lost its workdir or its lock'
 
 
+@pytest.mark.parametrize('dataset', ['demo', 'imagenet2012', 'cifar10', 'cifar100:3.0.2',
+                                     'voc/2007', 'stl10', 'folder:/data/flowers', 'voc/2012'])
+def test_the_done_line_suggests_a_linear_eval_command_that_evaluates_the_runs_data(dataset):
+  """The 'done:' line guessed the linear_eval preset from the dataset's name: a run on stl10
+  or an image folder was told --config=configs/linear_eval.py:stl10 (or :PRESET), which
+  linear_eval refuses ('unknown preset'). The suggested preset must load, and with its
+  overrides evaluate the run's own data. Breaks if a dataset without a preset is named as
+  one, or a preset of another dataset is suggested without `--config.dataset=`."""
+  import re
+
+  from configs import byol
+  from configs import linear_eval as eval_configs
+  cfg = byol.get_config('demo')
+  cfg.dataset = dataset
+  line = train.closing_line(cfg, 'runs/x', 5, {})
+  match = re.search(r'--config=configs/linear_eval\.py:(\S+)((?: --config\.\S+=\S*)*) '
+                    r'--worker_mode=linear_eval', line)
+  assert match, line
+  evaluation = eval_configs.get_config(match.group(1))  # ValueError: the command fails
+  for override in match.group(2).split():
+    key, value = override[len('--config.'):].split('=', 1)
+    evaluation[key] = value
+  evaluated = evaluation.dataset or dataset  # '' takes the run's
+  same = (datasets.tfds_base_name(evaluated) == 'imagenet2012' if dataset == 'imagenet2012'
+          else evaluated == dataset or evaluated == datasets.tfds_base_name(dataset))
+  assert same, (line, evaluated)
+
+
 def test_a_finished_run_ends_with_where_it_is_and_what_comes_next(monkeypatch, caplog,
                                                                     capfd):
   """The demo's last line was 'checkpoint of step 300 started (end of training)'. A run
