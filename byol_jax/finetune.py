@@ -313,14 +313,15 @@ def no_refit_reason(cfg: Any) -> str:
 
 
 def refit(cfg: Any, pre: linear_eval.Pretrained, data: dict[str, Any],
-          result: dict[str, Any]) -> dict[str, Any]:
+          result: dict[str, Any]) -> tuple[dict[str, Any], int | None]:
   """The sweep's result, its test scores those of one run at the chosen LR on train +
-  validation (`linear.with_refit`), or as they are where `no_refit_reason` says why."""
+  validation (`linear.with_refit`), or as they are where `no_refit_reason` says why; and
+  the refit's batch (None without a refit), which the record reports."""
   reason = no_refit_reason(cfg)
   if reason:
     logging.info("finetune: reporting the sweep's run at lr %g (no refit: %s)",
                  result['best_lr'], reason)
-    return dict(result, refit=False)
+    return dict(result, refit=False), None
   train, val = data['train'], data['val']
   both = data_lib.Split(np.concatenate([train.images, val.images]),
                         np.concatenate([train.labels, val.labels]))
@@ -329,7 +330,8 @@ def refit(cfg: Any, pre: linear_eval.Pretrained, data: dict[str, Any],
   tuner = Finetuner(cfg, pre, both, data['num_classes'])
   params, state, _ = tuner.train(result['best_lr'])
   test = tuner.evaluate(params, state, data['test'])
-  return linear_lib.with_refit(result, {k: np.asarray([v]) for k, v in test.items()})
+  refit_test = {k: np.asarray([v]) for k, v in test.items()}
+  return linear_lib.with_refit(result, refit_test), tuner.batch
 
 
 def _validate(cfg: Any) -> None:
@@ -357,9 +359,14 @@ def evaluate(cfg: Any, pre: linear_eval.Pretrained, workdir: str) -> dict[str, A
   result = sweep(cfg, tuner, data['val'], data['test'])
   batch = tuner.batch
   del tuner  # its device copy of the training images, before the refit's
-  result = refit(cfg, pre, data, result)
+  result, refit_batch = refit(cfg, pre, data, result)
+  splits, swept = data['splits'], {}
+  if refit_batch is not None:  # the record describes the run whose test figure it reports
+    refit_size = data['splits']['train']['size'] + data['splits']['val']['size']
+    splits, swept = linear_eval.refit_splits(cfg, seed, splits, refit_size)
+    swept, batch = dict(sweep=dict(swept, batch_size=batch)), refit_batch
   ft = cfg.finetune
-  record = dict(linear_eval.provenance(cfg, pre, 'finetune'), splits=data['splits'],
+  record = dict(linear_eval.provenance(cfg, pre, 'finetune'), splits=splits, **swept,
                 subset=data['subset'], subset_fraction=cfg.subset_fraction,
                 num_classes=data['num_classes'], epochs=ft.epochs, batch_size=batch,
                 learning_rates=list(ft.learning_rates), weight_decay=ft.weight_decay,

@@ -354,6 +354,27 @@ def split_record(cfg: Any, seed: int, sizes: dict[str, int]) -> dict[str, dict[s
   return out
 
 
+def refit_splits(cfg: Any, seed: int, splits: dict[str, dict[str, Any]], size: int,
+                 split: str | None = None) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+  """(splits, sweep) of a record whose test scores are the refit's: `splits['train']` then
+  describes the refit's training set (train + validation, `size` images; `split`: the one
+  logical split a streamed refit reads) and `sweep['train']` the sweep's.
+
+  Why: the record described the sweep's training set beside the refit's test figure, so a
+  reader took 9,000 training images for a number trained on 10,000 (DTD, Flowers: half).
+  """
+  train, val = splits['train'], splits['val']
+  if split:
+    refit = dict(split=split, definition=split_definition(cfg, split, seed), size=size)
+  elif cfg.val_split:
+    refit = dict(split=f"{train['split']}+{val['split']}",
+                 definition=f"{train['definition']} + {val['definition']}", size=size)
+  else:
+    refit = dict(split=cfg.train_split, size=size, definition=(
+      f'{split_definition(cfg, cfg.train_split, seed)}, its validation hold-out included'))
+  return dict(splits, train=refit), dict(train=train)
+
+
 def provenance(cfg: Any, pre: Pretrained, protocol: str) -> dict[str, Any]:
   """The fields every evaluation record carries, so a number can be traced to its inputs.
 
@@ -890,6 +911,8 @@ def _cached(cfg: Any, pre: Pretrained, embedder: Embedder) -> tuple[dict, dict]:
                                   epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed,
                                   normalize=cfg.normalize_features, refit=cfg.refit)
   sizes = dict(train=len(train_rows), val=len(val[1]), test=len(test[1]))
+  if cfg.refit:
+    sizes['refit'] = len(train_rows) + len(val[1])
   return dict(result, num_classes=classes, feature_dim=int(pool_x.shape[1])), sizes
 
 
@@ -935,6 +958,8 @@ def _augmented(cfg: Any, pre: Pretrained, embedder: Embedder, workdir: str | Non
     result = linear_lib.with_refit(result, linear_lib.evaluate_heads(jax.device_get(params),
                                                                      *test))
   sizes = dict(train=len(train_rows), val=len(val[1]), test=len(test[1]))
+  if cfg.refit:
+    sizes['refit'] = len(train_rows) + len(val[1])
   return dict(result, num_classes=classes, feature_dim=int(test[0].shape[1])), sizes
 
 
@@ -976,11 +1001,13 @@ def _augmented_stream(cfg: Any, pre: Pretrained, embedder: Embedder, workdir: st
   if refit_split:
     logging.info('refitting one head at lr %g on %s/%s', result['best_lr'], cfg.dataset,
                  refit_split)
-    params, _, refit = train_heads_on_stream(cfg, pre, embedder, refit_split, classes,
-                                             (result['best_lr'],), workdir, clock)
+    params, refit_on, refit = train_heads_on_stream(cfg, pre, embedder, refit_split, classes,
+                                                    (result['best_lr'],), workdir, clock)
     trained.append(refit)
     result = linear_lib.with_refit(result, linear_lib.evaluate_heads(params, *test))
   sizes = dict(train=trained_on, val=len(val[1]), test=len(test[1]))
+  if refit_split:
+    sizes.update(refit=refit_on, refit_split=refit_split)
   return dict(result, num_classes=classes, feature_dim=int(test[0].shape[1])), sizes
 
 
@@ -1004,10 +1031,15 @@ def evaluate(cfg: Any, pre: Pretrained, workdir: str) -> dict[str, Any]:
   result.setdefault('refit', False)
   if progress:
     result['heads_ids'] = [p.run_id for p in progress]
-  record = dict(provenance(cfg, pre, f'linear_{cfg.mode}'),
-                splits=split_record(cfg, pre.config.seed, sizes), epochs=cfg.epochs,
-                batch_size=cfg.batch_size, learning_rates=list(cfg.learning_rates),
-                **result, elapsed_sec=clock.elapsed())
+  splits, sweep = split_record(cfg, pre.config.seed, sizes), {}
+  if result['refit']:
+    splits, sweep = refit_splits(cfg, pre.config.seed, splits, sizes['refit'],
+                                 sizes.get('refit_split'))
+    sweep = dict(sweep=dict(sweep, batch_size=cfg.batch_size))
+  record = dict(provenance(cfg, pre, f'linear_{cfg.mode}'), splits=splits, **sweep,
+                epochs=cfg.epochs, batch_size=cfg.batch_size,
+                learning_rates=list(cfg.learning_rates), **result,
+                elapsed_sec=clock.elapsed())
   record = write_record(workdir, 'linear_eval', pre.step, record)
   for trained in progress:
     trained.done()

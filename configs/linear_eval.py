@@ -61,9 +61,11 @@ Fields:
                      + validation and reported on test, as SimCLR's transfer evaluation and the
                      release's ImageNet head (TRAIN_AND_VALID) do; False reports the sweep's
                      head, trained without the validation images. Records carry `refit`, and
-                     `per_lr` keeps the sweep's test columns either way. Finetune refits
-                     likewise with all labels; a label subset (subset_fraction > 0) is never
-                     refit, as validation images would add labels to it.
+                     `per_lr` keeps the sweep's test columns either way; with refit,
+                     `splits.train` and `batch_size` are the refit's and `sweep` the sweep's.
+                     Finetune refits likewise with all labels; a label subset
+                     (subset_fraction > 0) is never refit, as validation images would add
+                     labels to it.
   mode               'cached': heads train on the frozen encoder's centre-crop features,
                      computed once (fast). 'augmented': the paper's protocol, every step takes
                      a random resized crop + flip and runs the frozen encoder (inference mode).

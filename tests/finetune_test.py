@@ -75,8 +75,14 @@ def test_all_labels_refit_the_chosen_lr_on_train_and_validation_a_subset_does_no
   monkeypatch.setattr(finetune.Finetuner, 'evaluate', lambda self, p, s, split: tests.append(
     evaluate(self, p, s, split)) or tests[-1])
   cfg = ft_config(subset_fraction=0.0, max_examples=600)
+  cfg.finetune.batch_size = 600  # at most the training images: the sweep's 540, the refit's 600
   rec = finetune.evaluate(cfg, linear_eval.load_pretrained(cfg, workdir), workdir)
-  assert {k: v['size'] for k, v in rec['splits'].items()} == dict(train=540, val=60, test=600)
+  # The record describes the run whose test figure it reports (the refit's 600 images, at
+  # its batch), the sweep's under `sweep`.
+  assert {k: v['size'] for k, v in rec['splits'].items()} == dict(train=600, val=60, test=600)
+  assert rec['sweep']['train']['size'] == 540
+  whole = jax.device_count()  # batches are multiples of the device count
+  assert (rec['sweep']['batch_size'], rec['batch_size']) == (540 - 540 % whole, 600 - 600 % whole)
   assert runs == [(0.01, 540), (0.1, 540), (rec['best_lr'], 600)]
   assert rec['refit'] and rec['test_top1'] == tests[-1]['top1']
   assert [r['test_top1'] for r in rec['per_lr']] == [t['top1'] for t in tests[1:4:2]]
@@ -154,3 +160,4 @@ def test_all_labels_excludes_the_hold_out_and_tfds_subsets_are_checked(tmp_path)
     finetune._tfds_subset_config(linear_eval.resolve_config(
       ft_config(subset_source='tfds'), tiny_config()))
   assert json.loads(json.dumps(info))  # the subset description is JSON-ready
+

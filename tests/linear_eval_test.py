@@ -49,7 +49,9 @@ def records(workdir, name='linear_eval'):
 
 
 def test_run_writes_record_with_provenance(workdir):
-  """Breaks if the worker stops reading the checkpoint or drops a provenance field."""
+  """Breaks if the worker stops reading the checkpoint or drops a provenance field, or if a
+  refit record's `splits.train` describes the sweep's training set (1000 images) beside the
+  test figure of the head refit on train + validation (1500): the sweep's is `sweep`."""
   before = len(records(workdir))
   assert linear_eval.run(eval_config(), workdir) == 0
   rec = records(workdir)[before]
@@ -58,9 +60,12 @@ def test_run_writes_record_with_provenance(workdir):
   assert rec['protocol'] == 'linear_cached' and rec['network'] == 'online'
   assert rec['split'] == 'test' and rec['bn_statistics'] == 'checkpoint'
   assert rec['dataset'] == rec['pretrain_dataset'] == 'demo' and rec['num_classes'] == 10
-  assert {k: (v['split'], v['size']) for k, v in rec['splits'].items()} == {
-    'train': ('train', 1000), 'val': ('valid', 500), 'test': ('test', 1000)}
+  assert rec['refit'] and {k: (v['split'], v['size']) for k, v in rec['splits'].items()} == {
+    'train': ('train+valid', 1500), 'val': ('valid', 500), 'test': ('test', 1000)}
+  assert (rec['sweep']['train']['split'], rec['sweep']['train']['size']) == ('train', 1000)
+  assert rec['sweep']['batch_size'] == rec['batch_size'] == 256
   assert all(v['definition'].startswith('demo[') for v in rec['splits'].values())
+  assert ' + demo[valid]' in rec['splits']['train']['definition']
   assert [r['lr'] for r in rec['per_lr']] == [0.01, 0.1, 1.0]
   assert 0.0 <= rec['test_top1'] <= rec['test_top5'] <= 1.0
 
@@ -128,8 +133,10 @@ def test_augmented_target_network_with_held_out_validation(workdir):
   cfg = eval_config(mode='augmented', epochs=1, network='target', val_split='', val_size=0.2)
   rec = linear_eval.evaluate(cfg, _pretrained(workdir), workdir)
   assert rec['protocol'] == 'linear_augmented' and rec['network'] == 'target'
-  assert (rec['splits']['train']['size'], rec['splits']['val']['size']) == (800, 200)
+  assert (rec['splits']['train']['size'], rec['splits']['val']['size']) == (1000, 200)
+  assert rec['sweep']['train']['size'] == 800  # refit: train + the held-out validation
   assert 'held out' in rec['splits']['val']['definition']
+  assert 'hold-out included' in rec['splits']['train']['definition']
 
 
 def test_encoder_weights_picks_the_requested_network(workdir):
@@ -237,9 +244,9 @@ def test_voc2007_preset_reports_map_from_the_validation_choice(workdir, voc_dir)
                refit=refit)
     rec = linear_eval.evaluate(cfg, _pretrained(workdir), workdir)
     assert rec['dataset'] == 'voc/2007' and rec['num_classes'] == 20
+    train = ('voc/2007[train] + voc/2007[validation]', 36) if refit else ('voc/2007[train]', 24)
     assert {k: (v['definition'], v['size']) for k, v in rec['splits'].items()} == {
-      'train': ('voc/2007[train]', 24), 'val': ('voc/2007[validation]', 12),
-      'test': ('voc/2007[test]', 16)}
+      'train': train, 'val': ('voc/2007[validation]', 12), 'test': ('voc/2007[test]', 16)}
     assert 'test_top1' not in rec and 0.0 < rec['test_map'] <= 1.0
     assert rec['best_index'] == int(np.argmax([r['val_map'] for r in rec['per_lr']]))
     assert (rec['test_map'] == rec['per_lr'][rec['best_index']]['test_map']) is not refit
@@ -263,8 +270,9 @@ def test_images_without_a_class_stay_out_of_linear_evaluation(workdir, stl10_dir
   cfg = eval_config(dataset='stl10', data_dir=stl10_dir, train_split='unlabelled+train',
                     val_split='', val_size=3, max_examples=0)
   rec = linear_eval.evaluate(cfg, _pretrained(workdir), workdir)
-  assert (rec['splits']['train']['size'], rec['splits']['val']['size']) == (9, 3)
-  assert rec['splits']['test']['size'] == 6 and 0.0 <= rec['test_top1'] <= 1.0
+  assert (rec['sweep']['train']['size'], rec['splits']['val']['size']) == (9, 3)
+  assert rec['splits']['train']['size'] == 12 and rec['splits']['test']['size'] == 6
+  assert 0.0 <= rec['test_top1'] <= 1.0
   cfg.train_split = 'unlabelled'
   with pytest.raises(train.ConfigError, match=r'stl10/unlabelled has no labelled images'):
     linear_eval.evaluate(cfg, _pretrained(workdir), workdir)
@@ -429,6 +437,8 @@ def test_streamed_augmented_mode_trains_on_new_crops_and_refits(workdir, png_fol
                     input_mode='stream', val_split='valid', epochs=2, batch_size=9)
   rec = linear_eval.evaluate(cfg, _pretrained(workdir), workdir)
   assert rec['refit'] and streams == ['train', 'trainval']
+  assert (rec['splits']['train']['split'], rec['splits']['train']['size']) == ('trainval', 12)
+  assert rec['sweep']['train']['size'] == 9
   assert len(seen) == 2 + 2 * 12 // 9  # two epochs of the sweep, two of the refit
   assert not np.array_equal(seen[0], seen[1])  # epoch 2 crops differ from epoch 1's
   assert np.isfinite(rec['test_top1'])
