@@ -338,6 +338,14 @@ def _validate(cfg: Any) -> None:
   ft = cfg.finetune
   if ft.epochs < 1 or ft.batch_size < 1 or not ft.learning_rates:
     raise ConfigError('finetune needs epochs >= 1, batch_size >= 1 and at least one LR')
+  # Each of these failed late or not at all: 0 ended the first epoch in ZeroDivisionError's
+  # traceback; a negative decay or a momentum of 1 or more trained without a word.
+  if ft.log_every_epochs < 1:
+    raise ConfigError(f'finetune.log_every_epochs={ft.log_every_epochs} must be >= 1')
+  if ft.weight_decay < 0:
+    raise ConfigError(f'finetune.weight_decay={ft.weight_decay} must be >= 0')
+  if not 0 <= ft.momentum < 1:
+    raise ConfigError(f'finetune.momentum={ft.momentum} must be in [0, 1)')
   if cfg.subset_source not in ('balanced', 'tfds'):
     raise ConfigError(f"subset_source={cfg.subset_source!r}; valid: 'balanced', 'tfds'")
 
