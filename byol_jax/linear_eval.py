@@ -227,12 +227,19 @@ def _validate(cfg: Any) -> None:
   if cfg.random_init and cfg.bn_calibration_examples < 1:
     raise ConfigError('random_init needs bn_calibration_examples >= 1 (the initial encoder\'s '
                       'BN statistics are estimated from that many training images)')
-  if not cfg.val_split and not cfg.val_size:
-    raise ConfigError("val_split='' needs val_size > 0 (the share of train held out)")
+  if not cfg.val_split and not _valid_val_size(cfg.val_size):
+    raise ConfigError(f"val_split='' needs val_size, the share of train_split held out, as a "
+                      f"fraction in (0, 1) or a whole count >= 1; got {cfg.val_size:g}")
   try:
     datasets.parse_dataset(cfg.dataset)
   except datasets.DataError as e:
     raise ConfigError(str(e)) from None
+
+
+def _valid_val_size(val_size: float) -> bool:
+  """Whether val_size reads as `linear.split_validation` takes it. Why: 1.5 held out one
+  image and -0.1 none (a traceback once the split was decoded), both without a word."""
+  return 0 < val_size < 1 or (val_size >= 1 and float(val_size).is_integer())
 
 
 def decode_size(cfg: Any) -> int:
@@ -334,7 +341,12 @@ def hold_out(cfg: Any, num_examples: int) -> tuple[np.ndarray, np.ndarray]:
   """(train rows, validation rows) of train_split; no rows held out when val_split is set."""
   if cfg.val_split:
     return np.arange(num_examples), np.zeros(0, np.int64)
-  return linear_lib.split_validation(num_examples, cfg.val_size, cfg.seed)
+  try:
+    return linear_lib.split_validation(num_examples, cfg.val_size, cfg.seed)
+  except ValueError as e:  # a count as large as the split: ValueError's traceback, unnamed
+    raise ConfigError(f'val_size={cfg.val_size:g} cannot be held out of the {num_examples} '
+                      f'images of {cfg.dataset}/{cfg.train_split} ({e}); lower it, or set '
+                      '--config.val_split') from None
 
 
 def split_record(cfg: Any, seed: int, sizes: dict[str, int]) -> dict[str, dict[str, Any]]:

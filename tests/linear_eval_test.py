@@ -233,6 +233,23 @@ def test_presets_and_bad_fields():
       linear_eval.resolve_config(eval_config(**bad), pre)
 
 
+def test_a_validation_hold_out_that_cannot_be_taken_is_one_line():
+  """With val_split='' the validation set is val_size of train_split: a fraction in (0, 1)
+  or a whole count. 1.5 held out one image and -0.1 ended in ValueError's traceback once
+  the split was decoded, as did a count as large as the split (finetune too). Each is now
+  a ConfigError naming val_size; breaks if one passes or is a traceback."""
+  pre = tiny_config()
+  for ok in (0.2, 3, 3.0):
+    linear_eval.resolve_config(eval_config(val_split='', val_size=ok), pre)
+  for bad in (1.5, -0.1, -3):
+    with pytest.raises(train.ConfigError, match=f'got {bad}'):
+      linear_eval.resolve_config(eval_config(val_split='', val_size=bad), pre)
+  resolved = linear_eval.resolve_config(eval_config(val_split='', val_size=500), pre)
+  with pytest.raises(train.ConfigError,
+                     match=r'val_size=500 cannot be held out of the 100 images of demo/train'):
+    linear_eval.hold_out(resolved, 100)
+
+
 def test_voc2007_preset_reports_map_from_the_validation_choice(workdir, voc_dir):
   """The paper's VOC2007 transfer protocol end to end on TFDS-shaped data; breaks if the
   multi-label targets do not reach the heads (top-k instead of mAP), a split is misnamed,
