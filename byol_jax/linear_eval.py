@@ -1040,19 +1040,8 @@ def evaluate(cfg: Any, pre: Pretrained, workdir: str) -> dict[str, Any]:
       for trained in progress:  # a sweep trained again before its refit was found recorded
         trained.done()
       return _already_recorded(workdir, e.record)
-  result.setdefault('refit', False)
-  if progress:
-    result['heads_ids'] = [p.run_id for p in progress]
-  splits, sweep = split_record(cfg, pre.config.seed, sizes), {}
-  if result['refit']:
-    splits, sweep = refit_splits(cfg, pre.config.seed, splits, sizes['refit'],
-                                 sizes.get('refit_split'))
-    sweep = dict(sweep=dict(sweep, batch_size=cfg.batch_size))
-  record = dict(provenance(cfg, pre, f'linear_{cfg.mode}'), splits=splits, **sweep,
-                epochs=cfg.epochs, batch_size=cfg.batch_size,
-                learning_rates=list(cfg.learning_rates), **result,
-                elapsed_sec=clock.elapsed())
-  record = write_record(workdir, 'linear_eval', pre.step, record)
+  record = write_record(workdir, 'linear_eval', pre.step,
+                        _record(cfg, pre, result, sizes, progress, clock))
   for trained in progress:
     trained.done()
   say_kept_progress(workdir)
@@ -1068,16 +1057,34 @@ def evaluate(cfg: Any, pre: Pretrained, workdir: str) -> dict[str, Any]:
   return record
 
 
+def _record(cfg: Any, pre: Pretrained, result: dict[str, Any], sizes: dict[str, Any],
+            progress: list[_HeadProgress], clock: _Stopwatch) -> dict[str, Any]:
+  """The record of one evaluation: provenance, the splits of the head that the test figures
+  are of (the refit's, the sweep's under `sweep`), settings, result and the streamed heads'
+  ids (`heads_ids`, which a rerun checks before recording them again)."""
+  result = dict(result, refit=result.get('refit', False))
+  if progress:
+    result['heads_ids'] = [p.run_id for p in progress]
+  splits, sweep = split_record(cfg, pre.config.seed, sizes), {}
+  if result['refit']:
+    splits, sweep = refit_splits(cfg, pre.config.seed, splits, sizes['refit'],
+                                 sizes.get('refit_split'))
+    sweep = dict(sweep=dict(sweep, batch_size=cfg.batch_size))
+  return dict(provenance(cfg, pre, f'linear_{cfg.mode}'), splits=splits, **sweep,
+              epochs=cfg.epochs, batch_size=cfg.batch_size,
+              learning_rates=list(cfg.learning_rates), **result, elapsed_sec=clock.elapsed())
+
+
 def _already_recorded(workdir: str, record: dict[str, Any]) -> dict[str, Any]:
   """Says that this evaluation's heads were recorded by an invocation stopped before it
   removed their progress, removes it, and returns that record instead of a second one."""
   _remove_recorded_progress(workdir, record)
-  logging.warning('linear_eval: these heads are already recorded in %s (step %s, test '
-                  'top-1 %s): an earlier invocation wrote the record and stopped before '
-                  'removing their progress, now removed; no second record is written. '
-                  'Rerun the command to evaluate afresh.',
-                  metric_writers.jsonl_path(workdir, 'linear_eval'), record.get('step'),
-                  record.get('test_top1', record.get('test_map')))
+  metric = 'test_map' if 'test_map' in record else 'test_top1'
+  logging.warning('linear_eval: these heads are already recorded in %s (step %s, %s %s): an '
+                  'earlier invocation wrote the record and stopped before removing their '
+                  'progress, now removed; no second record is written. Rerun the command to '
+                  'evaluate afresh.', metric_writers.jsonl_path(workdir, 'linear_eval'),
+                  record.get('step'), metric, record.get(metric))
   say_kept_progress(workdir)
   return record
 
