@@ -54,8 +54,8 @@ flags.declare_key_flag('config')  # defined inside ml_collections: list it in --
 _WORKDIR = flags.DEFINE_string(
   'workdir', None, 'The run\'s folder: metrics, checkpoints, evaluations. Default: '
   'runs/<preset> for a pretraining config (runs/demo, runs/cifar10, ...; with the preset\'s '
-  'arguments: r50,epochs=300 -> runs/r50_epochs300; a config file without a preset field: '
-  'runs/<file name>); evaluation configs '
+  'arguments: r50,epochs=300 -> runs/r50_epochs300; a config file of your own, outside '
+  'configs/: runs/<file name>); evaluation configs '
   '(configs/linear_eval.py) name the pretraining run they read, runs/demo for their demo.')
 cli.validate_path_flag('workdir')
 _MODE = flags.DEFINE_enum('worker_mode', 'train', WORKER_MODES, 'What this process does.')
@@ -86,12 +86,15 @@ def default_workdir(cfg, preset_arg: str = '', config_file: str = '') -> str:
   not meet in one folder (the second was refused as another preset's run). The preset's
   arguments, `preset_arg` being what followed the config file's ':' (`r50,epochs=300`), are
   part of its name: runs/r50_epochs300, where they once shared runs/r50 with `r50` and the
-  second was refused as a changed schedule. A config without a `preset` field (a user's own
-  file) is named after `config_file`'s stem, where it took the demo's runs/demo. An
+  second was refused as a changed schedule. A user's own config file (any outside this
+  checkout's configs/, with a `preset` field or not) is named after `config_file`'s stem,
+  where it took the demo's runs/demo. An
   evaluation config reads a pretraining run, which only its demo preset can guess."""
   stem = os.path.splitext(os.path.basename(config_file))[0]
   preset = str(cfg.get('preset') or '')
   if 'learning_rates' not in cfg:
+    if not is_repository_config(config_file):
+      preset = ''  # a preset it built on (demo) names that preset's run, not this file's
     parts = [p.strip().replace('=', '') for p in preset_arg.split(',') if p.strip()]
     if preset:
       parts = [preset, *parts[1:]]
@@ -104,6 +107,21 @@ def default_workdir(cfg, preset_arg: str = '', config_file: str = '') -> str:
   raise train.ConfigError(f'--workdir: name the pretraining run that '
                           f'{"preset " + preset if preset else "config " + (stem or "file")} '
                           'evaluates, e.g. --workdir=runs/r50')
+
+
+def is_repository_config(config_file: str) -> bool:
+  """True for one of this checkout's configs/ files (or no file: the default, byol.py).
+
+  Why: a user's own file that starts from `byol.get_config('demo')` keeps the field
+  `preset='demo'`, and its runs went to runs/demo, the demo's folder (refused there as
+  another run, or resuming the demo's checkpoints when the fields matched).
+  """
+  if not config_file:
+    return True
+  path = config_file
+  if not os.path.isabs(path) and not os.path.exists(path):
+    path = os.path.join(cli.REPO, path)  # as cli.config_path_fallback reads it
+  return os.path.dirname(os.path.realpath(path)) == os.path.realpath(_REPO_CONFIGS)
 
 
 def _load_config_module(path: str):
@@ -206,20 +224,27 @@ def resolve_default_workdir(cfg, preset_arg: str = '', config_file: str = '') ->
   and said so in one INFO line. A folder that holds another run (plain `r50`) is left to it.
   """
   workdir = default_workdir(cfg, preset_arg, config_file)
-  earlier = default_workdir(cfg, '', config_file)
-  if earlier != workdir and not os.path.exists(workdir) and os.path.isdir(earlier):
-    from byol_jax import checkpointing
-    try:
-      saved = checkpointing.load_config(earlier)
-    except checkpointing.CheckpointError:  # none there, or unreadable: not this run's
-      saved = None
-    if saved is not None and not checkpointing.config_differences(saved, cfg)[0]:
-      logging.warning('workdir %s: this run started there, before the default workdir held '
-                      "the preset's arguments (%s now); it resumes there (--workdir sets "
-                      'another)', earlier, workdir)
+  # Where earlier versions put it: without the preset's arguments, or (a user's own file)
+  # in the folder of the preset it built on.
+  for earlier in (default_workdir(cfg, '', config_file), default_workdir(cfg)):
+    if earlier != workdir and not os.path.exists(workdir) and _holds_this_run(earlier, cfg):
+      logging.warning('workdir %s: this run started there, before the default workdir was '
+                      '%s; it resumes there (--workdir sets another)', earlier, workdir)
       return earlier
   logging.info('workdir %s (the default for this preset; --workdir sets another)', workdir)
   return workdir
+
+
+def _holds_this_run(workdir: str, cfg) -> bool:
+  """True when `workdir` holds a checkpoint of the same trajectory as `cfg`."""
+  if not os.path.isdir(workdir):
+    return False
+  from byol_jax import checkpointing
+  try:
+    saved = checkpointing.load_config(workdir)
+  except checkpointing.CheckpointError:  # none there, or unreadable: not this run's
+    return False
+  return not checkpointing.config_differences(saved, cfg)[0]
 
 
 # Config fields that hold a local path. A folder dataset's path is expanded where it is

@@ -610,6 +610,32 @@ def test_a_run_started_in_the_earlier_default_workdir_resumes_there(tmp_path, mo
   assert main.resolve_default_workdir(saved[earlier], 'r50') == earlier  # its own default
 
 
+def test_a_users_config_file_built_on_a_preset_names_its_own_workdir(tmp_path, monkeypatch):
+  """A user's file that starts from byol.get_config('demo') keeps preset='demo'; run
+  without --workdir it trained in runs/demo, the demo's own folder. It is named after the
+  file now, and a run it had started in runs/demo still resumes there."""
+  from byol_jax import checkpointing, main
+  from configs import byol
+  mine = byol.get_config('demo')
+  mine.dataset = 'folder:/data/mine'
+  assert main.default_workdir(mine, '', '/home/me/my_config.py') == os.path.join(
+    'runs', 'my_config')
+  assert main.default_workdir(mine, 'big', '/home/me/my_config.py') == os.path.join(
+    'runs', 'my_config_big')
+  assert main.default_workdir(mine, '', os.path.join(main._REPO_CONFIGS, 'byol.py')) == (
+    os.path.join('runs', 'demo'))
+  monkeypatch.chdir(tmp_path)
+  assert main.resolve_default_workdir(mine, '', 'my_config.py') == os.path.join(
+    'runs', 'my_config')
+  os.makedirs(os.path.join('runs', 'demo'))
+  saved = {os.path.join('runs', 'demo'): mine}
+  monkeypatch.setattr(checkpointing, 'load_config', lambda w: saved[w])
+  assert main.resolve_default_workdir(mine, '', 'my_config.py') == os.path.join('runs', 'demo')
+  saved[os.path.join('runs', 'demo')] = byol.get_config('demo')  # the demo's own run
+  assert main.resolve_default_workdir(mine, '', 'my_config.py') == os.path.join(
+    'runs', 'my_config')
+
+
 def test_a_refused_resume_names_the_runs_own_preset(monkeypatch):
   """`--config=configs/byol.py:r50,epochs=300` on a run of plain `r50` listed the differing
   fields and the flags of their saved values, but not that the run's own preset (`r50`, in
