@@ -30,6 +30,7 @@ ADDED_FIELD_DEFAULTS = {
   'model.head_output_bias': True,  # 2026-11-28
   'pretrain_split': 'trainval',  # 2026-11-28
   'optimizer.momentum_before_lr': False,  # 2026-11-29: optax.lars's order before
+  'model.arch': 'resnet',  # 2026-11-29: networks.ENCODERS
 }
 
 # Trajectory fields that were removed, with the value under which the current code behaves

@@ -55,7 +55,7 @@ from typing import Any
 
 import numpy as np
 
-from byol_jax import cli, networks
+from byol_jax import cli, config_compat, networks
 
 FORMATS = ('npz', 'torch')
 NETWORKS = ('online', 'target')
@@ -97,19 +97,30 @@ def load_encoder(workdir: str, step: int | None = None,
 
 def sidecar(cfg: Any, fmt: str, network: str, step: int | None) -> dict[str, Any]:
   """What a user of an export needs besides the weights, as plain JSON values."""
-  model = {k: cfg.model[k] for k in ('depth', 'width', 'cifar_stem', 'zero_init_last_bn',
-                                     'bn_decay', 'bn_eps')}
-  model['stem_relu'] = networks.stem_relu_of(cfg.model)
-  bottleneck = networks.RESNET_LAYOUTS[model['depth']][1]
+  arch = config_compat.setting(cfg.model, 'model.arch')
+  if arch != 'resnet':  # another encoder's fields are its own: keep them all
+    model, bottleneck = _plain_dict(cfg.model), None
+  else:
+    model = {k: cfg.model[k] for k in ('depth', 'width', 'cifar_stem', 'zero_init_last_bn',
+                                       'bn_decay', 'bn_eps')}
+    model['stem_relu'] = networks.stem_relu_of(cfg.model)
+    bottleneck = networks.RESNET_LAYOUTS[model['depth']][1]
+  model['arch'] = arch
   return dict(
     format=fmt, network=network, step=step, model=model, bottleneck=bottleneck,
-    feature_dim=networks.resnet_output_dim(bottleneck, model['width']),
+    feature_dim=networks.encoder_feature_dim(cfg.model),
     image_size=int(cfg.image_size), eval_crop_fraction=float(cfg.eval_crop_fraction),
     mean=[float(v) for v in cfg.augment.mean], std=[float(v) for v in cfg.augment.std],
     input=('RGB in [0, 1], centre crop of eval_crop_fraction of the shorter side, resized to '
            'image_size, then (x - mean) / std; NHWC for npz (Haiku), NCHW for torch'),
     padding='Haiku SAME (asymmetric for stride 2 on even sizes); see byol_jax/export.py',
   )
+
+
+def _plain_dict(section: Any) -> dict[str, Any]:
+  """A config section as plain JSON values (tuples as lists), as the sidecar holds them."""
+  return json.loads(json.dumps(section.to_dict() if hasattr(section, 'to_dict') else
+                               dict(section)))
 
 
 def sidecar_path(weights_path: str) -> str:
@@ -385,6 +396,10 @@ def export(workdir: str, fmt: str = 'npz', step: int | None = None, network: str
   if fmt == 'torch':
     _require_torch()
   params, state, cfg, step = load_encoder(workdir, step, network)
+  arch = config_compat.setting(cfg.model, 'model.arch')
+  if fmt == 'torch' and arch != 'resnet':
+    raise ValueError(f'--format=torch writes torchvision ResNets; this run\'s encoder is '
+                     f'model.arch={arch!r}: use --format=npz')
   path = output or default_output(workdir, fmt, network, step)
   if path.endswith(os.sep) or os.path.isdir(path):  # a folder: the default name inside it
     path = os.path.join(path, os.path.basename(default_output(workdir, fmt, network, step)))

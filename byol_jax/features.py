@@ -43,8 +43,7 @@ class Encoder:
                       'state), so its features are not normalised; re-estimate them first '
                       'with byol_jax.evaluators.common.ensure_bn_statistics')
     self._embed = jax.jit(self._forward)
-    self.feature_dim = networks.resnet_output_dim(
-      networks.RESNET_LAYOUTS[config.model.depth][1], config.model.width)
+    self.feature_dim = networks.encoder_feature_dim(config.model)
 
   @classmethod
   def from_workdir(cls, workdir: str, step: int | None = None, network: str = 'online',

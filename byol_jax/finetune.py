@@ -70,7 +70,7 @@ def build_classifier(model_cfg: Any, num_classes: int) -> hk.TransformedWithStat
   """
 
   def forward(images: jax.Array, is_training: bool) -> jax.Array:
-    feats = networks.ResNet.from_config(model_cfg)(images, is_training)
+    feats = networks.encoder_from_config(model_cfg)(images, is_training)
     return hk.Linear(num_classes, w_init=jnp.zeros, name='head')(feats)
 
   return hk.transform_with_state(forward)

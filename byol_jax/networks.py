@@ -345,6 +345,11 @@ class ResNet(hk.Module):
   def output_dim(self) -> int:
     return resnet_output_dim(self.bottleneck, self.width)
 
+  @staticmethod
+  def feature_dim(model_cfg: Any) -> int:
+    """The pooled feature size a model config gives, without building the network."""
+    return resnet_output_dim(RESNET_LAYOUTS[model_cfg.depth][1], model_cfg.width)
+
   def _bn(self, x, is_training, name, last=False):
     scale_init = jnp.zeros if (last and self.zero_init_last_bn) else None
     return _batch_norm(x, is_training, self.bn['axis_name'], self.bn['decay'], self.bn['eps'],
@@ -393,6 +398,38 @@ def _scaled(channels: int, width: float) -> int:
 def resnet_output_dim(bottleneck: bool, width: float) -> int:
   """The pooled feature size: 512*w for basic blocks, 2048*w for bottlenecks."""
   return _scaled(512, width) * (4 if bottleneck else 1)
+
+
+# Encoders by `model.arch`. Each is an hk.Module class with
+# - `from_config(model_cfg, **overrides)`: the module a model config describes; `overrides`
+#   are `axis_name` (cross-replica BatchNorm), `bn_groups` and `bn_decay` (see ResNet);
+# - `feature_dim(model_cfg)`: the size of its pooled output;
+# - `module(images [B, H, W, 3], is_training) -> [B, feature_dim]`, built under the name
+#   'encoder' (checkpoints, evaluators and `encoder_subtree` find it by that name).
+# Register one from your own code or config file: `networks.ENCODERS['mine'] = MyEncoder`.
+ENCODERS: dict[str, Any] = {'resnet': ResNet}
+
+
+def encoder_class(model_cfg: Any) -> Any:
+  """The class `model.arch` names; runs saved before the field are ResNets.
+
+  Why one place: training, every evaluator, fine-tuning and features build the encoder
+  through here, so a new architecture is one entry in ENCODERS, not one edit per worker.
+  """
+  arch = config_compat.setting(model_cfg, 'model.arch')
+  if arch not in ENCODERS:
+    raise ValueError(f'unknown model.arch {arch!r}; valid: {", ".join(sorted(ENCODERS))}')
+  return ENCODERS[arch]
+
+
+def encoder_from_config(model_cfg: Any, **overrides: Any) -> hk.Module:
+  """The encoder module of a model config (inside an hk.transform)."""
+  return encoder_class(model_cfg).from_config(model_cfg, **overrides)
+
+
+def encoder_feature_dim(model_cfg: Any) -> int:
+  """The encoder's pooled feature size [D] for a model config."""
+  return int(encoder_class(model_cfg).feature_dim(model_cfg))
 
 
 class MLP(hk.Module):
@@ -461,12 +498,13 @@ def build_network(model_cfg: Any, num_classes: int, axis_name: str | None = None
   """
   cfg = model_cfg
   weight_init = _config_weight_init(cfg)  # checked here: a bad value fails before tracing
+  encoder_class(cfg)  # and an unknown arch
   output_bias = head_output_bias_of(cfg)
 
   def forward(images: jax.Array, is_training: bool, views: int = 1) -> dict[str, jax.Array]:
     cast = dtype != jnp.float32
     with (_mixed_precision(dtype) if cast else contextlib.nullcontext()):
-      encoder = ResNet.from_config(cfg, axis_name=axis_name, bn_groups=views)
+      encoder = encoder_from_config(cfg, axis_name=axis_name, bn_groups=views)
       embedding = encoder(images.astype(dtype), is_training)
       projector = MLP(cfg.projector_hidden, cfg.projection_dim, cfg.projector_norm,
                       cfg.bn_decay, cfg.bn_eps, axis_name, name='projector',
@@ -493,7 +531,7 @@ def build_encoder(model_cfg: Any) -> hk.TransformedWithState:
   """
 
   def forward(images: jax.Array) -> jax.Array:
-    return ResNet.from_config(model_cfg)(images, is_training=False)
+    return encoder_from_config(model_cfg)(images, is_training=False)
 
   return hk.transform_with_state(forward)
 

@@ -139,7 +139,12 @@ def _need_positive(section: Any, prefix: str, names: tuple[str, ...]) -> None:
 
 
 def _validate_model(model: Any) -> None:
-  if model.depth not in train_step.networks.RESNET_LAYOUTS:
+  networks = train_step.networks
+  arch = config_compat.setting(model, 'model.arch')
+  if arch not in networks.ENCODERS:
+    raise ConfigError(f'model.arch={arch!r}; valid: {", ".join(sorted(networks.ENCODERS))} '
+                      '(networks.ENCODERS)')
+  if arch == 'resnet' and model.depth not in networks.RESNET_LAYOUTS:
     raise ConfigError(f'model.depth={model.depth} is not a ResNet depth; valid: '
                       f'{sorted(train_step.networks.RESNET_LAYOUTS)}')
   _need_positive(model, 'model', ('width', 'projector_hidden', 'predictor_hidden',

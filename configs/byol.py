@@ -43,6 +43,7 @@ ARG_KEYS = ('epochs',)
 
 def _model(depth: int, width: float, cifar_stem: bool) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
+    arch='resnet',  # a name in networks.ENCODERS; depth, width and the stem are ResNet's
     depth=depth, width=float(width), cifar_stem=cifar_stem, zero_init_last_bn=True,
     stem_relu=True,  # False: no ReLU after the stem's BN (lightly's CIFAR-10 benchmark)
     weight_init='release',  # or 'he_fan_out', 'pytorch' (see networks.WEIGHT_INITS)

@@ -205,7 +205,7 @@ def make_batch_stats_fn(model_cfg: Any, image_size: int, crop_fraction: float, m
   channel, the mean and the biased variance (E[x^2] - E[x]^2) of each BN layer's input.
   """
   def forward(images):
-    return networks.ResNet.from_config(model_cfg, bn_decay=0.0)(images, is_training=True)
+    return networks.encoder_from_config(model_cfg, bn_decay=0.0)(images, is_training=True)
 
   encoder = hk.transform_with_state(forward)
 

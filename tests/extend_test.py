@@ -1,0 +1,62 @@
+"""The extension paths README's "Extending byol-jax" describes, each tried end to end."""
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import tiny_config
+
+
+class TinyConvNet(hk.Module):
+  """A backbone of the kind a user adds: two convolutions and a global mean pool."""
+
+  def __init__(self, channels: int, name: str = 'encoder'):
+    super().__init__(name=name)
+    self.channels = channels
+
+  @classmethod
+  def from_config(cls, model_cfg, **overrides):
+    del overrides  # axis_name, bn_groups, bn_decay: no BatchNorm here
+    return cls(model_cfg.channels)
+
+  @staticmethod
+  def feature_dim(model_cfg) -> int:
+    return model_cfg.channels
+
+  def __call__(self, x: jax.Array, is_training: bool) -> jax.Array:
+    del is_training
+    x = jax.nn.relu(hk.Conv2D(8, 3, stride=2, name='conv_0')(x))
+    x = jax.nn.relu(hk.Conv2D(self.channels, 3, stride=2, name='conv_1')(x))
+    return jnp.mean(x, axis=(1, 2))
+
+
+def test_a_registered_backbone_trains_embeds_and_exports(tmp_path, monkeypatch):
+  """A new architecture is one entry in networks.ENCODERS and one config value
+  (model.arch): training, the features API and the npz export all build it. Before,
+  every place that built the encoder called ResNet itself (training, evaluators,
+  fine-tuning), and features and export read the ResNet depth table for the size."""
+  from byol_jax import export, features, networks, train
+  monkeypatch.setitem(networks.ENCODERS, 'tiny_convnet', TinyConvNet)
+  cfg = tiny_config(steps=2, eval_at_init=False, **{'model.arch': 'tiny_convnet'})
+  cfg.model.channels = 12
+  train.train_and_evaluate(cfg, str(tmp_path))
+  encoder = features.Encoder.from_workdir(str(tmp_path))
+  feats = encoder.embed(np.zeros((3, 20, 20, 3), np.uint8))
+  assert feats.shape == (3, 12) and encoder.feature_dim == 12
+  assert any(k == 'encoder/conv_1' for k in encoder._params), list(encoder._params)
+  path = export.export(str(tmp_path), 'npz')
+  assert export.read_sidecar(path)['model']['arch'] == 'tiny_convnet'
+  assert features.Encoder.from_export(path).embed(np.zeros((2, 16, 16, 3), np.uint8)).shape == (
+    2, 12)
+  with pytest.raises(ValueError, match="--format=torch writes torchvision ResNets"):
+    monkeypatch.setattr(export, '_require_torch', lambda: None)
+    export.export(str(tmp_path), 'torch')
+
+
+def test_an_unknown_arch_is_one_line_naming_the_valid_ones():
+  from byol_jax import networks, train
+  with pytest.raises(train.ConfigError, match=r"^model.arch='convnet'; valid: resnet "):
+    train.validate(tiny_config(**{'model.arch': 'convnet'}), 1)
+  with pytest.raises(ValueError, match=r"^unknown model.arch 'convnet'; valid: resnet$"):
+    networks.build_network(tiny_config(**{'model.arch': 'convnet'}).model, 10)
