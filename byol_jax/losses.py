@@ -58,6 +58,21 @@ def infonce_loss(pred1: jax.Array, pred2: jax.Array, target1: jax.Array, target2
   return one_way(pred1, target2) + one_way(pred2, target1)
 
 
+def _byol_objective(pred1: jax.Array, pred2: jax.Array, target1: jax.Array,
+                    target2: jax.Array, temperature: float,
+                    axis_name: str | None = None) -> jax.Array:
+  """byol_loss with the table's arguments: no temperature, no cross-device term."""
+  del temperature, axis_name
+  return byol_loss(pred1, pred2, target1, target2)
+
+
+# Training objectives by the config's `loss`: fn(pred1, pred2, target1, target2, temperature,
+# axis_name) -> scalar, with the online predictions and the target projections of both views
+# (targets already stop-gradient) and `infonce_temperature`. The step, its check and
+# train.validate all read this table, so a new loss is one function and one entry here.
+LOSSES = {'byol': _byol_objective, 'infonce': infonce_loss}
+
+
 def _psum(x: jax.Array, axis_name: str | None) -> jax.Array:
   return x if axis_name is None else jax.lax.psum(x, axis_name)
 

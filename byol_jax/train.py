@@ -115,8 +115,9 @@ def validate(cfg: Any, num_devices: int) -> None:
   if cfg.input_mode not in data_lib.datasets.INPUT_MODES:  # the demo never reads it
     raise ConfigError(f'input_mode={cfg.input_mode!r}; valid: '
                       f'{", ".join(data_lib.datasets.INPUT_MODES)}')
-  if cfg.loss not in ('byol', 'infonce'):
-    raise ConfigError(f'loss={cfg.loss!r}; valid: byol, infonce')
+  if cfg.loss not in losses.LOSSES:
+    raise ConfigError(f'loss={cfg.loss!r}; valid: {", ".join(losses.LOSSES)} '
+                      '(losses.LOSSES)')
   _need_positive(cfg, '', ('infonce_temperature',))
   _validate_model(cfg.model)
   _validate_optimisation(cfg)

@@ -73,8 +73,8 @@ def make_step_fns(cfg: Any, num_classes: int, num_steps: int, steps_per_epoch: i
   lr_fn = optim.learning_rate_schedule(peak, warmup, num_steps)
   tau_fn = optim.tau_schedule(cfg.tau_base, num_steps, config_compat.setting(cfg, 'tau_schedule'))
   optimizer = optim.make_optimizer(cfg.optimizer, lr_fn)
-  if cfg.loss not in ('byol', 'infonce'):
-    raise ValueError(f'unknown loss {cfg.loss!r}; valid: byol, infonce')
+  if cfg.loss not in losses.LOSSES:
+    raise ValueError(f'unknown loss {cfg.loss!r}; valid: {", ".join(losses.LOSSES)}')
   target_init = config_compat.setting(cfg, 'target_init')
   if target_init not in TARGET_INITS:
     raise ValueError(f'unknown target_init {target_init!r}; valid: {", ".join(TARGET_INITS)}')
@@ -193,12 +193,8 @@ def _loss_fn(online_params, online_state, target_params, target_state, view1, vi
   on1, on2, online_state = _forward_views(fns, online_params, online_state, view1, view2)
   tg1, tg2, target_state = _forward_views(fns, target_params, target_state, view1, view2)
   tg1, tg2 = jax.lax.stop_gradient(tg1), jax.lax.stop_gradient(tg2)
-  if fns.loss == 'byol':
-    byol = losses.byol_loss(on1['prediction'], on2['prediction'],
-                            tg1['projection'], tg2['projection'])
-  else:
-    byol = losses.infonce_loss(on1['prediction'], on2['prediction'], tg1['projection'],
-                               tg2['projection'], fns.infonce_temperature, axis_name)
+  byol = losses.LOSSES[fns.loss](on1['prediction'], on2['prediction'], tg1['projection'],
+                                 tg2['projection'], fns.infonce_temperature, axis_name)
   probe_loss, probe_acc = losses.probe_loss_and_accuracy(on1['logits'], labels, axis_name)
   aux = dict(online_state=online_state, target_state=target_state, byol_loss=byol,
              probe_loss=probe_loss, probe_top1=probe_acc, projection=on1['projection'])
