@@ -285,3 +285,19 @@ def test_quoted_preset_settings_match_the_configs():
           lightly.model.weight_init) == tuple(s.split('=')[1] for s in switches)
   assert '`--config.model.stem_relu=False` drops the ReLU' in text
   assert 'not in the preset)' in text and lightly.model.stem_relu
+
+
+def test_extending_section_quotes_names_that_exist():
+  """Breaks when "Extending byol-jax" names a table, function or file that was renamed or
+  removed: the section is where a researcher starts, and a dead name sends them hunting."""
+  import importlib
+  text = _readme()
+  section = text[text.index('## Extending byol-jax'):text.index('## Results')]
+  modules = 'networks|losses|augment|config_compat|datasets'
+  names = set(re.findall(rf'`((?:{modules})\.(?!py\b)\w+)', section))
+  assert {'networks.ENCODERS', 'losses.LOSSES', 'augment.default_augment_config'} <= names
+  missing = [n for n in sorted(names) if not hasattr(
+    importlib.import_module('byol_jax.' + n.split('.')[0]), n.split('.')[1])]
+  paths = set(re.findall(r'`((?:tests|configs|byol_jax)/[\w/]+\.py)', section))
+  missing += [p for p in sorted(paths) if not os.path.isfile(os.path.join(REPO, p))]
+  assert not missing, missing
