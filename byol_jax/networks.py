@@ -417,9 +417,28 @@ def encoder_class(model_cfg: Any) -> Any:
   through here, so a new architecture is one entry in ENCODERS, not one edit per worker.
   """
   arch = config_compat.setting(model_cfg, 'model.arch')
-  if arch not in ENCODERS:
-    raise ValueError(f'unknown model.arch {arch!r}; valid: {", ".join(sorted(ENCODERS))}')
-  return ENCODERS[arch]
+  if arch in ENCODERS:
+    return ENCODERS[arch]
+  if ':' in arch:
+    return _import_encoder(arch)
+  raise ValueError(f'unknown model.arch {arch!r}; valid: {", ".join(sorted(ENCODERS))}, or '
+                   "an importable 'module:Class'")
+
+
+def _import_encoder(path: str) -> Any:
+  """The class a 'module:Class' arch names, imported where it is needed.
+
+  Why: a class registered in ENCODERS by a user's config file exists only in the process
+  that ran that file; the export and plot tools, and evaluation configs, read the run's
+  saved config and could not rebuild its encoder. A module on PYTHONPATH imports anywhere.
+  """
+  import importlib
+  module, _, name = path.partition(':')
+  try:
+    return getattr(importlib.import_module(module), name)
+  except (ImportError, AttributeError) as e:
+    raise ValueError(f'model.arch={path!r}: cannot import it ({e}); put {module}.py on '
+                     'PYTHONPATH') from None
 
 
 def encoder_from_config(model_cfg: Any, **overrides: Any) -> hk.Module:

@@ -142,9 +142,13 @@ def _need_positive(section: Any, prefix: str, names: tuple[str, ...]) -> None:
 def _validate_model(model: Any) -> None:
   networks = train_step.networks
   arch = config_compat.setting(model, 'model.arch')
-  if arch not in networks.ENCODERS:
+  if arch not in networks.ENCODERS and ':' not in arch:
     raise ConfigError(f'model.arch={arch!r}; valid: {", ".join(sorted(networks.ENCODERS))} '
-                      '(networks.ENCODERS)')
+                      "(networks.ENCODERS), or an importable 'module:Class'")
+  try:
+    networks.encoder_class(model)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   if arch == 'resnet' and model.depth not in networks.RESNET_LAYOUTS:
     raise ConfigError(f'model.depth={model.depth} is not a ResNet depth; valid: '
                       f'{sorted(train_step.networks.RESNET_LAYOUTS)}')
