@@ -421,8 +421,8 @@ def encoder_class(model_cfg: Any) -> Any:
     return ENCODERS[arch]
   if ':' in arch:
     return _import_encoder(arch)
-  raise ValueError(f'unknown model.arch {arch!r}; valid: {", ".join(sorted(ENCODERS))}, or '
-                   "an importable 'module:Class'")
+  raise ValueError(f'model.arch={arch!r}; valid: {", ".join(sorted(ENCODERS))} '
+                   "(networks.ENCODERS), or an importable 'module:Class'")
 
 
 def _import_encoder(path: str) -> Any:
