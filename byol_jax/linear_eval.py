@@ -1106,4 +1106,4 @@ def run(cfg: Any, workdir: str) -> int:
 
 if __name__ == '__main__':
   from byol_jax import cli
-  cli.worker_module_main(__spec__.name)
+  cli.worker_module_main('byol_jax.linear_eval')  # not __spec__.name: None when run by path

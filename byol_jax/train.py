@@ -987,4 +987,4 @@ def _write_preview(cfg, state, workdir, writer, data, is_main) -> None:
 
 if __name__ == '__main__':
   from byol_jax import cli
-  cli.worker_module_main(__spec__.name)
+  cli.worker_module_main('byol_jax.train')  # not __spec__.name: None when run by path

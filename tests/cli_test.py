@@ -676,6 +676,20 @@ def test_a_worker_module_run_alone_names_the_command_that_runs_it(module, mode):
   assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-2000:]
 
 
+@pytest.mark.parametrize('module,mode', [('linear_eval', 'linear_eval'),
+                                         ('finetune', 'finetune'),
+                                         ('eval_worker', 'eval'), ('train', 'train')])
+def test_a_worker_module_run_by_its_path_names_the_command_that_runs_it(module, mode):
+  """`python byol_jax/finetune.py` (a file, not -m) has no __spec__: the module's
+  `__spec__.name` ended in AttributeError's traceback instead of the one-line hint."""
+  proc = subprocess.run([sys.executable, os.path.join(REPO, 'byol_jax', f'{module}.py')],
+                        cwd=REPO, capture_output=True, text=True, timeout=120,
+                        env=checkout_env())
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert f'python -m byol_jax.main --worker_mode={mode} --config=configs/' in proc.stderr
+  assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-2000:]
+
+
 @pytest.mark.parametrize('typed, nearest', [
   ('train.epocs', 'epochs'),  # a group that does not exist, the leaf misspelt
   ('optimizer.lr', 'optimizer.base_lr'),  # a short name inside the real one
