@@ -435,10 +435,19 @@ def _import_encoder(path: str) -> Any:
   import importlib
   module, _, name = path.partition(':')
   try:
-    return getattr(importlib.import_module(module), name)
-  except (ImportError, AttributeError) as e:
-    raise ValueError(f'model.arch={path!r}: cannot import it ({e}); put {module}.py on '
-                     'PYTHONPATH') from None
+    found = importlib.import_module(module)
+  except ImportError as e:
+    if isinstance(e, ModuleNotFoundError) and e.name and (
+        module == e.name or module.startswith(e.name + '.')):
+      raise ValueError(f'model.arch={path!r}: cannot import it ({e}); put {module}.py on '
+                       'PYTHONPATH') from None
+    # Found, but its own import failed (a module it imports is missing): PYTHONPATH is not
+    # the fix, and the message says what is.
+    raise ValueError(f'model.arch={path!r}: importing {module} failed: {e}') from None
+  if not hasattr(found, name):
+    raise ValueError(f'model.arch={path!r}: {module} has no {name!r} '
+                     f'({getattr(found, "__file__", None) or module})')
+  return getattr(found, name)
 
 
 def encoder_from_config(model_cfg: Any, **overrides: Any) -> hk.Module:

@@ -102,3 +102,21 @@ def test_an_arch_named_by_its_import_path_needs_no_registration():
   with pytest.raises(train.ConfigError, match=r"^model.arch='no_such_module:Net': cannot "
                      r"import it \(No module named 'no_such_module'\); put no_such_module.py"):
     train.validate(cfg, 1)
+
+
+def test_an_import_path_that_is_found_but_fails_is_not_called_missing(tmp_path, monkeypatch):
+  """A module on the path whose own import fails (a dependency it imports is missing) was
+  told 'put my_encoder.py on PYTHONPATH', where it already was; a module without the class
+  likewise. Each now says what failed."""
+  from byol_jax import train
+  (tmp_path / 'my_encoder_dep.py').write_text('import no_such_dependency_xyz\n')
+  (tmp_path / 'my_encoder_noclass.py').write_text('OTHER = 1\n')
+  monkeypatch.syspath_prepend(str(tmp_path))
+  cfg = tiny_config(**{'model.arch': 'my_encoder_dep:Net'})
+  with pytest.raises(train.ConfigError, match='no_such_dependency_xyz') as e:
+    train.validate(cfg, 1)
+  assert 'PYTHONPATH' not in str(e.value), e.value
+  cfg.model.arch = 'my_encoder_noclass:Net'
+  with pytest.raises(train.ConfigError, match=r"my_encoder_noclass has no 'Net'") as e:
+    train.validate(cfg, 1)
+  assert 'PYTHONPATH' not in str(e.value), e.value
