@@ -193,7 +193,11 @@ def _unknown_field_hint(typed: str, config_file: str) -> str:
     return ''
   path = os.path.abspath(config_file.partition(':')[0])
   configs_dir = os.path.join(REPO, 'configs')
-  for name in sorted(os.listdir(configs_dir)) if os.path.isdir(configs_dir) else []:
+  # byol.py first: configs/ablation.py builds on it and has all its fields, and it sorted
+  # first, so a pretraining field given to linear_eval.py was said to be ablation.py's.
+  names = sorted(os.listdir(configs_dir), key=lambda n: (n != 'byol.py', n)) if (
+    os.path.isdir(configs_dir)) else []
+  for name in names:
     other = os.path.join(configs_dir, name)
     if name.endswith('.py') and os.path.abspath(other) != path:
       if typed in (_config_fields_of(other) or ()):

@@ -35,6 +35,12 @@ def _run_main(argv: list[str], workdir) -> subprocess.CompletedProcess:
   (['--config=configs/byol.py:demo', '--config.refit=False'],
    "field 'refit' in a --config.FIELD=VALUE flag: it is a field of configs/linear_eval.py "
    '(--config=configs/linear_eval.py:PRESET), not of configs/byol.py'),
+  # A pretraining field given to an evaluation config: configs/byol.py's, not the ablation
+  # file's that builds on it (and that sorted first).
+  (['--config=configs/linear_eval.py:demo', '--worker_mode=linear_eval',
+    '--config.tau_base=0.9'],
+   "field 'tau_base' in a --config.FIELD=VALUE flag: it is a field of configs/byol.py "
+   '(--config=configs/byol.py:PRESET), not of configs/linear_eval.py'),
   (['--config.batch_size=abc'], "error: flag --config.batch_size=abc: invalid literal"),
   # The valid presets were listed, but not the one that was meant.
   (['--config=configs/byol.py:cifar'], "unknown preset 'cifar'; valid: demo, cifar10, "
