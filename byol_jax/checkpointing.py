@@ -361,6 +361,8 @@ def read_checkpoint(workdir: str, step: int,
     state = _read_state(path, template_fn(meta), meta['fingerprint'])
   except CheckpointError as e:
     raise CheckpointError(f'checkpoint step {step}: {e}') from e
+  except train_step.networks.UnknownEncoder:
+    raise  # the run's encoder, not its checkpoint: every checkpoint would read as damaged
   except Exception as e:
     if not os.path.isdir(path):
       raise CheckpointError(f'checkpoint step {step} was deleted while being read') from e

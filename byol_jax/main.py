@@ -271,7 +271,7 @@ def run(argv: list[str]) -> int:
   if _SHOW_CONFIG.value:
     print(cli.describe_config(cfg, flags.FLAGS['config'].config_filename))
     return 0
-  from byol_jax import checkpointing, datasets, multihost, train  # after parsing: fast --help
+  from byol_jax import checkpointing, datasets, multihost, networks, train  # after parsing
   checkpointing.quiet_orbax_logs()
   expand_user_paths(cfg)
   share_accelerator_memory(_MODE.value)
@@ -287,7 +287,8 @@ def run(argv: list[str]) -> int:
     with multihost.PeerWatch(peer_timeout) as watch:
       watch.exit_code = importlib.import_module(WORKERS[_MODE.value]).run(cfg, workdir)
     return watch.exit_code
-  except (train.ConfigError, datasets.DataError, multihost.LaunchError) as e:
+  except (train.ConfigError, datasets.DataError, multihost.LaunchError,
+          networks.UnknownEncoder) as e:
     message = str(e)
     if isinstance(e, train.SetupMismatch):
       resume = resuming_config(flags.FLAGS['config'].config_filename.partition(':')[0], e.saved)

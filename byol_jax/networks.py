@@ -400,6 +400,13 @@ def resnet_output_dim(bottleneck: bool, width: float) -> int:
   return _scaled(512, width) * (4 if bottleneck else 1)
 
 
+class UnknownEncoder(ValueError):
+  """`model.arch` names no encoder this process can build (not registered, not importable).
+
+  Its own type so that a checkpoint of such a run is not taken for a damaged one: every
+  checkpoint was skipped as 'unreadable' and the CLI said 'no usable checkpoint'."""
+
+
 # Encoders by `model.arch`. Each is an hk.Module class with
 # - `from_config(model_cfg, **overrides)`: the module a model config describes; `overrides`
 #   are `axis_name` (cross-replica BatchNorm), `bn_groups` and `bn_decay` (see ResNet);
@@ -421,7 +428,7 @@ def encoder_class(model_cfg: Any) -> Any:
     return ENCODERS[arch]
   if ':' in arch:
     return _import_encoder(arch)
-  raise ValueError(f'model.arch={arch!r}; valid: {", ".join(sorted(ENCODERS))} '
+  raise UnknownEncoder(f'model.arch={arch!r}; valid: {", ".join(sorted(ENCODERS))} '
                    "(networks.ENCODERS), or an importable 'module:Class'")
 
 
@@ -439,13 +446,13 @@ def _import_encoder(path: str) -> Any:
   except ImportError as e:
     if isinstance(e, ModuleNotFoundError) and e.name and (
         module == e.name or module.startswith(e.name + '.')):
-      raise ValueError(f'model.arch={path!r}: cannot import it ({e}); put {module}.py on '
+      raise UnknownEncoder(f'model.arch={path!r}: cannot import it ({e}); put {module}.py on '
                        'PYTHONPATH') from None
     # Found, but its own import failed (a module it imports is missing): PYTHONPATH is not
     # the fix, and the message says what is.
-    raise ValueError(f'model.arch={path!r}: importing {module} failed: {e}') from None
+    raise UnknownEncoder(f'model.arch={path!r}: importing {module} failed: {e}') from None
   if not hasattr(found, name):
-    raise ValueError(f'model.arch={path!r}: {module} has no {name!r} '
+    raise UnknownEncoder(f'model.arch={path!r}: {module} has no {name!r} '
                      f'({getattr(found, "__file__", None) or module})')
   return getattr(found, name)
 

@@ -120,3 +120,21 @@ def test_an_import_path_that_is_found_but_fails_is_not_called_missing(tmp_path, 
   with pytest.raises(train.ConfigError, match=r"my_encoder_noclass has no 'Net'") as e:
     train.validate(cfg, 1)
   assert 'PYTHONPATH' not in str(e.value), e.value
+
+
+def test_a_run_whose_encoder_is_not_registered_here_says_so_not_unreadable(tmp_path,
+                                                                            monkeypatch):
+  """A run of an encoder registered by its own config file, read by a process that did not
+  register it (linear_eval, the eval worker, features): every checkpoint was skipped as
+  'unreadable' and the CLI said 'no usable checkpoint'. The arch's own error comes through."""
+  from byol_jax import checkpointing, features, networks, train
+  monkeypatch.setitem(networks.ENCODERS, 'tiny_convnet', TinyConvNet)
+  cfg = tiny_config(steps=2, eval_at_init=False, **{'model.arch': 'tiny_convnet'})
+  cfg.model.channels = 12
+  train.train_and_evaluate(cfg, str(tmp_path))
+  monkeypatch.delitem(networks.ENCODERS, 'tiny_convnet')
+  with pytest.raises(Exception, match=r"^model.arch='tiny_convnet'; valid: ") as e:
+    checkpointing.load_state(str(tmp_path), 2)
+  assert not isinstance(e.value, checkpointing.CheckpointError)
+  with pytest.raises(Exception, match=r"^model.arch='tiny_convnet'"):
+    features.Encoder.from_workdir(str(tmp_path))
