@@ -252,8 +252,11 @@ def waiting_message(workdir: str, idle_timeout_secs: float, last_step: int | Non
            if idle_timeout_secs else 'never stopping (eval_idle_timeout_secs=0)')
   if last_step is not None:
     of = f' of {final_step}' if final_step is not None else ''
-    return (f'eval worker: evaluated up to step {last_step}{of}; no new checkpoint for '
-            f'{idle_secs:.0f} s, waiting for the next one in {folder}, {until}')
+    # Under a second ('for 0 s') is the worker's own start or its last evaluation just
+    # ending, not a wait worth a figure.
+    since = f'for {idle_secs:.0f} s' if idle_secs >= 1 else 'yet'
+    return (f'eval worker: evaluated up to step {last_step}{of}; no new checkpoint {since}, '
+            f'waiting for the next one in {folder}, {until}')
   if not os.path.isdir(workdir):
     what = f'{workdir} does not exist yet (is --workdir the trainer\'s?)'
   else:

@@ -242,10 +242,20 @@ def test_a_worker_waiting_between_checkpoints_says_where_it_stands(followed_run,
   notices = [r.getMessage() for r in caplog.records if 'waiting for the next' in r.getMessage()]
   assert len(notices) >= 2, caplog.text
   assert notices[0].startswith(f'eval worker: evaluated up to step 6 of {NUM_STEPS}; no new '
-                               'checkpoint for '), notices[0]
+                               'checkpoint '), notices[0]
   assert notices[0].endswith('stopping after 1 s without one (eval_idle_timeout_secs)')
   assert not any('waiting for the trainer to save one' in r.getMessage()
                  for r in caplog.records)  # that is the notice before the first checkpoint
+
+
+def test_the_waiting_notice_gives_a_wait_only_once_there_is_one(tmp_path):
+  """A worker restarted on an evaluated run said 'no new checkpoint for 0 s' at once, a
+  figure that reads like a clock that does not run. Under a second it says 'yet'; after
+  that, the whole seconds waited."""
+  workdir = str(tmp_path)
+  assert 'no new checkpoint yet, waiting' in eval_worker.waiting_message(workdir, 60, 6, 8, 0.2)
+  assert 'no new checkpoint for 125 s, waiting' in eval_worker.waiting_message(
+      workdir, 60, 6, 8, 125.3)
 
 
 def test_the_idle_timeout_is_kept_when_the_poll_interval_is_longer(tmp_path):
