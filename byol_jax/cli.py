@@ -6,6 +6,7 @@ import contextlib
 import logging as std_logging
 import os
 import re
+import shlex
 import sys
 import tempfile
 import traceback
@@ -488,7 +489,9 @@ def describe_config(cfg, config_file: str) -> str:
   field only for the overrides given), so finding a field's name and default meant
   reading configs/byol.py and byol_jax/augment.py."""
   docs = field_comments(_config_sources(config_file))
-  rows = [(f'--config.{name}={_flag_value(cfg_value(cfg, name))}', docs.get(
+  # Quoted for the shell where it needs it: a tuple's parentheses are bash syntax, an empty
+  # string has to stay an argument, so each line pastes into a command as printed.
+  rows = [(f'--config.{name}={shlex.quote(_flag_value(cfg_value(cfg, name)))}', docs.get(
     name.rpartition('.')[2], '')) for name in _leaf_fields(cfg)]
   width = min(48, max(len(flag) for flag, _ in rows))
   shown = os.path.relpath(config_file, REPO) if config_file.startswith(REPO + os.sep) else (

@@ -2,6 +2,7 @@
 (cli.py)."""
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -205,6 +206,24 @@ def test_show_config_lists_every_field_with_its_value_and_comment(tmp_path):
   assert any(line.startswith('--config.eval_network=online ') and line.endswith(
     "# or 'target'") for line in lines)
   assert not os.path.exists(tmp_path / 'run')  # nothing trained, nothing written
+
+
+def test_show_config_lines_paste_back_as_flags_that_give_the_same_config():
+  """--show_config printed `--config.augment.mean=(0.485,0.456,0.406)`: pasted into bash,
+  a syntax error. Every line, pasted as printed (comment left off) into one bash command,
+  must be accepted and print the same config again."""
+  command = (f'{shlex.quote(sys.executable)} -m byol_jax.main --config=configs/byol.py:demo '
+             '--show_config')
+  def show(*flags):
+    proc = subprocess.run(['bash', '-c', ' '.join([command, *flags])], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout.splitlines()
+
+  first = show()
+  flags = [line.partition('  # ')[0].strip() for line in first[1:]]
+  assert any(flag.startswith('--config.augment.mean=') for flag in flags)
+  assert show(*flags) == first
 
 
 def test_field_comments_skip_a_name_set_in_two_places(tmp_path):
