@@ -459,7 +459,16 @@ def _import_encoder(path: str) -> Any:
 
 def encoder_from_config(model_cfg: Any, **overrides: Any) -> hk.Module:
   """The encoder module of a model config (inside an hk.transform)."""
-  return encoder_class(model_cfg).from_config(model_cfg, **overrides)
+  module = encoder_class(model_cfg).from_config(model_cfg, **overrides)
+  # A backbone under another name trained, then every evaluator, the features API and the
+  # export found no 'encoder/...' parameters (a Haiku traceback at the first kNN).
+  if module.module_name.rpartition('/')[2] != 'encoder':
+    arch = config_compat.setting(model_cfg, 'model.arch')
+    raise UnknownEncoder(f'model.arch={arch!r} builds a module named '
+                         f'{module.module_name!r}; build it as \'encoder\' (its __init__\'s '
+                         "name='encoder', as ResNet's): checkpoints, evaluators and the export "
+                         'find its parameters by that name')
+  return module
 
 
 def encoder_feature_dim(model_cfg: Any) -> int:

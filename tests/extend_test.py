@@ -56,6 +56,23 @@ def test_a_registered_backbone_trains_embeds_and_exports(tmp_path, monkeypatch):
     export.export(str(tmp_path), 'torch')
 
 
+def test_a_backbone_built_under_another_name_fails_before_training(monkeypatch):
+  """A backbone whose module was not named 'encoder' (hk.Module's default, the class name)
+  trained, and then kNN, linear evaluation, features and the export found none of its
+  parameters: a Haiku traceback after the whole run. Now building it says so at once."""
+  from byol_jax import networks
+
+  class Unnamed(TinyConvNet):
+    def __init__(self, channels: int):
+      super().__init__(channels, name=None)
+
+  monkeypatch.setitem(networks.ENCODERS, 'unnamed', Unnamed)
+  cfg = tiny_config(**{'model.arch': 'unnamed'})
+  cfg.model.channels = 4
+  net = networks.build_network(cfg.model, num_classes=10)
+  with pytest.raises(networks.UnknownEncoder, match="named 'unnamed'; build it as 'encoder'"):
+    net.init(jax.random.PRNGKey(0), jnp.zeros((2, 16, 16, 3)), is_training=True)
+
 def test_an_unknown_arch_is_one_line_naming_the_valid_ones():
   from byol_jax import networks, train
   with pytest.raises(train.ConfigError, match=r"^model.arch='convnet'; valid: resnet \("):
