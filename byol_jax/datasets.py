@@ -347,7 +347,20 @@ def _train_dir(spec: DatasetSpec) -> str:
   if train_dir is None:
     raise DataError(f'{root}/train is missing: a folder dataset needs '
                     f'{root}/train/<class_name>/<image>.jpg (class names come from train/)')
+  _warn_other_folders(root)
   return train_dir
+
+
+def _warn_other_folders(root: str) -> None:
+  """Warns of folders beside train/ that name no split (dev/, eval/, holdout/): their
+  images are in no split, and without test/ the trainer skips kNN as if there were none."""
+  known = {n for names in _SPLIT_DIRS.values() for n in names}
+  other = sorted(e.name + '/' for e in _entries(root)
+                 if e.is_dir() and not e.name.startswith('.') and e.name.lower() not in known)
+  if other:
+    _warn_once(f'ignored folders {", ".join(other[:3])}{" ..." if len(other) > 3 else ""} in '
+               f'{root}: split folders are train/, test/ and valid/ (or val/, validation/); '
+               'rename one to use its images')
 
 
 def _no_test_split(root: str) -> str:

@@ -399,6 +399,20 @@ def test_other_entries_of_class_folders_are_a_warning(tmp_path, caplog):
                   'only .jpg/.jpeg/.png files directly in <class_name>/ are used'], said
 
 
+def test_folders_that_name_no_split_are_a_warning(tmp_path, caplog):
+  """A dataset with train/ and dev/ (or eval/) pretrained without kNN, dev/'s images in no
+  split and nothing said: the split folder names are fixed. It says once which folders it
+  ignored; hidden folders (.ipynb_checkpoints) stay unmentioned."""
+  root = make_folder(tmp_path / 'd', splits=('train', 'dev'))
+  os.makedirs(tmp_path / 'd' / '.ipynb_checkpoints')
+  spec = datasets.parse_dataset(f'folder:{root}')
+  with caplog.at_level('WARNING'):
+    assert datasets.missing_split(spec, 'test')  # dev/ is not test/
+    datasets.dataset_size(spec, 'train')
+  said = [r.getMessage() for r in caplog.records if 'ignored folders' in r.getMessage()]
+  assert said == [f'ignored folders dev/ in {root}: split folders are train/, test/ and '
+                  'valid/ (or val/, validation/); rename one to use its images'], said
+
 def test_a_broken_link_to_a_class_folder_is_a_data_error(tmp_path):
   """A class folder linked from elsewhere counts as any other; a link whose target is gone
   (an unmounted disk) was left out without a word: the class vanished and every later
