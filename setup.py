@@ -34,6 +34,7 @@ setup(
     'torch': ['torch>=2.1'],  # python -m byol_jax.export --format=torch
     'test': [
       'pytest>=8.0',
+      'pytest-xdist>=3.5',  # pytest.ini runs the suite on 2 processes
       'ruff>=0.6',
       'matplotlib>=3.8',
       'nbclient>=0.10',

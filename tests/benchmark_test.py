@@ -147,6 +147,7 @@ def test_compiled_once_flags_recompiles():
   assert not benchmark.compiled_once(dict(compiles=1, compiles_while_timing=1))
 
 
+@pytest.mark.slow
 def test_cli_prints_one_line_and_appends_json(tmp_path):
   """`python -m byol_jax.benchmark` with config overrides prints one BENCH line for the views
   step and appends the same figures as a JSON line to --output; what it is doing is said

@@ -160,6 +160,7 @@ def reference(tmp_path_factory):
     proc.kill()
 
 
+@pytest.mark.slow
 def test_sigkill_mid_save_then_resume_is_bitwise_identical(reference, tmp_path):
   """A run SIGKILLed mid-save and restarted must match an uninterrupted one bit for bit.
 
@@ -253,6 +254,7 @@ def test_damaged_newest_checkpoints_are_skipped_and_saved_again(reference, tmp_p
   assert_states_equal(checkpointing.load_state(workdir)[0], checkpointing.load_state(ref)[0])
 
 
+@pytest.mark.slow
 def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path):
   """Skipped NaN steps must leave the state unchanged, and max_bad_steps in a row must stop it.
 

@@ -157,6 +157,7 @@ def test_start_up_filter_replays_captured_output(capfd, monkeypatch):
   assert capfd.readouterr().err == 'after\n'
 
 
+@pytest.mark.slow
 def test_import_tensorflow_start_up_is_quiet():
   """With TF_CPP_MIN_LOG_LEVEL=2, as every byol-jax command sets it, importing TensorFlow
   prints none of its start-up INFO lines or the CUDA stubs' (TensorFlow 2.20+ writes them

@@ -296,6 +296,7 @@ def test_the_worker_scores_a_checkpoint_as_the_trainer_did_and_says_when_its_knn
           in caplog.text), caplog.text
 
 
+@pytest.mark.slow
 def test_the_worker_reads_the_knn_sets_as_the_trainer_did_on_a_smaller_machine(
     png_folder, tmp_path, monkeypatch):
   """The eval worker "can run on other hardware": on one with less accelerator memory than

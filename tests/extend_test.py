@@ -81,6 +81,7 @@ def test_an_unknown_arch_is_one_line_naming_the_valid_ones():
     networks.build_network(tiny_config(**{'model.arch': 'convnet'}).model, 10)
 
 
+@pytest.mark.slow
 def test_a_registered_loss_is_a_config_value_and_trains(tmp_path, monkeypatch):
   """A new objective is one function in losses.LOSSES, chosen by --config.loss. Before,
   the names byol and infonce were written out in train.validate, in make_step_fns' check

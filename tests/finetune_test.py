@@ -59,6 +59,7 @@ def test_ten_percent_subset_end_to_end(workdir):
   assert meta['seed'] == 0 and meta['fraction'] == 0.1 and meta['split'] == 'train'
 
 
+@pytest.mark.slow
 def test_all_labels_refit_the_chosen_lr_on_train_and_validation_a_subset_does_not(
     workdir, monkeypatch):
   """With all labels validation only chooses the LR, as in SimCLR's transfer fine-tuning that

@@ -75,6 +75,7 @@ def test_imported_run_holds_both_networks_and_is_finished(release):
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_command_line_errors_are_one_line_and_success_says_what_came_in(release, tmp_path):
   """Not a release pickle, a missing file, and a workdir that already holds a run: each one
   line and exit 2, with nothing written; then a good import names network and steps."""

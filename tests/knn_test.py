@@ -4,6 +4,7 @@ a run's kNN sets (KnnEval): which images, decoded or streamed, at which size."""
 import os
 
 import numpy as np
+import pytest
 from conftest import tiny_config
 
 from byol_jax import data, train_step
@@ -150,6 +151,7 @@ def test_resident_knn_sets_hold_the_eval_crop_at_full_resolution(tmp_path):
   assert np.shares_memory(sets.train.images, training_copy.images)
 
 
+@pytest.mark.slow
 def test_a_folder_without_test_images_pretrains_without_knn(tmp_path, caplog):
   """A folder of training images alone (no test/) is a common pretraining set: the trainer
   must train and checkpoint with kNN off, said once, where it stopped at its first

@@ -250,6 +250,7 @@ def test_a_validation_hold_out_that_cannot_be_taken_is_one_line():
     linear_eval.hold_out(resolved, 100)
 
 
+@pytest.mark.slow
 def test_voc2007_preset_reports_map_from_the_validation_choice(workdir, voc_dir):
   """The paper's VOC2007 transfer protocol end to end on TFDS-shaped data; breaks if the
   multi-label targets do not reach the heads (top-k instead of mAP), a split is misnamed,
@@ -584,6 +585,7 @@ def test_an_evaluation_interrupted_in_its_refit_does_not_train_the_sweep_again(
   assert not os.path.exists(os.path.join(run, 'linear_eval_progress'))
 
 
+@pytest.mark.slow
 def test_a_rerun_after_a_stop_between_record_and_cleanup_writes_no_second_record(
     workdir, png_folder, tmp_path, monkeypatch, caplog):
   """An evaluation stopped after its record was written but before its progress files were
@@ -648,6 +650,7 @@ def test_heads_of_a_changed_setting_are_named_and_kept_not_resumed(workdir, png_
   assert f'rm {path}' in caplog.text
 
 
+@pytest.mark.slow
 def test_a_streamed_evaluation_of_another_encoder_does_not_resume_these_heads(
     workdir, png_folder, tmp_path, monkeypatch):
   """Progress is keyed by what shapes the heads. The encoder is one of those things, and

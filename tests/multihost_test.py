@@ -93,6 +93,7 @@ def test_two_processes_train_like_one_process_with_the_same_devices(runs):
   assert [r['step'] for r in train._read_records(train_log)] == list(range(1, STEPS + 1))
 
 
+@pytest.mark.slow
 def test_two_process_checkpoints_restore_in_one_process(runs, tmp_path):
   """The 2-process run's step-4 checkpoint resumes in 1 process x 4 devices and reaches the
   same final params as the uninterrupted 1-process run. Breaks if checkpoints hold
@@ -109,6 +110,7 @@ def test_two_process_checkpoints_restore_in_one_process(runs, tmp_path):
   assert_close(params(workdir, STEPS), params(one, STEPS))
 
 
+@pytest.mark.slow
 def test_two_processes_start_from_an_earlier_run(runs, tmp_path):
   """init_from in a 2-process run: each process reads the earlier run's newest checkpoint and
   the pair starts from its networks (tau held at 1 keeps the target exactly the earlier
@@ -145,6 +147,7 @@ def wait_for_step(workdir, step, procs):
 LONG_RUN = {'steps': 2000, 'checkpoint.every_steps': 1000, 'multihost.peer_timeout_secs': 8.0}
 
 
+@pytest.mark.slow
 def test_a_killed_process_ends_the_others_with_a_message(tmp_path):
   """SIGKILL one process mid-run: the other must exit (code 5) naming the silent process and
   the coordinator, well before JAX's own heartbeat abort, instead of hanging."""

@@ -53,6 +53,7 @@ def test_notebook_runs(name, tmp_path, tiny_notebook_env):
   assert 'knn_top1' in _execute(name, tmp_path)
 
 
+@pytest.mark.slow
 def test_colab_notebook_prepares_and_passes_cifar10(tmp_path, tiny_notebook_env, monkeypatch):
   """On Colab the TPU notebook runs the cifar10 preset, whose TFDS data byol-jax never
   downloads: the notebook must prepare it and hand the same data_dir to the trainer, or

@@ -33,6 +33,7 @@ def test_collapse_warning_needs_two_logged_steps_and_comes_once(caplog):
   assert caplog.text.count('the projections are collapsing') == 1
 
 
+@pytest.mark.slow
 def test_a_collapsing_run_warns(tmp_path, caplog, monkeypatch):
   """The loop hands its logged signals to the watch: with the step's collapse signals made
   those of a collapsed batch (a real collapse takes far longer than a test), the log says
@@ -129,6 +130,7 @@ def test_resident_data_smaller_than_a_batch_is_a_data_error(tmp_path):
   assert not os.path.exists(tmp_path / 'config.json')
 
 
+@pytest.mark.slow
 def test_init_from_starts_a_new_schedule_from_an_earlier_runs_networks(pretrained_workdir,
                                                                           tmp_path):
   """`init_from` must hand the earlier run's networks to a new run: its first kNN is the
@@ -253,6 +255,7 @@ def test_streamed_batches_reach_the_devices_one_step_ahead():
     assert len(consumed) == step - 1 + train.STREAM_PREFETCH
 
 
+@pytest.mark.slow
 def test_unlabelled_images_train_byol_but_stay_out_of_knn(stl10_dir, tmp_path):
   """STL-10's protocol: pretrain on 'unlabelled+train', kNN against the labelled train
   images. Breaks if the pretraining split is not the configured one, or label -1 enters the
@@ -281,7 +284,8 @@ def test_unlabelled_images_train_byol_but_stay_out_of_knn(stl10_dir, tmp_path):
   assert firsts[0] == firsts[1]
 
 
-@pytest.mark.parametrize('input_mode', ['device', 'stream'])
+@pytest.mark.parametrize('input_mode', [
+  'device', pytest.param('stream', marks=pytest.mark.slow)])
 def test_a_dataset_without_labels_trains_without_knn(stl10_dir, tmp_path, caplog, input_mode):
   """Pretraining on images without classes (STL-10's 'unlabelled' alone, VOC): BYOL needs
   no labels, so the run must train and checkpoint, say once why kNN is off and write no
@@ -353,6 +357,7 @@ def test_the_metrics_are_awaited_where_a_signal_is_handled(monkeypatch):
   assert ready_when_read == [True]
 
 
+@pytest.mark.slow
 def test_a_resumed_run_keeps_the_encoder_at_initialisation_beside_its_evaluations(tmp_path):
   """The `*_init` kNN figures were measured at the start and written only beside later
   evaluations: a run stopped before its first one (the demo evaluates at its end only, so
@@ -373,6 +378,7 @@ def test_a_resumed_run_keeps_the_encoder_at_initialisation_beside_its_evaluation
   assert record['step'] == 4 and record['knn_top1_init'] == init['knn_top1_init']
 
 
+@pytest.mark.slow
 def test_a_resumed_run_counts_its_wall_time_from_the_checkpoint_not_from_zero(tmp_path):
   """`elapsed_sec` (results_table's wall time column) restarted at 0 with every resume, so a
   preempted run's table said it trained in a fraction of its time. The training time behind
@@ -393,6 +399,7 @@ def test_a_resumed_run_counts_its_wall_time_from_the_checkpoint_not_from_zero(tm
   assert checkpointing.read_metadata(str(tmp_path), 4)['train_sec'] > saved[2]
 
 
+@pytest.mark.slow
 def test_a_start_that_saved_no_checkpoint_leaves_no_records_behind(tmp_path):
   """A first start stopped before its first checkpoint (Ctrl-C twice, a crash, kill -9: the
   demo saves at step 100, the ImageNet presets after 10 minutes) left its records in
@@ -424,6 +431,7 @@ def test_a_resume_on_another_dataset_is_refused_before_that_dataset_is_looked_up
     train.train_and_evaluate(other, str(run))
 
 
+@pytest.mark.slow
 def test_a_resumed_folder_with_another_number_of_classes_is_one_line(png_folder, tmp_path):
   """The restore template takes the checkpoint's class count; a folder that has gained a
   class since must not reach the step with a probe of the wrong shape."""
