@@ -76,6 +76,7 @@ def runs(tmp_path_factory):
   return one, two, results
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one_process_with_the_same_devices(runs):
   """Same global batch, seed and device count: params must agree to float32 tolerance.
 
