@@ -359,7 +359,7 @@ def _warn_other_folders(root: str) -> None:
                  if e.is_dir() and not e.name.startswith('.') and e.name.lower() not in known)
   if other:
     _warn_once(f'ignored folders {", ".join(other[:3])}{" ..." if len(other) > 3 else ""} in '
-               f'{root}: split folders are train/, test/ and valid/ (or val/, validation/); '
+               f'{root}: split folders are train/, test/ and {_split_names("valid")}; '
                'rename one to use its images')
 
 

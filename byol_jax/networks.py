@@ -462,7 +462,7 @@ def encoder_from_config(model_cfg: Any, **overrides: Any) -> hk.Module:
   module = encoder_class(model_cfg).from_config(model_cfg, **overrides)
   # A backbone under another name trained, then every evaluator, the features API and the
   # export found no 'encoder/...' parameters (a Haiku traceback at the first kNN).
-  if module.module_name.rpartition('/')[2] != 'encoder':
+  if module.module_name != 'encoder':  # not 'encoder_1', nor inside another module
     arch = config_compat.setting(model_cfg, 'model.arch')
     raise UnknownEncoder(f'model.arch={arch!r} builds a module named '
                          f'{module.module_name!r}; build it as \'encoder\' (its __init__\'s '

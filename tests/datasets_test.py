@@ -411,7 +411,7 @@ def test_folders_that_name_no_split_are_a_warning(tmp_path, caplog):
     datasets.dataset_size(spec, 'train')
   said = [r.getMessage() for r in caplog.records if 'ignored folders' in r.getMessage()]
   assert said == [f'ignored folders dev/ in {root}: split folders are train/, test/ and '
-                  'valid/ (or val/, validation/); rename one to use its images'], said
+                  'valid/, val/ or validation/, in any case; rename one to use its images'], said
 
 def test_a_broken_link_to_a_class_folder_is_a_data_error(tmp_path):
   """A class folder linked from elsewhere counts as any other; a link whose target is gone
